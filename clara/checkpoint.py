@@ -1,0 +1,255 @@
+"""CLaRa model directories: save, load, and import Apple's released checkpoint layout.
+
+Layout of a directory written by :func:`save_model`::
+
+    clara.json                    {"format": 1, "config": {...}, "compressor_version": "...", "base": "reference"|"included"}
+    adapters.safetensors          "<adapter>.<peft key>" -> LoRA tensor, for the three adapters
+    memory_embeddings.safetensors "memory_embeddings" -> [n_mem, d]
+    tokenizer/                    the tokenizer
+    base/                         only when the base weights were trained (config.train_base):
+                                  config.json + base.safetensors (the full base model)
+
+A frozen base is referenced by ``config.base_model`` (a hub name or a path), not copied.
+Writes are atomic: a temporary directory renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from clara.config import ADAPTERS, ClaraConfig, LoraSettings
+
+FORMAT = 1
+MANIFEST = "clara.json"
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing files or does not match its manifest."""
+
+
+def _lora_state(model, adapter: str) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model.peft, adapter_name=adapter)
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.peft.state_dict().items() if "lora_" not in k}
+
+
+def save_model(model, path: str | Path) -> Path:
+    """Save ``model`` (a :class:`~clara.model.ClaraModel`) to directory ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        adapters = {}
+        for a in ADAPTERS:
+            for k, v in _lora_state(model, a).items():
+                adapters[f"{a}.{k}"] = v.detach().contiguous().cpu()
+        save_file(adapters, str(tmp / "adapters.safetensors"))
+        save_file({"memory_embeddings": model.memory_embeddings.detach().contiguous().cpu()},
+                  str(tmp / "memory_embeddings.safetensors"))
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if model.config.train_base:
+            (tmp / "base").mkdir()
+            model.base_model.config.save_pretrained(str(tmp / "base"))
+            # Tied weights share storage: safetensors wants each tensor once.
+            state, seen = {}, set()
+            for k, v in _base_state(model).items():
+                if v.data_ptr() in seen:
+                    continue
+                seen.add(v.data_ptr())
+                state[k] = v.detach().contiguous().cpu()
+            save_file(state, str(tmp / "base" / "base.safetensors"))
+        manifest = {
+            "format": FORMAT,
+            "config": model.config.to_dict(),
+            "compressor_version": model.compressor_version(),
+            "base": "included" if model.config.train_base else "reference",
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / MANIFEST
+    if not f.is_file():
+        hint = " (it looks like Apple's CLaRa layout: use import_apple_checkpoint)" if (path / "adapters.pth").exists() else ""
+        raise CheckpointError(f"{path} is not a CLaRa model directory: {MANIFEST} is missing{hint}")
+    manifest = json.loads(f.read_text())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: unsupported format {manifest.get('format')!r} (this version reads {FORMAT})")
+    return manifest
+
+
+def load_model(path: str | Path, device: str | None = None):
+    """Load a directory written by :func:`save_model`. ``device`` overrides the saved setting."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from clara.model import ClaraModel
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = ClaraConfig.from_dict(manifest["config"])
+    if device is not None:
+        config.device = device
+    dev = config.resolve_device()
+    dtype = config.resolve_dtype(dev)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    if manifest["base"] == "included":
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path / "base")), dtype=dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype)
+    model = ClaraModel(lm, tokenizer, config)
+    if manifest["base"] == "included":
+        state = load_file(str(path / "base" / "base.safetensors"))
+        missing, unexpected = model.peft.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "lora_" not in k and not _is_tied(model, k)]
+        if missing or unexpected:
+            raise CheckpointError(f"{path}/base: base weights do not match the model "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    adapters = load_file(str(path / "adapters.safetensors"))
+    for a in ADAPTERS:
+        prefix = f"{a}."
+        _load_adapter(model, a, {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}, path)
+    mem = load_file(str(path / "memory_embeddings.safetensors"))["memory_embeddings"]
+    if mem.shape != model.memory_embeddings.shape:
+        raise CheckpointError(f"{path}: memory_embeddings {tuple(mem.shape)} do not match n_mem x d "
+                              f"{tuple(model.memory_embeddings.shape)}")
+    with torch.no_grad():
+        model.memory_embeddings.copy_(mem)
+    model = model.to(dev)
+    version = model.compressor_version()
+    if version != manifest["compressor_version"]:
+        raise CheckpointError(f"{path}: loaded compressor version {version} differs from the manifest's "
+                              f"{manifest['compressor_version']}; the files are inconsistent")
+    return model
+
+
+def _is_tied(model, key: str) -> bool:
+    return bool(getattr(model.base_model.config, "tie_word_embeddings", False)) and "lm_head" in key
+
+
+def _load_adapter(model, adapter: str, state: dict[str, torch.Tensor], where) -> None:
+    from peft import set_peft_model_state_dict
+
+    if not state:
+        raise CheckpointError(f"{where}: no weights for adapter {adapter!r}")
+    expected = set(_lora_state(model, adapter))
+    missing, extra = expected - set(state), set(state) - expected
+    if missing or extra:
+        raise CheckpointError(f"{where}: adapter {adapter!r} does not fit the model "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+    current = _lora_state(model, adapter)
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise CheckpointError(f"{where}: adapter {adapter!r} tensor {k} has shape {tuple(v.shape)}, "
+                                  f"the model expects {tuple(current[k].shape)}")
+    set_peft_model_state_dict(model.peft, state, adapter_name=adapter)
+
+
+# -- Apple's released layout ------------------------------------------------------------------
+APPLE_ADAPTERS = {"encoder_adapter": "compressor", "decoder_adapter": "generator",
+                  "query_reasoner_adapter": "query_reasoner"}
+
+
+def import_apple_checkpoint(path: str | Path, base_model: str | None = None, device: str | None = None):
+    """Load a checkpoint in apple/ml-clara's layout into a :class:`~clara.model.ClaraModel`.
+
+    That layout is ``config.json`` (``decoder_model_name``, ``compr_rate``, ``doc_max_length``,
+    ``lora_r``), ``adapters.pth`` (``{"encoder_adapter" | "decoder_adapter" |
+    "query_reasoner_adapter": {peft key: tensor}}``) and ``decoder_first_last_layers.pth``
+    (``model.embed_tokens.weight`` / ``lm_head.weight`` of the vocabulary extended with
+    ``<MEM0>..<MEMn-1>`` and three control tokens). The rows of the ``<MEMi>`` tokens become
+    :attr:`memory_embeddings`; the base vocabulary's rows replace the base model's.
+
+    The reference wraps prompts in its base model's chat template, this project does not: the
+    weights load exactly, but expect to fine-tune briefly (stage 2) before comparing answers.
+    ``base_model`` overrides ``decoder_model_name`` (a local copy of the base model).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clara.model import ClaraModel
+
+    path = Path(path)
+    for name in ("config.json", "adapters.pth"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: {name} is missing; not an Apple CLaRa checkpoint")
+    ref = json.loads((path / "config.json").read_text())
+    for key in ("compr_rate", "doc_max_length"):
+        if key not in ref:
+            raise CheckpointError(f"{path}/config.json: field {key!r} is missing")
+    r = int(ref.get("lora_r", 16))
+    config = ClaraConfig(
+        base_model=base_model or ref.get("decoder_model_name") or "",
+        compression_rate=int(ref["compr_rate"]),
+        doc_max_tokens=int(ref["doc_max_length"]),
+        lora=LoraSettings(r=r, alpha=2 * r, dropout=0.1),
+        top_k=int(ref.get("generation_top_k", 5)),
+        device=device or "auto",
+    )
+    dev = config.resolve_device()
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    lm = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=config.resolve_dtype(dev))
+    model = ClaraModel(lm, tokenizer, config)
+    adapters = torch.load(path / "adapters.pth", map_location="cpu", weights_only=True)
+    if "encoder_adapter" not in adapters or "decoder_adapter" not in adapters:
+        raise CheckpointError(f"{path}/adapters.pth: needs 'encoder_adapter' and 'decoder_adapter', "
+                              f"found {sorted(adapters)}")
+    if "query_reasoner_adapter" not in adapters:  # the paper initialises it from the compressor
+        adapters = {**adapters, "query_reasoner_adapter": adapters["encoder_adapter"]}
+    want = set(_lora_state(model, "compressor"))
+    for ref_name, ours in APPLE_ADAPTERS.items():
+        state = {}
+        for k, v in adapters[ref_name].items():
+            key = k
+            while key.startswith("base_model.model."):
+                key = key[len("base_model.model."):]
+            key = key.replace(f".{ref_name}.", ".").replace(".default.", ".")
+            state["base_model.model." + key] = v
+        if set(state) != want:
+            raise CheckpointError(f"{path}/adapters.pth: {ref_name!r} does not fit {config.base_model} "
+                                  f"(e.g. missing {sorted(want - set(state))[:2]}, "
+                                  f"unexpected {sorted(set(state) - want)[:2]})")
+        _load_adapter(model, ours, state, path / "adapters.pth")
+    layers_file = path / "decoder_first_last_layers.pth"
+    if layers_file.is_file():
+        layers = torch.load(layers_file, map_location="cpu", weights_only=True)
+        emb = layers.get("model.embed_tokens.weight")
+        if emb is None:
+            raise CheckpointError(f"{layers_file}: 'model.embed_tokens.weight' is missing")
+        vocab, n_mem = model.input_embeddings.weight.shape[0], config.n_mem
+        if emb.shape[0] < vocab + n_mem or emb.shape[1] != model.hidden_size:
+            raise CheckpointError(f"{layers_file}: embeddings {tuple(emb.shape)} cannot hold {vocab} base tokens "
+                                  f"and {n_mem} memory tokens of width {model.hidden_size}")
+        with torch.no_grad():
+            model.input_embeddings.weight.copy_(emb[:vocab])
+            model.memory_embeddings.copy_(emb[vocab:vocab + n_mem])  # <MEM0>..<MEMn-1>, added first
+            head = layers.get("lm_head.weight")
+            out = model.base_model.get_output_embeddings()
+            if head is not None and out is not None and out.weight is not model.input_embeddings.weight:
+                out.weight.copy_(head[:vocab])
+    return model.to(dev)

@@ -1,0 +1,159 @@
+"""Typed, validated configuration of a CLaRa model.
+
+A config file (JSON or YAML) only fills in these dataclasses; every field is checked in
+``__post_init__`` so a bad value fails at load time with the field's name, not deep inside a job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The three LoRA adapters carried by the one base model, in the paper's words.
+ADAPTERS: tuple[str, ...] = ("compressor", "query_reasoner", "generator")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA settings shared by the three adapters (paper: r=16, alpha=32, dropout 0.1, all linear layers)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    #: ``"all-linear"`` or a list of module names (``["q_proj", "v_proj"]``).
+    target_modules: str | list[str] = "all-linear"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.r, int) and self.r > 0, "lora.r", f"must be a positive int, got {self.r!r}")
+        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha!r}")
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "lora.dropout",
+               f"must be in [0, 1), got {self.dropout!r}")
+        ok = self.target_modules == "all-linear" or (
+            isinstance(self.target_modules, list) and self.target_modules
+            and all(isinstance(m, str) for m in self.target_modules)
+        )
+        _check(bool(ok), "lora.target_modules", f"must be 'all-linear' or a list of names, got {self.target_modules!r}")
+
+
+@dataclass
+class ClaraConfig:
+    """Everything that defines a CLaRa model besides its weights.
+
+    ``n_mem = doc_max_tokens // compression_rate`` memory tokens represent one chunk of at most
+    ``doc_max_tokens`` tokens (longer chunks are truncated to that many tokens).
+    """
+
+    #: Hugging Face model name or local directory of the base causal LM.
+    base_model: str
+    #: Chunk tokens per memory token (paper: 4 to 256).
+    compression_rate: int = 16
+    #: Maximum tokens of one chunk; longer chunks are truncated to their first ``doc_max_tokens`` tokens.
+    doc_max_tokens: int = 256
+    #: Maximum tokens of a question (query reasoner and generator prompt); longer ones are truncated.
+    query_max_tokens: int = 128
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    #: Also train (and save) the base model's weights; the paper keeps them frozen. Tiny models
+    #: trained from random weights need it.
+    train_base: bool = False
+    #: ``"auto"`` (cuda, then mps, then cpu) or an explicit torch device string.
+    device: str = "auto"
+    #: ``"auto"`` (bf16 on cuda, fp32 elsewhere), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+    dtype: str = "auto"
+    #: Chunks retrieved per question.
+    top_k: int = 5
+    #: Temperature of the differentiable top-k's softmax (paper: 0.02).
+    topk_temperature: float = 0.02
+    #: Weight of the MSE term between mean memory-token and mean chunk-token states (paper: 0.1).
+    mse_weight: float = 0.1
+    #: Default generation length.
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        _check(isinstance(self.base_model, str) and bool(self.base_model), "base_model", "must be a non-empty string")
+        for name in ("compression_rate", "doc_max_tokens", "query_max_tokens", "top_k", "max_new_tokens"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, f"must be a positive int, got {v!r}")
+        _check(self.compression_rate <= self.doc_max_tokens, "compression_rate",
+               f"{self.compression_rate} is larger than doc_max_tokens={self.doc_max_tokens}: n_mem would be 0")
+        _check(isinstance(self.topk_temperature, (int, float)) and self.topk_temperature > 0, "topk_temperature",
+               f"must be > 0, got {self.topk_temperature!r}")
+        _check(isinstance(self.mse_weight, (int, float)) and self.mse_weight >= 0, "mse_weight",
+               f"must be >= 0, got {self.mse_weight!r}")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+               f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _check(isinstance(self.device, str) and bool(self.device), "device", "must be a device string")
+
+    @property
+    def n_mem(self) -> int:
+        """Memory tokens per chunk."""
+        return self.doc_max_tokens // self.compression_rate
+
+    def resolve_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def resolve_dtype(self, device: torch.device | None = None) -> torch.dtype:
+        return resolve_dtype(self.dtype, device or self.resolve_device())
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClaraConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        data = dict(data)
+        if isinstance(data.get("lora"), dict):
+            lora_known = {f.name for f in fields(LoraSettings)}
+            bad = sorted(set(data["lora"]) - lora_known)
+            if bad:
+                raise ConfigError(f"unknown lora field(s): {', '.join(bad)}")
+            data["lora"] = LoraSettings(**data["lora"])
+        try:
+            return cls(**data)
+        except TypeError as e:  # missing required field
+            raise ConfigError(str(e)) from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClaraConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on cuda, fp32 elsewhere (CPU and MPS kernels are fastest and exact in fp32)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

@@ -1,0 +1,428 @@
+"""The CLaRa model: one base causal LM, three LoRA adapters, chunks as memory tokens.
+
+Read this file top to bottom to learn the method:
+
+1. **Compress** (adapter ``compressor``). A chunk's tokens are followed by ``n_mem`` memory slots
+   whose input embeddings are learned vectors (:attr:`ClaraModel.memory_embeddings`). The last
+   layer's hidden states at those slots are the chunk's memory, ``[n_mem, d]``.
+2. **Encode the question** (adapter ``query_reasoner``) the same way, to ``[n_mem, d]``.
+3. **Score**: cosine between flattened question memory and flattened chunk memory.
+4. **Select** the top-k with the straight-through estimator of :mod:`clara.topk`.
+5. **Generate** (adapter ``generator``): the prompt holds one run of ``n_mem`` placeholder slots per
+   retrieved chunk; their input embeddings are replaced by the chunk's memory vectors, exactly.
+
+Shapes use B (batch), T (tokens), N (candidate chunks), k (retrieved), M (= n_mem), D (hidden).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clara.config import ADAPTERS, ClaraConfig
+from clara.prompts import BACKGROUND_HEADER, CHUNK_SEPARATOR, PARAPHRASE_INSTRUCTION, answer_text, question_text
+
+Background = int | Sequence[str] | None
+
+
+@dataclass
+class EncoderOutput:
+    memory: torch.Tensor  # (B, M, D)
+    #: MSE between the mean memory-token state and the mean text-token state, averaged over B.
+    mse: torch.Tensor  # ()
+
+
+@dataclass
+class GeneratorBatch:
+    input_ids: torch.Tensor  # (B, T) long; memory slots hold the pad id
+    attention_mask: torch.Tensor  # (B, T) long
+    position_ids: torch.Tensor  # (B, T) long
+    memory_mask: torch.Tensor  # (B, T) bool; True at memory slots
+    labels: torch.Tensor | None  # (B, T) long, -100 where no loss; None for generation
+
+    def to(self, device: torch.device) -> GeneratorBatch:
+        return GeneratorBatch(
+            *(t.to(device) if t is not None else None for t in
+              (self.input_ids, self.attention_mask, self.position_ids, self.memory_mask, self.labels))
+        )
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding, for left- or right-padded rows."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ClaraModel(nn.Module):
+    """A base causal LM with the compressor, query-reasoner and generator LoRA adapters.
+
+    Build one with :meth:`from_base` (fresh adapters) or :meth:`from_pretrained` (a saved
+    CLaRa directory, see :mod:`clara.checkpoint`).
+    """
+
+    def __init__(self, causal_lm: nn.Module, tokenizer, config: ClaraConfig, seed: int = 0):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.config = config
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            bias="none",
+        )
+        self.peft = get_peft_model(causal_lm, lora, adapter_name=ADAPTERS[0])
+        for name in ADAPTERS[1:]:
+            self.peft.add_adapter(name, lora)
+        emb = self.input_embeddings.weight
+        g = torch.Generator().manual_seed(seed)
+        # Memory slots start as random vectors with the statistics of real token embeddings.
+        init = emb.detach().float().mean(0) + emb.detach().float().std(0) * torch.randn(
+            config.n_mem, emb.shape[1], generator=g)
+        self.memory_embeddings = nn.Parameter(init.to(emb.dtype))  # (M, D)
+        self._trainable: tuple[frozenset[str], bool, bool] = (frozenset(), False, False)
+        self._active: str | None = None
+        self.set_trainable(())
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, config: ClaraConfig, seed: int = 0) -> ClaraModel:
+        """Fresh adapters on ``config.base_model`` (a hub name or a local directory)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
+        tok = AutoTokenizer.from_pretrained(config.base_model)
+        lm = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype)
+        return cls(lm, tok, config, seed=seed).to(device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | None = None) -> ClaraModel:
+        from clara.checkpoint import load_model
+
+        return load_model(path, device=device)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        from clara.checkpoint import save_model
+
+        return save_model(self, path)
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The causal LM (with LoRA layers injected in place)."""
+        return self.peft.get_base_model()
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.peft.get_base_model().get_input_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory_embeddings.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.memory_embeddings.shape[1]
+
+    def _decoder(self) -> nn.Module:
+        base = self.base_model
+        return base.get_decoder() if hasattr(base, "get_decoder") else base.base_model
+
+    def set_trainable(self, adapters: Sequence[str], base: bool = False, memory_embeddings: bool = False) -> None:
+        """Choose what receives gradients: some adapters, the base weights, the memory slots."""
+        unknown = set(adapters) - set(ADAPTERS)
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {sorted(unknown)}; expected {ADAPTERS}")
+        self._trainable = (frozenset(adapters), base, memory_embeddings)
+        self._apply_trainable()
+
+    def _apply_trainable(self) -> None:
+        # PEFT's set_adapter flips requires_grad of the adapters; re-impose ours after every switch.
+        adapters, base, mem = self._trainable
+        for name, p in self.peft.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(any(f".{a}." in name for a in adapters))
+            else:
+                p.requires_grad_(base)
+        self.memory_embeddings.requires_grad_(mem)
+
+    @contextmanager
+    def adapter(self, name: str | None) -> Iterator[None]:
+        """Run the block with one adapter active (``None``: the bare base model)."""
+        if name is None:
+            with self.peft.disable_adapter():
+                yield
+            return
+        if name not in ADAPTERS:
+            raise ValueError(f"unknown adapter {name!r}; expected one of {ADAPTERS}")
+        if self._active != name:
+            self.peft.set_adapter(name)
+            self._active = name
+            self._apply_trainable()
+        yield
+
+    def _tok(self, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    # -- 1-2. compress chunks / encode questions -------------------------------------------
+    def encode(self, texts: Sequence[str], adapter: str, max_tokens: int | None = None) -> EncoderOutput:
+        """Encode texts into memory tokens with ``adapter`` (gradients flow; see :meth:`compress`).
+
+        Each text is truncated to ``max_tokens`` tokens (default ``doc_max_tokens``), then read as
+        ``[bos] text <M memory slots>``, left-padded so the memory slots end every row.
+        """
+        if not texts:
+            raise ValueError("encode() needs at least one text")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text {i} is empty or not a string: {t!r}")
+        m = self.config.n_mem
+        ids = self._tok(texts, max_tokens or self.config.doc_max_tokens)
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        rows = [bos + r for r in ids]
+        t = max(len(r) for r in rows) + m
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        text_mask = torch.zeros((len(rows), t), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            start = t - m - len(r)
+            input_ids[i, start:t - m] = torch.tensor(r)
+            mask[i, start:] = 1
+            text_mask[i, start + len(bos):t - m] = True
+        input_ids, mask, text_mask = input_ids.to(self.device), mask.to(self.device), text_mask.to(self.device)
+        with self.adapter(adapter):
+            emb = self.input_embeddings(input_ids[:, :-m])  # (B, T-M, D)
+            mem = self.memory_embeddings.unsqueeze(0).expand(len(rows), -1, -1).to(emb.dtype)  # (B, M, D)
+            embeds = torch.cat([emb, mem], dim=1)  # (B, T, D)
+            hidden = self._decoder()(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+            ).last_hidden_state  # (B, T, D)
+        memory = hidden[:, -m:]  # (B, M, D)
+        tm = text_mask.unsqueeze(-1).to(hidden.dtype)
+        text_mean = (hidden * tm).sum(1) / tm.sum(1).clamp(min=1)  # (B, D)
+        mse = F.mse_loss(memory.float().mean(1), text_mean.float())
+        return EncoderOutput(memory=memory, mse=mse)
+
+    @torch.no_grad()
+    def _encode_batched(self, texts: Sequence[str], adapter: str, batch_size: int, max_tokens: int) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            # Sort by length so each batch pads little; restore the caller's order at the end.
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            out = torch.empty(len(texts), self.config.n_mem, self.hidden_size, dtype=self.memory_embeddings.dtype,
+                              device=self.device)
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                out[idx] = self.encode([texts[i] for i in idx], adapter, max_tokens).memory
+            return out
+        finally:
+            self.train(was_training)
+
+    def compress(self, chunks: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Chunks -> memory tokens ``[n, M, D]`` (compressor adapter, no gradients, eval mode)."""
+        return self._encode_batched(chunks, "compressor", batch_size, self.config.doc_max_tokens)
+
+    def encode_query(self, questions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Questions -> query memory ``[B, M, D]`` (query-reasoner adapter, no gradients)."""
+        return self._encode_batched(questions, "query_reasoner", batch_size, self.config.query_max_tokens)
+
+    # -- 3. score -------------------------------------------------------------------------
+    @staticmethod
+    def score(query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Cosine of flattened memories. query ``[B, M, D]``; memory ``[N, M, D]`` (shared) or
+        ``[B, N, M, D]`` (per question). Returns ``[B, N]`` in float32."""
+        q = F.normalize(query.flatten(1).float(), dim=-1)  # (B, M*D)
+        if memory.dim() == 3:
+            c = F.normalize(memory.flatten(1).float(), dim=-1)  # (N, M*D)
+            return q @ c.T
+        c = F.normalize(memory.flatten(2).float(), dim=-1)  # (B, N, M*D)
+        return torch.einsum("bf,bnf->bn", q, c)
+
+    # -- 5. generate from memory ----------------------------------------------------------
+    def build_generator_batch(
+        self, questions: Sequence[str], backgrounds: Background | Sequence[Background], answers: Sequence[str] | None = None
+    ) -> GeneratorBatch:
+        """Token layout of the generator's input.
+
+        ``backgrounds`` per question: an int (that many chunks given as memory), a list of chunk
+        texts (plain-text RAG), or ``None`` (no background); or one such value for all questions.
+        With ``answers`` the batch is right-padded with labels on the answer tokens (training);
+        without, left-padded for generation.
+        """
+        n = len(questions)
+        if backgrounds is None or isinstance(backgrounds, int):
+            backgrounds = [backgrounds] * n
+        if len(backgrounds) != n or (answers is not None and len(answers) != n):
+            raise ValueError("questions, backgrounds and answers must have the same length")
+        m, pad = self.config.n_mem, self.tokenizer.pad_token_id
+        header, sep = self._tok([BACKGROUND_HEADER, CHUNK_SEPARATOR], 64)
+        qs = self._tok([question_text(q) for q in questions], self.config.query_max_tokens + 16)
+        prompts: list[tuple[list[int], list[bool]]] = []
+        for q, bg in zip(qs, backgrounds):
+            ids: list[int] = []
+            slots: list[bool] = []
+            if isinstance(bg, int) and bg > 0:
+                for _ in range(bg):
+                    ids += [pad] * m + sep
+                    slots += [True] * m + [False] * len(sep)
+                ids, slots = header + ids, [False] * len(header) + slots
+            elif bg is not None and not isinstance(bg, int):
+                for chunk in self._tok(list(bg), self.config.doc_max_tokens):
+                    ids += chunk + sep
+                ids = header + ids
+                slots = [False] * len(ids)
+            prompts.append((ids + q, slots + [False] * len(q)))
+        targets = None
+        if answers is not None:
+            eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+            targets = [a + eos for a in self._tok([answer_text(a) for a in answers], self.config.doc_max_tokens)]
+        lengths = [len(p) + (len(targets[i]) if targets else 0) for i, (p, _) in enumerate(prompts)]
+        t = max(lengths)
+        input_ids = torch.full((n, t), pad, dtype=torch.long)
+        mask = torch.zeros((n, t), dtype=torch.long)
+        mem_mask = torch.zeros((n, t), dtype=torch.bool)
+        labels = torch.full((n, t), -100, dtype=torch.long) if targets else None
+        for i, (ids, slots) in enumerate(prompts):
+            row = ids + (targets[i] if targets else [])
+            start = 0 if targets else t - len(row)  # right-pad to train, left-pad to generate
+            input_ids[i, start:start + len(row)] = torch.tensor(row)
+            mask[i, start:start + len(row)] = 1
+            mem_mask[i, start:start + len(slots)] = torch.tensor(slots, dtype=torch.bool)
+            if targets:
+                labels[i, len(ids):len(row)] = torch.tensor(targets[i])
+        return GeneratorBatch(input_ids, mask, _positions(mask), mem_mask, labels)
+
+    def generator_embeddings(self, batch: GeneratorBatch, memory: torch.Tensor | Sequence[torch.Tensor] | None):
+        """Input embeddings ``[B, T, D]`` with the memory slots replaced by the memory vectors.
+
+        ``memory``: ``[B, k, M, D]``, or one ``[k_i, M, D]`` per question, in prompt order.
+        """
+        emb = self.input_embeddings(batch.input_ids)  # (B, T, D)
+        n_slots = int(batch.memory_mask.sum())
+        if memory is None or n_slots == 0:
+            if n_slots:
+                raise ValueError("the prompt has memory slots but no memory was given")
+            return emb
+        flat = memory.reshape(-1, memory.shape[-1]) if isinstance(memory, torch.Tensor) else torch.cat(
+            [mm.reshape(-1, mm.shape[-1]) for mm in memory])  # (sum k_i*M, D)
+        if flat.shape[0] != n_slots:
+            raise ValueError(f"the prompts hold {n_slots} memory slots but {flat.shape[0]} memory vectors were given")
+        # masked_scatter fills slots in row-major order: question by question, chunk by chunk.
+        return emb.masked_scatter(batch.memory_mask.unsqueeze(-1), flat.to(emb.dtype))
+
+    def generator_loss(self, batch: GeneratorBatch, memory) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy on the answer tokens; returns (loss, answer tokens)."""
+        batch = batch.to(self.device)
+        with self.adapter("generator"):
+            embeds = self.generator_embeddings(batch, memory)
+            hidden = self._decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids, use_cache=False).last_hidden_state
+            target = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+            keep = target != -100
+            # The LM head only where a loss is taken: vocab x T logits would dominate memory.
+            logits = self.base_model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_tokens, V)
+            loss = F.cross_entropy(logits.float(), target[keep])
+        return loss, int(keep.sum())
+
+    @torch.no_grad()
+    def _generate(self, batch: GeneratorBatch, memory, adapter: str | None, max_new_tokens: int) -> list[str]:
+        """Greedy decoding with a KV cache, from input embeddings (so memory slots work)."""
+        was_training = self.training
+        self.eval()
+        try:
+            batch = batch.to(self.device)
+            eos = self.tokenizer.eos_token_id
+            with self.adapter(adapter):
+                embeds = self.generator_embeddings(batch, memory)
+                mask, pos = batch.attention_mask, batch.position_ids
+                decoder, head = self._decoder(), self.base_model.get_output_embeddings()
+                out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+                done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)
+                tokens = []
+                for _ in range(max_new_tokens):
+                    nxt = head(out.last_hidden_state[:, -1]).float().argmax(-1)  # (B,)
+                    nxt = torch.where(done, torch.full_like(nxt, self.tokenizer.pad_token_id), nxt)
+                    tokens.append(nxt)
+                    if eos is not None:
+                        done |= nxt == eos
+                    if bool(done.all()):
+                        break
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    pos = pos[:, -1:] + 1
+                    out = decoder(inputs_embeds=self.input_embeddings(nxt[:, None]), attention_mask=mask,
+                                  position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+            texts = []
+            for row in torch.stack(tokens, 1).tolist():
+                if eos is not None and eos in row:
+                    row = row[:row.index(eos)]
+                texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+            return texts
+        finally:
+            self.train(was_training)
+
+    def generate(self, questions: Sequence[str], memory: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
+        """Answer each question from its retrieved chunks' memory ``[B, k, M, D]``."""
+        if memory.dim() != 4 or memory.shape[0] != len(questions) or memory.shape[2] != self.config.n_mem:
+            raise ValueError(f"memory must be [B={len(questions)}, k, M={self.config.n_mem}, D], "
+                             f"got {tuple(memory.shape)}")
+        batch = self.build_generator_batch(questions, memory.shape[1])
+        return self._generate(batch, memory, "generator", max_new_tokens or self.config.max_new_tokens)
+
+    def generate_from_text(
+        self, questions: Sequence[str], chunks: Sequence[Sequence[str]] | None = None,
+        adapter: str | None = "generator", max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Plain-text RAG on the same base model (the baseline): chunks' text in the prompt.
+
+        ``adapter=None`` runs the bare base model, without any LoRA adapter.
+        """
+        bgs = [list(c) for c in chunks] if chunks is not None else None
+        batch = self.build_generator_batch(questions, bgs)
+        return self._generate(batch, None, adapter, max_new_tokens or self.config.max_new_tokens)
+
+    def decode_memory(self, memory: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
+        """Regenerate text from chunk memory ``[N, M, D]`` (or ``[M, D]``): inspect a latent."""
+        if memory.dim() == 2:
+            memory = memory.unsqueeze(0)
+        n = memory.shape[0]
+        return self.generate([PARAPHRASE_INSTRUCTION] * n, memory.unsqueeze(1),
+                             max_new_tokens=max_new_tokens or self.config.doc_max_tokens)
+
+    # -- identity -------------------------------------------------------------------------
+    def compressor_version(self) -> str:
+        """A digest of everything that determines the compressor's output.
+
+        Stored with every index row: an index built by one compressor is never searched with, or
+        mixed with, another's memory.
+        """
+        import json
+
+        h = hashlib.sha256()
+        cfg = self.config.to_dict()
+        for k in ("device", "dtype", "top_k", "topk_temperature", "mse_weight", "max_new_tokens"):
+            cfg.pop(k)
+        h.update(json.dumps(cfg, sort_keys=True).encode())
+        tensors = {"memory_embeddings": self.memory_embeddings}
+        for name, p in self.peft.named_parameters():
+            if ".compressor." in name or (self.config.train_base and "lora_" not in name):
+                tensors[name] = p
+        for name in sorted(tensors):
+            h.update(name.encode())
+            h.update(tensors[name].detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""A single-process training loop for the three stages: used by the demo and the tests.
+
+The Ray Train job (``pipelines.train``) runs the same losses under DeepSpeed; this loop is the
+reference it is checked against, and the fastest way to train a tiny model on one machine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from clara.losses import LossOutput, compression_loss, e2e_loss
+from clara.records import Example
+
+#: What each stage trains: (adapters, memory embeddings). The base follows ``config.train_base``.
+STAGE_TRAINABLE: dict[str, tuple[tuple[str, ...], bool]] = {
+    "scp": (("compressor", "generator"), True),
+    "instruct": (("compressor", "generator"), True),
+    "e2e": (("query_reasoner", "generator"), False),
+}
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    #: The cosine schedule decays to ``lr * min_lr_ratio``.
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    #: Fraction of steps at the start that draw only from ``warmup_examples`` (the reconstruction
+    #: curriculum that teaches the generator to read memory before it can memorise answers).
+    reconstruction_warmup: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("warmup_ratio", "min_lr_ratio", "reconstruction_warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, min_lr_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (the paper's schedule)."""
+    warm = max(1, int(total * warmup_ratio)) if warmup_ratio > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def configure_stage(model, stage: str) -> list[torch.nn.Parameter]:
+    """Set what trains in ``stage``; returns the trainable parameters."""
+    if stage not in STAGE_TRAINABLE:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_TRAINABLE)}")
+    adapters, mem = STAGE_TRAINABLE[stage]
+    model.set_trainable(adapters, base=model.config.train_base and stage != "e2e", memory_embeddings=mem)
+    # Touch every adapter once so PEFT's per-adapter requires_grad flips settle before we collect.
+    for a in adapters:
+        with model.adapter(a):
+            pass
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def stage_loss(model, stage: str, batch: Sequence[Example]) -> LossOutput:
+    return e2e_loss(model, batch) if stage == "e2e" else compression_loss(model, batch)
+
+
+def batches(examples: Sequence[Example], settings: TrainSettings,
+            warmup_examples: Sequence[Example] | None = None) -> Iterator[list[Example]]:
+    """Random batches; during the curriculum's warm-up, from ``warmup_examples`` only."""
+    rng = random.Random(settings.seed)
+    warm_steps = int(settings.steps * settings.reconstruction_warmup) if warmup_examples else 0
+    for step in range(settings.steps):
+        pool = warmup_examples if step < warm_steps else examples
+        yield [pool[rng.randrange(len(pool))] for _ in range(settings.batch_size)]
+
+
+@dataclass
+class TrainLog:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def train(model, stage: str, examples: Sequence[Example], settings: TrainSettings,
+          warmup_examples: Sequence[Example] | None = None,
+          progress: Callable[[int, LossOutput, float], None] | None = None) -> TrainLog:
+    """Train ``model`` in place for ``settings.steps`` steps of ``stage``; returns per-step losses."""
+    if not examples:
+        raise ValueError("no training examples")
+    torch.manual_seed(settings.seed)
+    params = configure_stage(model, stage)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()
+    log, t0 = TrainLog(), time.perf_counter()
+    for step, batch in enumerate(batches(examples, settings, warmup_examples)):
+        for g in opt.param_groups:
+            g["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup_ratio, settings.min_lr_ratio)
+        out = stage_loss(model, stage, batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        opt.step()
+        log.losses.append(float(out.loss.detach()))
+        log.tokens += out.tokens
+        if progress is not None and (step % settings.log_every == 0 or step == settings.steps - 1):
+            progress(step, out, time.perf_counter() - t0)
+    model.eval()
+    log.seconds = time.perf_counter() - t0
+    return log
