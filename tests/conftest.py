@@ -57,3 +57,17 @@ def make_model(tiny_base):
         return ClaraModel.from_base(ClaraConfig(**settings), seed=seed)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 2 logical CPUs, started once per test session (4-6 s, ~460 MB).
+
+    Actors in tests ask for fractional CPUs: two actors at num_cpus=1 plus a read task deadlock
+    on 2 CPUs.
+    """
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
