@@ -2,7 +2,8 @@
 
 Layout of a directory written by :func:`save_model`::
 
-    clara.json                    {"format": 1, "config": {...}, "compressor_version": "...", "base": "reference"|"included"}
+    clara.json                    {"format": 1, "config": {...}, "compressor_version": "...",
+                                   "base": "reference" | "included"}
     adapters.safetensors          "<adapter>.<peft key>" -> LoRA tensor, for the three adapters
     memory_embeddings.safetensors "memory_embeddings" -> [n_mem, d]
     tokenizer/                    the tokenizer
@@ -96,7 +97,9 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     f = path / MANIFEST
     if not f.is_file():
-        hint = " (it looks like Apple's CLaRa layout: use import_apple_checkpoint)" if (path / "adapters.pth").exists() else ""
+        hint = ""
+        if (path / "adapters.pth").exists():
+            hint = " (it looks like Apple's CLaRa layout: use import_apple_checkpoint)"
         raise CheckpointError(f"{path} is not a CLaRa model directory: {MANIFEST} is missing{hint}")
     manifest = json.loads(f.read_text())
     if manifest.get("format") != FORMAT:

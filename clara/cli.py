@@ -82,7 +82,6 @@ def run_demo(s: DemoSettings, out=print) -> dict:
     from clara.corpus import chunk_document, load_wiki_summaries
     from clara.metrics import cover_em, token_f1
     from clara.model import ClaraModel
-    from clara.prompts import PARAPHRASE_INSTRUCTION
     from clara.records import chunks_of, read_records, reconstruction_example
     from clara.tiny import build_tiny_model
     from clara.train import TrainSettings, train
@@ -128,12 +127,13 @@ def run_demo(s: DemoSettings, out=print) -> dict:
         f"{s.compression_rate} ({config.n_mem} memory tokens each), device {config.resolve_device()}")
 
     def progress(step, o, sec):
-        out(f"  step {step + 1:>5}/{s.steps}  loss {float(o.loss):.3f}  ce {o.ce:.3f}  mse {o.mse:.4f}  "
+        out(f"  step {step + 1:>5}/{s.steps}  loss {float(o.loss.detach()):.3f}  ce {o.ce:.3f}  mse {o.mse:.4f}  "
             f"{sec:.0f}s elapsed, eta {_eta(step + 1, s.steps, sec)}")
 
     log = train(model, "scp", pool, settings, warmup_examples=recon if qa else None, progress=progress)
     model_dir = model.save_pretrained(s.workdir / "model")
-    out(f"  loss {sum(log.losses[:5]) / min(5, len(log.losses)):.3f} -> {sum(log.losses[-5:]) / min(5, len(log.losses)):.3f}"
+    n = min(5, len(log.losses))
+    out(f"  loss {sum(log.losses[:n]) / n:.3f} -> {sum(log.losses[-n:]) / n:.3f}"
         f" in {log.seconds:.0f}s; model saved to {model_dir} (ClaraModel.from_pretrained loads it)")
 
     memory = model.compress(chunks)  # (N, M, D)
@@ -162,7 +162,6 @@ def run_demo(s: DemoSettings, out=print) -> dict:
         result["cover_em_text"] = sum(cover_em(b, ex.answer) for ex, b in zip(qa, txt_ans)) / len(qa)
         out(f"  QA cover-EM over {len(qa)} questions: {result['cover_em_memory']:.2f} from memory "
             f"({config.n_mem} vectors), {result['cover_em_text']:.2f} from text (the generator was trained on memory)")
-    del PARAPHRASE_INSTRUCTION
     out(f"[5/5] done in {result['seconds']:.0f}s. Inspect a latent: clara decode {model_dir} --text '...'")
     return result
 
@@ -186,6 +185,13 @@ def _build_tiny(args) -> None:
     texts = [d.text for d in load_wiki_summaries(limit=args.docs)]
     spec = TinyModelSpec(hidden_size=args.hidden_size, num_layers=args.layers, seed=args.seed)
     print(build_tiny_model(args.out, texts, spec))
+
+
+def _import_apple(args) -> None:
+    from clara.checkpoint import import_apple_checkpoint
+
+    model = import_apple_checkpoint(args.src, base_model=args.base_model, device=args.device)
+    print(model.save_pretrained(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)
 
+    a = sub.add_parser("import-apple", help="convert a checkpoint in apple/ml-clara's layout (config.json, "
+                                            "adapters.pth, decoder_first_last_layers.pth) into a model directory")
+    a.add_argument("src", type=Path, help="the Apple checkpoint directory")
+    a.add_argument("out", type=Path, help="where to write the CLaRa model directory")
+    a.add_argument("--base-model", help="local copy of the base model (default: config.json's decoder_model_name)")
+    a.add_argument("--device", default=None)
+
     for name, (module, summary) in PIPELINE_COMMANDS.items():
         sp = sub.add_parser(name, help=f"{summary} (python -m {module}; run `clara {name} --help`)", add_help=False)
         sp.add_argument("args", nargs=argparse.REMAINDER)
@@ -250,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _decode(args)
     elif args.command == "build-tiny":
         _build_tiny(args)
+    elif args.command == "import-apple":
+        _import_apple(args)
     return 0
 
 

@@ -38,7 +38,8 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.r, int) and self.r > 0, "lora.r", f"must be a positive int, got {self.r!r}")
-        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha!r}")
+        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, "lora.alpha",
+               f"must be > 0, got {self.alpha!r}")
         _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "lora.dropout",
                f"must be in [0, 1), got {self.dropout!r}")
         ok = self.target_modules == "all-linear" or (
