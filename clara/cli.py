@@ -27,7 +27,7 @@ def _register_pipelines() -> None:
         ("derive", "pipelines.derive", "derive stage-2/3 records (gold + random and BM25 distractors) from stage-1"),
         ("index", "pipelines.index", "compress a corpus into the LanceDB index (incremental upserts) on Ray Data"),
         ("synth", "pipelines.synth", "synthesise stage-1 records (QA, multi-hop QA, paraphrases) with vLLM"),
-        ("eval", "pipelines.eval", "evaluate compressed vs plain-text RAG (cover-EM, EM, F1, Recall@k)"),
+        ("eval", "pipelines.evaluate", "evaluate compressed vs plain-text RAG (cover-EM, EM, F1, Recall@k)"),
         ("serve", "serve.app", "run the Ray Serve application (retriever + generator deployments)"),
     ):
         try:
