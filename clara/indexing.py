@@ -1,0 +1,458 @@
+"""An incremental index run, the library half: what to compress, how to compress it, how to write it.
+
+The Ray job (:mod:`pipelines.index`) is a thin shell over this module:
+
+1. :func:`read_compressor_info` reads the model directory's manifest (no weights loaded) for the
+   memory shape ``[n_mem, d]`` and the ``compressor_version``; :func:`store_settings_for` turns that
+   into the table's :class:`~clara.store.StoreSettings`.
+2. :func:`source_chunks` reads the corpus and chunks it by tokens of the compressor's tokenizer. Each
+   ``content_hash`` is salted with :func:`chunking_salt` (chunking settings + compressor version), so
+   changing either re-compresses everything.
+3. :func:`plan_index` diffs the chunks against ``{chunk_id: content_hash}`` of the table: unchanged
+   chunks are skipped, new and changed ones are compressed, stale rows are listed for deletion.
+4. :class:`ChunkCompressor` (the body of the Ray actor) loads the model once and turns a batch of chunk
+   rows into encoded index rows (memory in the storage dtype, ``key``), shape-checked.
+5. :class:`IndexWriter` upserts encoded rows (``merge_insert`` on ``chunk_id``), a few thousand per
+   commit. Every commit is atomic and keyed on ``chunk_id``, and step 3 skips what a crashed run
+   already committed, so a rerun after a crash ends with exactly one row per chunk.
+6. :func:`refresh_ann_index` builds the ANN index on ``key``, or folds new rows into the existing one.
+
+This module never imports ``ray``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from clara.corpus import Chunk, Document, DocumentError, chunk_document, content_hash, parse_chunk_id, read_documents
+from clara.store import ANN_KINDS, ChunkStore, IndexMismatchError, StoreSettings, encode_batch
+
+logger = logging.getLogger(__name__)
+
+SOURCE_FORMATS = ("auto", "scp")
+SCP_DOC_PREFIX = "scp:"
+#: Columns of the rows handed to the compressor (one row per chunk).
+CHUNK_COLUMNS = ("chunk_id", "doc_id", "position", "text", "content_hash")
+
+
+# --------------------------------------------------------------------------------------------
+# the compressor, read from its model directory without loading weights
+
+
+@dataclass(frozen=True)
+class CompressorInfo:
+    """What an index needs to know about a CLaRa model directory (from ``clara.json``, no weights loaded)."""
+
+    path: str
+    n_mem: int
+    d: int
+    compressor_version: str
+    compression_rate: int
+    doc_max_tokens: int
+
+
+def read_compressor_info(model_dir: str | Path) -> CompressorInfo:
+    """Read the manifest and the memory-embedding shape of a model directory written by ``save_pretrained``.
+
+    ``d`` comes from the shape of ``memory_embeddings.safetensors`` (``[n_mem, d]``), read from its
+    header only, so a 7B model is not loaded on the driver.
+    """
+    from safetensors import safe_open
+
+    from clara.checkpoint import CheckpointError, read_manifest
+    from clara.config import ClaraConfig
+
+    path = Path(model_dir)
+    manifest = read_manifest(path)
+    config = ClaraConfig.from_dict(manifest["config"])
+    mem_file = path / "memory_embeddings.safetensors"
+    if not mem_file.is_file():
+        raise CheckpointError(f"{path}: memory_embeddings.safetensors is missing")
+    with safe_open(str(mem_file), framework="np") as f:
+        shape = tuple(f.get_slice("memory_embeddings").get_shape())
+    if len(shape) != 2 or shape[0] != config.n_mem:
+        raise CheckpointError(f"{mem_file}: memory_embeddings has shape {shape}, expected [n_mem={config.n_mem}, d]")
+    return CompressorInfo(
+        path=str(path),
+        n_mem=config.n_mem,
+        d=int(shape[1]),
+        compressor_version=str(manifest["compressor_version"]),
+        compression_rate=config.compression_rate,
+        doc_max_tokens=config.doc_max_tokens,
+    )
+
+
+def store_settings_for(
+    info: CompressorInfo,
+    existing: StoreSettings | None = None,
+    *,
+    dtype: str | None = None,
+    key_dim: int | None = None,
+    key_seed: int | None = None,
+) -> StoreSettings:
+    """The table settings for ``info``: storage choices not given are taken from an ``existing`` table
+    (so a rerun need not repeat them), else the defaults (float16, 128-d key, seed 0).
+
+    Raises :class:`~clara.store.IndexMismatchError` when ``existing`` was built by another compressor or
+    for another memory shape, before anything is compressed or written.
+    """
+    settings = StoreSettings(
+        n_mem=info.n_mem,
+        d=info.d,
+        compressor_version=info.compressor_version,
+        dtype=dtype or (existing.dtype if existing else "float16"),
+        key_dim=key_dim or (existing.key_dim if existing else 128),
+        key_seed=key_seed if key_seed is not None else (existing.key_seed if existing else 0),
+        model=info.path,
+        compression_rate=info.compression_rate,
+    )
+    if existing is not None:
+        diff = settings.differences(existing)
+        if diff:
+            detail = "; ".join(f"{f}: table has {getattr(existing, f)!r}, {info.path} gives {getattr(settings, f)!r}"
+                               for f in diff)
+            raise IndexMismatchError(
+                f"the index was built with other settings ({detail}). Index into a new table (--table-name) "
+                f"or rebuild this one; memories of two compressors are never mixed"
+            )
+    return settings
+
+
+# --------------------------------------------------------------------------------------------
+# reading and chunking the corpus
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The compressor's tokenizer (``<model_dir>/tokenizer``): chunks are windows of its tokens."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(model_dir) / "tokenizer"))
+
+
+@dataclass(frozen=True)
+class ChunkingSettings:
+    """How documents become chunks. ``format="scp"``: each stage-1 record's ``docs[0]`` is one chunk, as is."""
+
+    chunk_tokens: int
+    overlap: int = 0
+    format: str = "auto"
+    title_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
+            raise ValueError(f"chunk_tokens must be a positive int, got {self.chunk_tokens!r}")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.chunk_tokens:
+            raise ValueError(f"overlap must be an int in [0, chunk_tokens={self.chunk_tokens}), got {self.overlap!r}")
+
+
+def chunking_salt(chunking: ChunkingSettings, compressor_version: str, tokenizer: Any = None) -> str:
+    """The ``content_hash`` salt: any change of chunking or compressor changes every chunk's hash."""
+    parts = {"format": chunking.format, "compressor_version": compressor_version}
+    if chunking.format != "scp":
+        vocab = getattr(tokenizer, "vocab_size", None)
+        parts.update(chunk_tokens=chunking.chunk_tokens, overlap=chunking.overlap, title_field=chunking.title_field,
+                     tokenizer=f"{type(tokenizer).__name__}/{vocab}/{len(tokenizer) if tokenizer is not None else 0}")
+    return json.dumps(parts, sort_keys=True)
+
+
+def scp_doc_id(text: str) -> str:
+    """The document id of a stage-1 chunk: derived from its text, so it is stable when records move."""
+    return SCP_DOC_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def scp_documents(path: str | Path) -> Iterator[Document]:
+    """The unique chunks (``docs[0]``) of a stage-1 (SCP) JSONL file as documents, in file order."""
+    from clara.corpus import load_scp_chunks
+
+    for text in load_scp_chunks(path):
+        yield Document(doc_id=scp_doc_id(text), text=text)
+
+
+def source_chunks(
+    corpus: str | Path,
+    tokenizer: Any,
+    chunking: ChunkingSettings,
+    salt: str,
+    *,
+    id_field: str = "id",
+    text_field: str = "text",
+    limit: int | None = None,
+) -> Iterator[Chunk]:
+    """Chunks of the first ``limit`` documents of ``corpus`` (all when ``None``), in source order.
+
+    ``format="auto"``: JSONL, Parquet, ``.txt`` files or a directory of them (see
+    :func:`clara.corpus.read_documents`), split into windows of ``chunk_tokens`` tokens sharing
+    ``overlap``; with a ``title_field`` each chunk's text is ``title + "\\n" + window`` so the compressor
+    sees which document it belongs to. ``format="scp"``: the chunks of a stage-1 file, one per unique
+    ``docs[0]``, not re-split, ``doc_id`` from :func:`scp_doc_id`, position 0.
+    Malformed input raises :class:`~clara.corpus.DocumentError` naming file, line and field.
+    """
+    if chunking.format == "scp":
+        docs: Iterable[Document] = scp_documents(corpus)
+    else:
+        docs = read_documents(corpus, id_field=id_field, text_field=text_field, title_field=chunking.title_field)
+    for i, doc in enumerate(docs):
+        if limit is not None and i >= limit:
+            return
+        if chunking.format == "scp":
+            yield Chunk(f"{doc.doc_id}::0", doc.doc_id, 0, doc.text, content_hash(doc.text, salt))
+            continue
+        for c in chunk_document(doc, tokenizer, max_tokens=chunking.chunk_tokens, overlap=chunking.overlap, salt=salt):
+            if doc.title:
+                text = f"{doc.title}\n{c.text}"
+                c = Chunk(c.chunk_id, c.doc_id, c.position, text, content_hash(text, salt))
+            yield c
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass
+class IndexPlan:
+    """What one run does: chunks to compress (new or changed), how many were unchanged, rows to delete."""
+
+    to_compress: list[Chunk]
+    read: int = 0
+    docs: int = 0
+    new: int = 0
+    changed: int = 0
+    skipped: int = 0
+    #: Rows of the table that the source no longer has: positions past a document's new end, and
+    #: (with ``delete_missing``) every chunk of a document gone from the source.
+    stale_chunk_ids: list[str] = field(default_factory=list)
+
+
+def plan_index(chunks: Iterable[Chunk], existing: Mapping[str, str], *, delete_missing: bool = False) -> IndexPlan:
+    """Diff source chunks against the table's ``{chunk_id: content_hash}``.
+
+    Stale rows of documents present in the source (positions beyond where a shortened document now
+    ends) are always deleted: they hold text the document no longer has. Rows of documents absent from
+    the source are deleted only with ``delete_missing`` (so a partial run, e.g. ``limit``, loses nothing).
+    Raises ``ValueError`` on a chunk id seen twice.
+    """
+    plan = IndexPlan(to_compress=[])
+    seen: set[str] = set()
+    docs: set[str] = set()
+    for c in chunks:
+        if c.chunk_id in seen:
+            raise ValueError(f"chunk {c.chunk_id!r} (doc {c.doc_id!r}) appears twice in the source")
+        seen.add(c.chunk_id)
+        docs.add(c.doc_id)
+        old = existing.get(c.chunk_id)
+        if old == c.content_hash:
+            plan.skipped += 1
+            continue
+        plan.to_compress.append(c)
+        if old is None:
+            plan.new += 1
+        else:
+            plan.changed += 1
+    plan.read, plan.docs = len(seen), len(docs)
+    for chunk_id in existing:
+        if chunk_id in seen:
+            continue
+        try:
+            doc_id = parse_chunk_id(chunk_id)[0]
+        except ValueError:  # not an id this job writes: only a full-source run may remove it
+            doc_id = None
+        if delete_missing or doc_id in docs:
+            plan.stale_chunk_ids.append(chunk_id)
+    plan.stale_chunk_ids.sort()
+    return plan
+
+
+def chunks_table(chunks: Sequence[Chunk]) -> pa.Table:
+    """The compressor's input: one row per chunk, columns :data:`CHUNK_COLUMNS`."""
+    return pa.table({
+        "chunk_id": pa.array([c.chunk_id for c in chunks], pa.string()),
+        "doc_id": pa.array([c.doc_id for c in chunks], pa.string()),
+        "position": pa.array([c.position for c in chunks], pa.int32()),
+        "text": pa.array([c.text for c in chunks], pa.string()),
+        "content_hash": pa.array([c.content_hash for c in chunks], pa.string()),
+    })
+
+
+def work_blocks(chunks: Sequence[Chunk], batch_size: int, workers: int, max_batches_per_block: int = 8) -> list[pa.Table]:
+    """Split chunks into input blocks for the worker pool, sorted by text length so each batch pads little.
+
+    Each block holds whole batches (a multiple of ``batch_size`` rows, up to ``max_batches_per_block``)
+    and there are at least ~4 blocks per worker when there is enough work, so the pool stays busy.
+    """
+    if batch_size <= 0 or workers <= 0:
+        raise ValueError(f"batch_size and workers must be positive, got {batch_size}, {workers}")
+    ordered = sorted(chunks, key=lambda c: len(c.text))
+    n_batches = -(-len(ordered) // batch_size)
+    per_block = max(1, min(max_batches_per_block, n_batches // (4 * workers)))
+    rows = per_block * batch_size
+    return [chunks_table(ordered[i : i + rows]) for i in range(0, len(ordered), rows)]
+
+
+# --------------------------------------------------------------------------------------------
+# compressing: the body of the worker
+
+
+class ChunkCompressor:
+    """Loads a CLaRa model once; called on a batch of chunk rows, returns encoded index rows.
+
+    Input: a pyarrow Table with :data:`CHUNK_COLUMNS`. Output: a pyarrow Table in the index layout
+    (:func:`clara.store.index_schema`), memory in the storage dtype and the ``key`` column filled, so the
+    quantisation and projection run in the workers, not on the writer.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        settings: StoreSettings,
+        *,
+        device: str | None = None,
+        batch_size: int = 32,
+        threads: int | None = None,
+    ) -> None:
+        import torch
+
+        from clara.model import ClaraModel
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.settings = settings
+        self.batch_size = batch_size
+        self.model = ClaraModel.from_pretrained(model_dir, device=device)
+        version = self.model.compressor_version()
+        shape = (self.model.config.n_mem, self.model.hidden_size)
+        if version != settings.compressor_version or shape != (settings.n_mem, settings.d):
+            raise IndexMismatchError(
+                f"{model_dir}: compressor {version} with memory {shape} does not match the index's "
+                f"{settings.compressor_version} with memory {(settings.n_mem, settings.d)}"
+            )
+        self.batches = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        memory = self.model.compress(batch.column("text").to_pylist(), batch_size=self.batch_size)  # (n, M, D)
+        self.batches += 1
+        return encode_batch(batch.select(list(CHUNK_COLUMNS)), memory, self.settings)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class WriteStats:
+    rows: int = 0
+    inserted: int = 0
+    updated: int = 0
+    bytes: int = 0
+    commits: int = 0
+    version: int = 0
+
+
+class IndexWriter:
+    """Upserts encoded rows into a :class:`~clara.store.ChunkStore`, ``commit_rows`` or more per commit.
+
+    Each commit is one ``merge_insert`` keyed on ``chunk_id`` (atomic, one table version). ``on_commit``
+    is called with the running :class:`WriteStats` after each commit.
+    """
+
+    def __init__(self, store: ChunkStore, commit_rows: int = 8192,
+                 on_commit: Callable[[WriteStats], None] | None = None) -> None:
+        if commit_rows <= 0:
+            raise ValueError(f"commit_rows must be positive, got {commit_rows}")
+        self.store = store
+        self.commit_rows = commit_rows
+        self.on_commit = on_commit
+        self.stats = WriteStats(version=store.version)
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+
+    def add(self, rows: pa.Table | pa.RecordBatch) -> None:
+        if isinstance(rows, pa.RecordBatch):
+            rows = pa.Table.from_batches([rows])
+        if rows.num_rows == 0:
+            return
+        self._buffer.append(rows)
+        self._buffered += rows.num_rows
+        if self._buffered >= self.commit_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = pa.concat_tables(self._buffer, promote_options="permissive") if len(self._buffer) > 1 else self._buffer[0]
+        result = self.store.upsert(data)
+        self._buffer, self._buffered = [], 0
+        s = self.stats
+        s.rows += data.num_rows
+        s.inserted += result.inserted
+        s.updated += result.updated
+        s.bytes += data.nbytes
+        s.commits += 1
+        s.version = result.version
+        if self.on_commit is not None:
+            self.on_commit(s)
+
+
+# --------------------------------------------------------------------------------------------
+# the ANN index
+
+
+def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebuild_factor: float = 2.0,
+                      metric: str = "cosine") -> str:
+    """Build the ANN index on ``key`` if there is none, else fold new rows into it; returns what was done.
+
+    When the table has grown ``rebuild_factor`` times past the rows the index was trained on, the
+    index is retrained (its partitions were sized for the old table). With fewer than ``min_rows`` rows
+    nothing is built: searches scan, which is exact and fast at that size.
+    """
+    kind = kind.upper()
+    if kind not in ANN_KINDS:
+        raise ValueError(f"ANN index kind must be one of {ANN_KINDS}, got {kind!r}")
+    key_index = next((i for i in store.list_indices() if list(i.columns) == ["key"]), None)
+    n = store.count()
+    if key_index is None:
+        return store.create_ann_index(kind, metric, min_rows=min_rows).message
+    stats = store.table.index_stats(key_index.name)
+    indexed = int(getattr(stats, "num_indexed_rows", 0) or 0)
+    t0 = time.perf_counter()
+    if indexed and n > rebuild_factor * indexed:
+        report = store.create_ann_index(kind, metric, min_rows=min_rows)
+        return f"retrained: {report.message}"
+    store.optimize()
+    return f"folded new rows into {key_index.name} ({n} rows) in {time.perf_counter() - t0:.1f}s"
+
+
+__all__ = [
+    "CHUNK_COLUMNS",
+    "SOURCE_FORMATS",
+    "ChunkCompressor",
+    "ChunkingSettings",
+    "CompressorInfo",
+    "DocumentError",
+    "IndexPlan",
+    "IndexWriter",
+    "WriteStats",
+    "chunking_salt",
+    "chunks_table",
+    "load_tokenizer",
+    "plan_index",
+    "read_compressor_info",
+    "refresh_ann_index",
+    "scp_doc_id",
+    "scp_documents",
+    "source_chunks",
+    "store_settings_for",
+    "work_blocks",
+]
