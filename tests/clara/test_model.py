@@ -102,3 +102,20 @@ def test_trainable_selection_survives_adapter_switches(make_model, chunks):
     trainable = {n for n, p in model.peft.named_parameters() if p.requires_grad}
     assert trainable and all(".generator." in n for n in trainable)
     assert model.memory_embeddings.requires_grad
+
+
+def test_copy_and_reset_adapters(make_model, chunks):
+    model = make_model()
+    with torch.no_grad():
+        for name, p in model.peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    model.copy_adapter("compressor", "query_reasoner")
+    assert torch.equal(model.encode_query(["Who founded Flip?"]), model.compress(["Who founded Flip?"]))
+    model.reset_adapter("generator")
+    b = [p for n, p in model.peft.named_parameters() if ".generator." in n and ".lora_B." in n]
+    assert b and all(float(p.abs().sum()) == 0 for p in b)
+    # a reset generator adapter is a no-op: same output as the bare base model on text prompts
+    q = ["What is this about?"]
+    assert model.generate_from_text(q, [[chunks[0]]], max_new_tokens=5) == model.generate_from_text(
+        q, [[chunks[0]]], adapter=None, max_new_tokens=5)
