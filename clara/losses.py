@@ -43,6 +43,14 @@ def compression_loss(model, examples: Sequence[Example]) -> LossOutput:
     return LossOutput(loss, float(ce.detach()), float(enc.mse.detach()), tokens)
 
 
+def text_rag_loss(model, examples: Sequence[Example]) -> LossOutput:
+    """The plain-text RAG baseline's loss: the generator reads the chunks' text, not their memory."""
+    batch = model.build_generator_batch([ex.question for ex in examples], [list(ex.chunks) for ex in examples],
+                                        [ex.answer for ex in examples])
+    ce, tokens = model.generator_loss(batch, None)
+    return LossOutput(ce, float(ce.detach()), 0.0, tokens)
+
+
 def e2e_loss(model, examples: Sequence[Example], k: int | None = None) -> LossOutput:
     """Stage 3: retrieve the top-k of each example's candidates, differentiably, then answer."""
     k = k or model.config.top_k

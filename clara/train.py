@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clara.losses import LossOutput, compression_loss, e2e_loss
+from clara.losses import LossOutput, compression_loss, e2e_loss, text_rag_loss
 from clara.records import Example
 
 #: What each stage trains: (adapters, memory embeddings). The base follows ``config.train_base``.
@@ -22,6 +22,8 @@ STAGE_TRAINABLE: dict[str, tuple[tuple[str, ...], bool]] = {
     "scp": (("compressor", "generator"), True),
     "instruct": (("compressor", "generator"), True),
     "e2e": (("query_reasoner", "generator"), False),
+    # The plain-text RAG baseline on the same backbone: the generator reads chunk text.
+    "text": (("generator",), False),
 }
 
 
@@ -75,7 +77,11 @@ def configure_stage(model, stage: str) -> list[torch.nn.Parameter]:
 
 
 def stage_loss(model, stage: str, batch: Sequence[Example]) -> LossOutput:
-    return e2e_loss(model, batch) if stage == "e2e" else compression_loss(model, batch)
+    if stage == "e2e":
+        return e2e_loss(model, batch)
+    if stage == "text":
+        return text_rag_loss(model, batch)
+    return compression_loss(model, batch)
 
 
 def batches(examples: Sequence[Example], settings: TrainSettings,
