@@ -62,3 +62,17 @@ def minilm_ranker(device: str = "cpu"):
         return [(torch.stack([cache[c] for c in cands]) @ q[i]).tolist() for i, cands in enumerate(candidates)]
 
     return rank
+
+
+def bm25_ranker():
+    """A :data:`clara.evaluate.Ranker` scoring each question's candidates with Okapi BM25 over them."""
+    from clara.derive import BM25
+
+    def rank(questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        out = []
+        for q, cands in zip(questions, candidates):
+            scores = BM25(list(cands)).scores(q)
+            out.append([scores.get(j, 0.0) for j in range(len(cands))])
+        return out
+
+    return rank
