@@ -44,6 +44,11 @@ SCP_DOC_PREFIX = "scp:"
 CHUNK_COLUMNS = ("chunk_id", "doc_id", "position", "text", "content_hash")
 
 
+def default_key_dim(n_mem: int, d: int) -> int:
+    """Key dimension of a new table: ``n_mem * d / 8``, within [128, 1024] (see :func:`store_settings_for`)."""
+    return min(1024, max(128, n_mem * d // 8))
+
+
 # --------------------------------------------------------------------------------------------
 # the compressor, read from its model directory without loading weights
 
@@ -100,7 +105,15 @@ def store_settings_for(
     key_seed: int | None = None,
 ) -> StoreSettings:
     """The table settings for ``info``: storage choices not given are taken from an ``existing`` table
-    (so a rerun need not repeat them), else the defaults (float16, 128-d key, seed 0).
+    (so a rerun need not repeat them), else the defaults: float16 memory, seed 0, and a key of
+    :func:`default_key_dim` dimensions (256 for the 16 x 128 memory of the tiny test model, 1024 at 7B).
+
+    Why: the key is a random projection, whose error on a cosine shrinks as ``1/sqrt(key_dim)``; the
+    fewer key dimensions, the more ANN candidates must be re-scored to find the exact top-10. On the 900
+    sample chunks (tiny model) the exact top-10 lies in the key's top-50 for 98% of questions at 256-d
+    (92% at 128-d) and in its top-100 for all. On 50k synthetic memories with a large shared component
+    (benchmarks/bench_search.py) a 256-d key needs ~2,000 candidates for 0.99 recall, a 1024-d key 200.
+    The key costs ``4 * key_dim`` bytes a row: 4 KiB at 1024-d against 128 KiB of float16 memory at 7B.
 
     Raises :class:`~clara.store.IndexMismatchError` when ``existing`` was built by another compressor or
     for another memory shape, before anything is compressed or written.
@@ -110,7 +123,7 @@ def store_settings_for(
         d=info.d,
         compressor_version=info.compressor_version,
         dtype=dtype or (existing.dtype if existing else "float16"),
-        key_dim=key_dim or (existing.key_dim if existing else 128),
+        key_dim=key_dim or (existing.key_dim if existing else default_key_dim(info.n_mem, info.d)),
         key_seed=key_seed if key_seed is not None else (existing.key_seed if existing else 0),
         model=info.path,
         compression_rate=info.compression_rate,
@@ -152,7 +165,8 @@ class ChunkingSettings:
             raise ValueError(f"format must be one of {SOURCE_FORMATS}, got {self.format!r}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be a positive int, got {self.chunk_tokens!r}")
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.chunk_tokens:
+        overlap = self.overlap
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < self.chunk_tokens:
             raise ValueError(f"overlap must be an int in [0, chunk_tokens={self.chunk_tokens}), got {self.overlap!r}")
 
 
@@ -284,7 +298,9 @@ def chunks_table(chunks: Sequence[Chunk]) -> pa.Table:
     })
 
 
-def work_blocks(chunks: Sequence[Chunk], batch_size: int, workers: int, max_batches_per_block: int = 8) -> list[pa.Table]:
+def work_blocks(
+    chunks: Sequence[Chunk], batch_size: int, workers: int, max_batches_per_block: int = 8
+) -> list[pa.Table]:
     """Split chunks into input blocks for the worker pool, sorted by text length so each batch pads little.
 
     Each block holds whole batches (a multiple of ``batch_size`` rows, up to ``max_batches_per_block``)
@@ -322,13 +338,16 @@ class ChunkCompressor:
     ) -> None:
         import torch
 
+        from clara.config import resolve_dtype
         from clara.model import ClaraModel
 
         if threads:
             torch.set_num_threads(int(threads))
         self.settings = settings
         self.batch_size = batch_size
-        self.model = ClaraModel.from_pretrained(model_dir, device=device)
+        # Loaded on the CPU in float32 first: the compressor version is a digest of the weights, and
+        # from_pretrained(device="cuda") casts them to bf16 before it checks the digest (and fails).
+        self.model = ClaraModel.from_pretrained(model_dir, device="cpu")
         version = self.model.compressor_version()
         shape = (self.model.config.n_mem, self.model.hidden_size)
         if version != settings.compressor_version or shape != (settings.n_mem, settings.d):
@@ -336,6 +355,9 @@ class ChunkCompressor:
                 f"{model_dir}: compressor {version} with memory {shape} does not match the index's "
                 f"{settings.compressor_version} with memory {(settings.n_mem, settings.d)}"
             )
+        target = torch.device(device or "cpu")
+        if target.type != "cpu":
+            self.model.to(device=target, dtype=resolve_dtype(self.model.config.dtype, target))
         self.batches = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -391,7 +413,7 @@ class IndexWriter:
     def flush(self) -> None:
         if not self._buffer:
             return
-        data = pa.concat_tables(self._buffer, promote_options="permissive") if len(self._buffer) > 1 else self._buffer[0]
+        data = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
         result = self.store.upsert(data)
         self._buffer, self._buffered = [], 0
         s = self.stats
@@ -413,9 +435,10 @@ def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebu
                       metric: str = "cosine") -> str:
     """Build the ANN index on ``key`` if there is none, else fold new rows into it; returns what was done.
 
-    When the table has grown ``rebuild_factor`` times past the rows the index was trained on, the
-    index is retrained (its partitions were sized for the old table). With fewer than ``min_rows`` rows
-    nothing is built: searches scan, which is exact and fast at that size.
+    The index is rebuilt when it is of another kind than ``kind``, or when the table has grown
+    ``rebuild_factor`` times past the rows it was trained on (its partitions were sized for the old
+    table). With fewer than ``min_rows`` rows nothing is built: searches scan, which is exact and fast
+    at that size.
     """
     kind = kind.upper()
     if kind not in ANN_KINDS:
@@ -426,7 +449,11 @@ def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebu
         return store.create_ann_index(kind, metric, min_rows=min_rows).message
     stats = store.table.index_stats(key_index.name)
     indexed = int(getattr(stats, "num_indexed_rows", 0) or 0)
+    built_kind = str(getattr(stats, "index_type", "") or "").upper()
     t0 = time.perf_counter()
+    if built_kind != kind:
+        report = store.create_ann_index(kind, metric, min_rows=min_rows)
+        return f"replaced {built_kind or 'the old index'}: {report.message}"
     if indexed and n > rebuild_factor * indexed:
         report = store.create_ann_index(kind, metric, min_rows=min_rows)
         return f"retrained: {report.message}"
@@ -446,6 +473,7 @@ __all__ = [
     "WriteStats",
     "chunking_salt",
     "chunks_table",
+    "default_key_dim",
     "load_tokenizer",
     "plan_index",
     "read_compressor_info",

@@ -467,5 +467,7 @@ class ClaraModel(nn.Module):
                 tensors[name] = p
         for name in sorted(tensors):
             h.update(name.encode())
-            h.update(tensors[name].detach().float().cpu().numpy().tobytes())
+            # Rounded to bf16 so the digest is the same whether the weights are held in fp32 (CPU)
+            # or bf16 (GPU): one compressor, one version, on every device.
+            h.update(tensors[name].detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]

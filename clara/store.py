@@ -347,6 +347,8 @@ def _stack_memory(memory: Any, ids: Sequence[str], settings: StoreSettings) -> n
         out = np.empty((n, *want), dtype=np.float32)
         for i, (cid, m) in enumerate(zip(ids, memory)):
             arr = _as_float32(m)
+            if arr.shape == (settings.flat_dim,):  # a flat row, as Arrow list columns hold it
+                arr = arr.reshape(want)
             if arr.shape != want:
                 raise ValueError(f"chunk {cid!r}: memory has shape {arr.shape}, expected {want} (n_mem, d)")
             out[i] = arr

@@ -104,3 +104,18 @@ def test_apple_layout_mismatch_is_a_clear_error(tiny_base, tmp_path):
                                     torch.zeros(4, 128)}, "decoder_adapter": {}}, tmp_path / "adapters.pth")
     with pytest.raises(CheckpointError, match="encoder_adapter.*does not fit"):
         import_apple_checkpoint(tmp_path, device="cpu")
+
+
+def test_loads_in_bf16_with_the_same_compressor_version(make_model, tmp_path, chunk):
+    model = make_model()
+    _randomise_adapters(model)
+    path = model.save_pretrained(tmp_path / "m")
+    manifest = json.loads((path / "clara.json").read_text())
+    manifest["config"]["dtype"] = "bfloat16"  # as on a GPU: weights held in bf16
+    (path / "clara.json").write_text(json.dumps(manifest))
+    loaded = ClaraModel.from_pretrained(path)
+    assert loaded.memory_embeddings.dtype == torch.bfloat16
+    assert loaded.compressor_version() == model.compressor_version()
+    cos = torch.nn.functional.cosine_similarity(loaded.compress([chunk]).float().flatten(),
+                                                model.compress([chunk]).flatten(), dim=0)
+    assert cos > 0.99

@@ -1,0 +1,225 @@
+"""Retrieval and reading as served: question -> top-k chunks' memory tokens -> answer.
+
+:class:`Retriever` joins the query reasoner (:meth:`ClaraModel.encode_query`) and the chunk index
+(:meth:`ChunkStore.search`, ANN proposal + exact CLaRa re-score). It answers with each chunk's ids,
+text, exact score and memory ``[k, n_mem, d]`` as a torch tensor, ready for the generator. It also
+follows the index: a new table version written by the index job is picked up by :meth:`Retriever.refresh`,
+called by every request at most once per ``refresh_interval_s``.
+
+:func:`generate_answers` is the reading half: a batch of questions, each with its own background
+(memory ``[k_i, n_mem, d]`` or a list of chunk texts), answered by a ClaraModel (or anything with its
+``generate`` / ``generate_from_text``, such as :class:`clara.vllm_engine.VllmGenerator`) in as few
+generator calls as the batch allows.
+
+The Serve deployments (``serve/app.py``) are thin shells over this module; it never imports ``ray``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clara.model import ClaraModel
+from clara.store import DEFAULT_TABLE, ChunkStore, IndexMismatchError, StoreSettings
+
+#: A background for one question: chunk memory ``[k, n_mem, d]`` (compressed RAG) or chunk texts (plain-text RAG).
+Background = torch.Tensor | Sequence[str]
+
+
+@dataclass
+class Retrieved:
+    """The top-k chunks of one question, best first."""
+
+    chunk_ids: list[str]
+    doc_ids: list[str]
+    texts: list[str]
+    scores: list[float]  # exact CLaRa cosine, descending
+    #: ``[k, n_mem, d]`` (float16 when the index stores float16, which is then exact; else float32),
+    #: or ``None`` when memory was not asked for.
+    memory: torch.Tensor | None
+    index_version: int
+    #: Wall time of this question's batch in the retriever (encode + search), in milliseconds.
+    seconds: float = 0.0
+    batch_size: int = 1
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+
+def check_index(model: ClaraModel, settings: StoreSettings) -> None:
+    """Raise :class:`IndexMismatchError` unless ``settings`` (a table's) were written by ``model``'s compressor."""
+    problems = []
+    if settings.n_mem != model.config.n_mem or settings.d != model.hidden_size:
+        problems.append(f"memory shape: index [{settings.n_mem}, {settings.d}], model [{model.config.n_mem}, "
+                        f"{model.hidden_size}]")
+    version = model.compressor_version()
+    if settings.compressor_version != version:
+        problems.append(f"compressor_version: index {settings.compressor_version!r}, model {version!r}")
+    if problems:
+        raise IndexMismatchError("the index was built by another compressor than the served model's ("
+                                 + "; ".join(problems) + "); rebuild it with this model (the index job)")
+
+
+class Retriever:
+    """Query reasoner + chunk index. Thread-safe: model and table calls are serialised by a lock.
+
+    ``candidates``: rows the ANN search proposes per question before the exact re-score (at least k).
+    ``refresh_interval_s``: the table is moved to its latest version at most this often, on the next
+    call (``0``: every call; ``None``: only by :meth:`refresh` with ``force=True``). Raises
+    :class:`IndexMismatchError` when the index was not built by ``model``'s compressor.
+    """
+
+    def __init__(self, model: ClaraModel, store: ChunkStore, *, candidates: int = 50,
+                 refresh_interval_s: float | None = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if candidates <= 0:
+            raise ValueError(f"candidates must be positive, got {candidates}")
+        if refresh_interval_s is not None and refresh_interval_s < 0:
+            raise ValueError(f"refresh_interval_s must be >= 0 or None, got {refresh_interval_s}")
+        check_index(model, store.settings)
+        self.model = model
+        self.store = store
+        self.candidates = int(candidates)
+        self.refresh_interval_s = refresh_interval_s
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._checked_at = clock()
+
+    def __repr__(self) -> str:
+        return (f"Retriever(store={self.store!r}, candidates={self.candidates}, "
+                f"refresh_interval_s={self.refresh_interval_s})")
+
+    @classmethod
+    def open(cls, model: str | Path | ClaraModel, index_uri: str | Path, table: str = DEFAULT_TABLE, *,
+             device: str | None = None, storage_options: dict[str, str] | None = None, **kwargs: Any) -> Retriever:
+        """Load the model (a directory, or an already loaded :class:`ClaraModel`) and open its index.
+
+        Raises :class:`~clara.store.IndexNotFoundError` when the table does not exist and
+        :class:`IndexMismatchError` when another compressor built it.
+        """
+        if not isinstance(model, ClaraModel):
+            model = ClaraModel.from_pretrained(model, device=device)
+        store = ChunkStore.open(index_uri, None, table=table, create=False, storage_options=storage_options)
+        return cls(model, store, **kwargs)
+
+    # -- the index's version ------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.store.version
+
+    def refresh(self, force: bool = False) -> int:
+        """Move to the table's latest version if ``force`` or the refresh interval has passed; returns
+        the version now read. A table rewritten by another compressor raises :class:`IndexMismatchError`."""
+        with self._lock:
+            now = self.clock()
+            due = self.refresh_interval_s is not None and now - self._checked_at >= self.refresh_interval_s
+            if force or due:
+                self.store.refresh()
+                check_index(self.model, StoreSettings.from_metadata(self.store.table.schema.metadata))
+                self._checked_at = now
+            return self.store.version
+
+    # -- retrieval -------------------------------------------------------------------------------
+    def _memory_out(self, memory: np.ndarray) -> torch.Tensor:
+        out = torch.from_numpy(np.ascontiguousarray(memory))  # (k, M, D) float32
+        # float16 storage round-trips exactly through float16: half the bytes to the generator.
+        return out.half() if self.store.settings.dtype == "float16" else out
+
+    def retrieve(self, questions: Sequence[str], k: int | Sequence[int] = 5, candidates: int | None = None,
+                 with_memory: bool | Sequence[bool] = True) -> list[Retrieved]:
+        """Top-``k`` chunks for each question (``k`` and ``with_memory`` may differ per question).
+
+        One query-reasoner pass for the batch, then one two-step search; returns one :class:`Retrieved`
+        per question, in order. Fewer than ``k`` chunks come back only when the index holds fewer.
+        """
+        questions = list(questions)
+        n = len(questions)
+        ks = [int(k)] * n if isinstance(k, (int, np.integer)) else [int(x) for x in k]
+        mems = [bool(with_memory)] * n if isinstance(with_memory, bool) else [bool(x) for x in with_memory]
+        if len(ks) != n or len(mems) != n:
+            raise ValueError("k and with_memory must have one value per question")
+        if any(x <= 0 for x in ks):
+            raise ValueError(f"k must be positive, got {ks}")
+        t0 = time.perf_counter()
+        with self._lock:
+            self.refresh()
+            version = self.store.version
+            query = self.model.encode_query(questions)  # (B, M, D)
+            limit = max(ks)
+            results = self.store.search(query, k=limit, candidates=max(candidates or self.candidates, limit))
+        seconds = time.perf_counter() - t0
+        out = []
+        for res, kk, mem in zip(results, ks, mems):
+            out.append(Retrieved(
+                chunk_ids=res.chunk_ids[:kk], doc_ids=res.doc_ids[:kk], texts=res.texts[:kk],
+                scores=[float(s) for s in res.scores[:kk]],
+                memory=self._memory_out(res.memory[:kk]) if mem else None,
+                index_version=version, seconds=seconds, batch_size=n,
+            ))
+        return out
+
+    def memory_of(self, chunk_ids: Sequence[str]) -> torch.Tensor:
+        """Stored memory ``[n, n_mem, d]`` of these chunks (KeyError names the missing ones)."""
+        with self._lock:
+            self.refresh()
+            return self._memory_out(self.store.get_memory(list(chunk_ids)))
+
+    def compress(self, texts: Sequence[str]) -> torch.Tensor:
+        """Chunks -> memory ``[n, n_mem, d]`` with the index's compressor (what indexing them would store,
+        before storage rounding)."""
+        with self._lock:
+            return self.model.compress(list(texts))
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of what is served: memory shape, compressor version, index version and size."""
+        with self._lock:
+            s = self.store.settings
+            return {"n_mem": s.n_mem, "d": s.d, "compressor_version": s.compressor_version, "dtype": s.dtype,
+                    "index_uri": self.store.uri, "table": self.store.name, "index_version": self.store.version,
+                    "rows": self.store.count()}
+
+
+def generate_answers(generator: Any, questions: Sequence[str], backgrounds: Sequence[Background],
+                     max_new_tokens: int | None = None) -> list[str]:
+    """Answer each question from its own background, in as few generator calls as possible.
+
+    ``backgrounds[i]``: memory ``[k_i, n_mem, d]`` (questions with the same k share one
+    ``generator.generate`` call on ``[B, k, n_mem, d]``) or a list of chunk texts (all of them share one
+    ``generator.generate_from_text`` call). ``generator``: a :class:`ClaraModel` or anything with the same
+    two methods. Answers come back in the order of ``questions``.
+    """
+    if len(questions) != len(backgrounds):
+        raise ValueError(f"{len(questions)} questions but {len(backgrounds)} backgrounds")
+    answers: list[str | None] = [None] * len(questions)
+    by_k: dict[int, list[int]] = {}
+    text_rows: list[int] = []
+    for i, bg in enumerate(backgrounds):
+        if isinstance(bg, (torch.Tensor, np.ndarray)):
+            mem = torch.as_tensor(bg)
+            if mem.dim() != 3:
+                raise ValueError(f"memory of question {i} must be [k, n_mem, d], got {tuple(mem.shape)}")
+            by_k.setdefault(int(mem.shape[0]), []).append(i)
+        else:
+            text_rows.append(i)
+    device = getattr(generator, "device", None)
+    for rows in by_k.values():
+        memory = torch.stack([torch.as_tensor(backgrounds[i]) for i in rows])  # (B, k, M, D)
+        if device is not None:
+            memory = memory.to(device)
+        for i, a in zip(rows, generator.generate([questions[i] for i in rows], memory, max_new_tokens=max_new_tokens)):
+            answers[i] = a
+    if text_rows:
+        chunks = [list(backgrounds[i]) for i in text_rows]
+        for i, a in zip(text_rows, generator.generate_from_text([questions[i] for i in text_rows], chunks,
+                                                                max_new_tokens=max_new_tokens)):
+            answers[i] = a
+    return [a if a is not None else "" for a in answers]
+
+
+__all__ = ["Background", "Retrieved", "Retriever", "check_index", "generate_answers"]

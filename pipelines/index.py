@@ -1,0 +1,454 @@
+"""Index job: compress a corpus into the LanceDB chunk index, incrementally, on Ray Data.
+
+    python -m pipelines.index --corpus docs.jsonl --model runs/model --table-uri ./index
+    python -m pipelines.index --format scp --corpus ../shared/data/scp_sample.jsonl --model runs/model \\
+        --table-uri ./index --ann-index IVF_HNSW_SQ
+    python -m pipelines.index versions --table-uri ./index
+    python -m pipelines.index rollback 3 --table-uri ./index
+    ray job submit --working-dir . -- python -m pipelines.index --corpus /mnt/corpus/docs.parquet \\
+        --model /mnt/models/stage3 --table-uri s3://bucket/clara/index --actors 8 --num-gpus-per-actor 1
+
+The corpus is read from a path the driver sees (a shared volume); the table may be a local
+directory or an object-store URI.
+
+(``clara index ...`` is the same command.) One run:
+
+1. driver: read the corpus, chunk it by tokens of the compressor's tokenizer, and diff the chunks'
+   ``content_hash`` (salted with the chunking settings and the compressor version) against the table:
+   unchanged chunks are skipped. Bad input fails here, naming file, line and field, before anything
+   is compressed or written.
+2. Ray Data: the chunks to compress go through ``map_batches`` on a pool of actors, each of which
+   loads the model once and returns encoded index rows (memory in the storage dtype, ``key``).
+3. driver: rows stream back (``iter_batches``) and are upserted on ``chunk_id`` a few thousand per
+   commit; then stale rows are deleted and the ANN index is built or refreshed.
+
+Rerunning is always safe: a run that crashes part-way leaves only whole commits, whose chunks the
+rerun skips, so the table ends with exactly one row per chunk. The summary reports the table version
+the run ended on; ``versions`` lists every version and ``rollback VERSION`` restores one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from clara.indexing import (
+    SOURCE_FORMATS,
+    ChunkCompressor,
+    ChunkingSettings,
+    IndexWriter,
+    WriteStats,
+    chunking_salt,
+    load_tokenizer,
+    plan_index,
+    read_compressor_info,
+    refresh_ann_index,
+    source_chunks,
+    store_settings_for,
+    work_blocks,
+)
+from clara.store import ANN_KINDS, DEFAULT_TABLE, DTYPES, ChunkStore, IndexNotFoundError
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+class IndexJobError(RuntimeError):
+    """The run failed part-way; the ``written`` rows committed so far (up to table ``version``) stay, and a
+    rerun of the same settings resumes: it skips them."""
+
+    def __init__(self, message: str, written: int = 0, version: int = 0) -> None:
+        super().__init__(message)
+        self.written = written
+        self.version = version
+
+
+@dataclass
+class IndexSettings:
+    """Settings of one index run (the CLI flags of ``python -m pipelines.index``)."""
+
+    #: JSONL, Parquet, a ``.txt`` file, a directory of ``.txt`` files or a glob; with ``format="scp"``
+    #: a stage-1 JSONL file whose ``docs[0]`` are the chunks.
+    corpus: str | Path
+    #: A CLaRa model directory (``ClaraModel.save_pretrained``); its compressor makes the memory.
+    model: str | Path
+    #: LanceDB database: a local directory or an object-store URI (``s3://bucket/path``).
+    table_uri: str | Path
+    table_name: str = DEFAULT_TABLE
+    #: ``auto`` (JSONL / Parquet / text by file suffix) or ``scp`` (stage-1 records, one chunk each).
+    format: str = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    #: Prepended to each chunk's text (``title + "\n" + chunk``) when given.
+    title_field: str | None = None
+    #: Tokens per chunk; ``None``: the model's ``doc_max_tokens`` (longer chunks would be truncated).
+    chunk_tokens: int | None = None
+    overlap: int = 0
+    #: Chunks per compressor forward pass (and per Ray Data batch).
+    batch_size: int = 32
+    #: Size of the actor pool; each actor loads the model once.
+    actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    #: torch threads per actor; ``None``: ``max(1, int(num_cpus_per_actor))``.
+    threads_per_actor: int | None = None
+    #: Device of the actors' model; ``None``: ``cuda`` when actors get GPUs, else ``cpu``.
+    device: str | None = None
+    #: Storage dtype of memory: float32, float16 or int8 (per-token scale). ``None``: the existing
+    #: table's, or float16 for a new table. Likewise ``key_dim`` (n_mem*d/8 within 128..1024) and
+    #: ``key_seed`` (0).
+    dtype: str | None = None
+    key_dim: int | None = None
+    key_seed: int | None = None
+    #: Delete the chunks of documents that are no longer in the corpus.
+    delete_missing: bool = False
+    #: Build (or refresh) an ANN index of this kind on ``key`` at the end; ``None``: none.
+    ann_index: str | None = None
+    #: Fewer rows than this: no ANN index is built (searches scan, exact).
+    ann_min_rows: int = 256
+    #: Index only the first ``limit`` documents (not with ``delete_missing``).
+    limit: int | None = None
+    #: Rows per upsert commit (each commit is one table version).
+    commit_rows: int = 8192
+    storage_options: dict[str, str] = field(default_factory=dict)
+    #: Ray address (``None``: the running Ray, $RAY_ADDRESS, or a new local one).
+    ray_address: str | None = None
+    #: Test hook: each actor raises after compressing this many batches (a worker failing part-way).
+    fail_after_batches: int | None = None
+    #: Test hook: the job raises right after this many commits (the driver dying part-way).
+    crash_after_commits: int | None = None
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value, kind=int) -> None:
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                raise ValueError(f"IndexSettings.{name} must be a positive {kind.__name__}, got {value!r}")
+
+        self.corpus = str(self.corpus)
+        self.model = str(self.model)
+        self.table_uri = str(self.table_uri)
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"IndexSettings.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"IndexSettings.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.ann_index is not None:
+            self.ann_index = self.ann_index.upper()
+            if self.ann_index == "NONE":
+                self.ann_index = None
+            elif self.ann_index not in ANN_KINDS:
+                raise ValueError(f"IndexSettings.ann_index must be one of {ANN_KINDS} or none, got {self.ann_index!r}")
+        for name in ("batch_size", "actors", "commit_rows"):
+            positive(name, getattr(self, name))
+        for name in ("chunk_tokens", "key_dim", "limit", "threads_per_actor", "fail_after_batches",
+                     "crash_after_commits"):
+            if getattr(self, name) is not None:
+                positive(name, getattr(self, name))
+        if self.num_cpus_per_actor <= 0 or self.num_gpus_per_actor < 0:
+            raise ValueError("IndexSettings.num_cpus_per_actor must be > 0 and num_gpus_per_actor >= 0")
+        if self.overlap < 0:
+            raise ValueError(f"IndexSettings.overlap must be >= 0, got {self.overlap}")
+        if self.delete_missing and self.limit is not None:
+            raise ValueError("IndexSettings: delete_missing with limit would delete every document past the limit")
+        if not self.table_name:
+            raise ValueError("IndexSettings.table_name must not be empty")
+
+
+@dataclass
+class IndexSummary:
+    """What one run did. ``chunks_per_second`` is chunks compressed (and written) per second of the run."""
+
+    table_uri: str
+    table_name: str
+    docs: int
+    chunks_read: int
+    skipped: int
+    compressed: int
+    new: int
+    changed: int
+    deleted: int
+    rows: int
+    bytes_written: int
+    commits: int
+    seconds: float
+    chunks_per_second: float
+    #: The table version the run ended on (the one to roll back to later).
+    version: int
+    #: The version the run started from (roll back to it to undo the run).
+    start_version: int
+    ann: str = ""
+
+    def format(self) -> str:
+        return (
+            f"index {self.table_uri}/{self.table_name}: {self.chunks_read} chunks read from {self.docs} documents, "
+            f"{self.skipped} skipped (unchanged), {self.compressed} compressed ({self.new} new, {self.changed} "
+            f"changed), {self.deleted} deleted; {self.rows} rows; {self.bytes_written / 2**20:.1f} MiB written in "
+            f"{self.commits} commits; {self.seconds:.1f}s, {self.chunks_per_second:.1f} chunks/s; "
+            f"version {self.start_version} -> {self.version}" + (f"; ANN: {self.ann}" if self.ann else "")
+        )
+
+
+class _CompressActor(ChunkCompressor):
+    """The Ray Data actor: :class:`~clara.indexing.ChunkCompressor` plus the crash-injection test hook."""
+
+    def __init__(self, *args, fail_after_batches: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_after_batches = fail_after_batches
+
+    def __call__(self, batch):
+        if self.fail_after_batches is not None and self.batches >= self.fail_after_batches:
+            raise RuntimeError(f"injected failure after {self.batches} batches (fail_after_batches test hook)")
+        return super().__call__(batch)
+
+
+def _open_store(s: IndexSettings, settings=None, create: bool = False) -> ChunkStore:
+    return ChunkStore.open(s.table_uri, settings, table=s.table_name, create=create,
+                           storage_options=s.storage_options or None)
+
+
+def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummary:
+    """Run one incremental index pass (see the module docstring); returns its :class:`IndexSummary`.
+
+    Raises :class:`~clara.store.IndexMismatchError` (the table was built by another compressor or with
+    other storage settings), :class:`~clara.corpus.DocumentError` (bad input) before writing anything,
+    and :class:`IndexJobError` when compression fails part-way (committed rows stay; rerun to resume).
+    """
+    say = progress or logger.info
+    t0 = time.perf_counter()
+    info = read_compressor_info(s.model)
+    try:
+        existing_settings = _open_store(s).settings
+    except IndexNotFoundError:
+        existing_settings = None
+    settings = store_settings_for(info, existing_settings, dtype=s.dtype, key_dim=s.key_dim, key_seed=s.key_seed)
+    tokenizer = load_tokenizer(s.model)
+    chunking = ChunkingSettings(chunk_tokens=s.chunk_tokens or info.doc_max_tokens, overlap=s.overlap,
+                                format=s.format, title_field=s.title_field)
+    salt = chunking_salt(chunking, info.compressor_version, tokenizer)
+
+    # 1. read, chunk, diff: the whole corpus is validated before the table is created or written
+    store = _open_store(s, settings) if existing_settings is not None else None
+    existing = store.existing_hashes() if store is not None else {}
+    chunks = source_chunks(s.corpus, tokenizer, chunking, salt, id_field=s.id_field, text_field=s.text_field,
+                           limit=s.limit)
+    plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
+    if store is None:
+        store = _open_store(s, settings, create=True)
+    start_version = store.version
+    say(f"[index] {plan.read} chunks from {plan.docs} documents in {time.perf_counter() - t0:.1f}s: "
+        f"{plan.skipped} unchanged, {plan.new} new, {plan.changed} changed, {len(plan.stale_chunk_ids)} to delete; "
+        f"table {s.table_uri}/{s.table_name} at version {start_version} with {len(existing)} rows")
+
+    # 2-3. compress on the actor pool, upsert from here as batches stream back
+    t_compress = time.perf_counter()
+    total = len(plan.to_compress)
+
+    def on_commit(w: WriteStats) -> None:
+        sec = time.perf_counter() - t_compress
+        rate = w.rows / sec if sec > 0 else 0.0
+        eta = (total - w.rows) / rate if rate > 0 else float("nan")
+        say(f"[index] {w.rows}/{total} compressed and written ({100 * w.rows / total:.0f}%), {rate:.1f} chunks/s, "
+            f"eta {eta:.0f}s, version {w.version}")
+
+    writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit)
+    if total:
+        _compress_and_write(s, settings, plan.to_compress, writer)
+
+    deleted = store.delete_chunks(plan.stale_chunk_ids) if plan.stale_chunk_ids else 0
+    if deleted:
+        say(f"[index] deleted {deleted} stale rows")
+    ann = ""
+    if s.ann_index and (total or deleted or not any(list(i.columns) == ["key"] for i in store.list_indices())):
+        ann = refresh_ann_index(store, s.ann_index, min_rows=s.ann_min_rows)
+        say(f"[index] ANN index: {ann}")
+    seconds = time.perf_counter() - t0
+    summary = IndexSummary(
+        table_uri=s.table_uri, table_name=s.table_name, docs=plan.docs, chunks_read=plan.read, skipped=plan.skipped,
+        compressed=writer.stats.rows, new=plan.new, changed=plan.changed, deleted=deleted, rows=store.count(),
+        bytes_written=writer.stats.bytes, commits=writer.stats.commits, seconds=seconds,
+        chunks_per_second=writer.stats.rows / seconds if seconds > 0 else 0.0, version=store.version,
+        start_version=start_version, ann=ann,
+    )
+    say("[index] " + summary.format())
+    return summary
+
+
+def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter) -> None:
+    import ray
+
+    from pipelines import compat
+
+    compat.ensure_ray(s.ray_address)
+    blocks = work_blocks(chunks, s.batch_size, s.actors)
+    device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
+    ds = ray.data.from_arrow(blocks).map_batches(
+        _CompressActor,
+        batch_size=s.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_args=(s.model, settings),
+        fn_constructor_kwargs={
+            "device": device,
+            "batch_size": s.batch_size,
+            "threads": s.threads_per_actor or max(1, int(s.num_cpus_per_actor)),
+            "fail_after_batches": s.fail_after_batches,
+        },
+        **compat.actor_pool(s.actors, num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor),
+    )
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            writer.add(batch)
+            if s.crash_after_commits is not None and writer.stats.commits >= s.crash_after_commits:
+                raise RuntimeError(
+                    f"injected crash after {writer.stats.commits} commits (crash_after_commits test hook)"
+                )
+        writer.flush()
+    except Exception as exc:
+        # What was committed is whole (each commit is one merge_insert); a rerun skips it.
+        raise IndexJobError(
+            f"the index run failed after {writer.stats.rows} of {len(chunks)} chunks were written "
+            f"(table version {writer.stats.version}); rerun the same command to resume: {exc}",
+            written=writer.stats.rows, version=writer.stats.version,
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# versions and rollback
+
+
+def list_versions(table_uri: str, table_name: str = DEFAULT_TABLE, storage_options: dict | None = None) -> list[dict]:
+    """The table's versions, oldest first (``version``, ``timestamp``, ``metadata``)."""
+    store = ChunkStore.open(table_uri, None, table=table_name, create=False, storage_options=storage_options)
+    return store.versions()
+
+
+def rollback(table_uri: str, version: int, table_name: str = DEFAULT_TABLE, storage_options: dict | None = None) -> int:
+    """Restore the table's content to ``version`` (as a new version, returned); history is kept."""
+    store = ChunkStore.open(table_uri, None, table=table_name, create=False, storage_options=storage_options)
+    return store.rollback(version)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _storage_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _table_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table-uri", required=True, help="LanceDB database: a local directory or an object-store URI")
+    p.add_argument("--table-name", default=DEFAULT_TABLE, help="the chunk table in it")
+    p.add_argument("--storage-option", action="append", type=_storage_option, default=[], metavar="KEY=VALUE",
+                   help="object-store option passed to LanceDB (repeatable), e.g. region=us-east-1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.index",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Subcommands: `versions --table-uri URI` lists the table's versions; "
+               "`rollback VERSION --table-uri URI` restores one (as a new version).",
+    )
+    src = p.add_argument_group("corpus")
+    src.add_argument("--corpus", required=True, help="JSONL, Parquet, .txt file, directory of .txt files or a glob; "
+                                                     "with --format scp a stage-1 JSONL file")
+    src.add_argument("--format", choices=SOURCE_FORMATS, default="auto",
+                     help="auto: by file suffix, one document per record/file; scp: stage-1 records whose docs[0] "
+                          "are already chunks (not re-split; doc_id derived from the chunk's text, so an edited "
+                          "chunk is a new document and --delete-missing drops the old one) (default: auto)")
+    src.add_argument("--id-field", default="id", help="record field holding the document id (default: id)")
+    src.add_argument("--text-field", default="text", help="record field holding the text (default: text)")
+    src.add_argument("--title-field", help="record field with a title, prepended to each chunk's text")
+    src.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: the model's doc_max_tokens)")
+    src.add_argument("--overlap", type=int, default=0, help="tokens shared by neighbouring chunks (default: 0)")
+    src.add_argument("--limit", type=int, help="index only the first N documents")
+    src.add_argument("--delete-missing", action="store_true",
+                     help="delete the chunks of documents no longer in the corpus")
+
+    m = p.add_argument_group("compression (Ray Data actor pool)")
+    m.add_argument("--model", required=True, help="CLaRa model directory (ClaraModel.save_pretrained)")
+    m.add_argument("--batch-size", type=int, default=32, help="chunks per forward pass (default: 32)")
+    m.add_argument("--actors", type=int, default=1, help="actor pool size; each loads the model once (default: 1)")
+    m.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="(default: 1; fractions allowed)")
+    m.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="1 to give each actor a GPU (default: 0)")
+    m.add_argument("--threads-per-actor", type=int, help="torch threads per actor (default: int(cpus per actor))")
+    m.add_argument("--device", help="actor device (default: cuda with GPUs, else cpu; e.g. mps)")
+    m.add_argument("--ray-address", help="Ray cluster address (default: running Ray, $RAY_ADDRESS or a local one)")
+    m.add_argument("--fail-after-batches", type=int, help="test hook: each actor fails after N batches")
+    m.add_argument("--crash-after-commits", type=int, help="test hook: the job fails right after N commits")
+
+    t = p.add_argument_group("table")
+    _table_args(t)
+    t.add_argument("--dtype", choices=DTYPES, help="memory storage: float32, float16 or int8 with a per-token scale "
+                                                   "(default: the table's, or float16 for a new one)")
+    t.add_argument("--key-dim", type=int,
+                   help="dimension of the ANN key (default: the table's, or n_mem*d/8 within 128..1024)")
+    t.add_argument("--key-seed", type=int, help="seed of the key projection (default: the table's, or 0)")
+    t.add_argument("--ann-index", type=str.upper, choices=[*ANN_KINDS, "NONE"], metavar="KIND",
+                   help=f"build or refresh an ANN index of this kind on the key, one of {', '.join(ANN_KINDS)} "
+                        "(any case; skipped below --ann-min-rows)")
+    t.add_argument("--ann-min-rows", type=int, default=256, help="no ANN index below this many rows (default: 256)")
+    t.add_argument("--commit-rows", type=int, default=8192, help="rows per upsert commit / version (default: 8192)")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def _versions_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.index versions", description="List the table's versions.")
+    _table_args(p)
+    return p
+
+
+def _rollback_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.index rollback",
+                                description="Restore the table's content to VERSION; this writes a new version, "
+                                            "so the rollback itself can be undone.")
+    p.add_argument("version", type=int)
+    _table_args(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "versions":
+        a = _versions_parser().parse_args(argv[1:])
+        for v in list_versions(a.table_uri, a.table_name, dict(a.storage_option) or None):
+            print(f"{v['version']:>6}  {v['timestamp']}  {json.dumps(v.get('metadata') or {})}")
+        return 0
+    if argv and argv[0] == "rollback":
+        a = _rollback_parser().parse_args(argv[1:])
+        new = rollback(a.table_uri, a.version, a.table_name, dict(a.storage_option) or None)
+        print(f"restored version {a.version} of {a.table_uri}/{a.table_name} as version {new}")
+        return 0
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    a = build_parser().parse_args(argv)
+    try:
+        settings = IndexSettings(
+            corpus=a.corpus, model=a.model, table_uri=a.table_uri, table_name=a.table_name, format=a.format,
+            id_field=a.id_field, text_field=a.text_field, title_field=a.title_field, chunk_tokens=a.chunk_tokens,
+            overlap=a.overlap, batch_size=a.batch_size, actors=a.actors, num_cpus_per_actor=a.num_cpus_per_actor,
+            num_gpus_per_actor=a.num_gpus_per_actor, threads_per_actor=a.threads_per_actor, device=a.device,
+            dtype=a.dtype, key_dim=a.key_dim, key_seed=a.key_seed, delete_missing=a.delete_missing,
+            ann_index=a.ann_index, ann_min_rows=a.ann_min_rows, limit=a.limit, commit_rows=a.commit_rows,
+            storage_options=dict(a.storage_option), ray_address=a.ray_address,
+            fail_after_batches=a.fail_after_batches, crash_after_commits=a.crash_after_commits,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    summary = run_index(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(asdict(summary)) if a.json else summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

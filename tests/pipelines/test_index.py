@@ -1,0 +1,248 @@
+"""The index job on a real local Ray (the session's 2-CPU ``ray_session``) and real LanceDB tables on disk.
+
+Each test keeps its data small (the 900 chunks of the stage-1 sample, a 2-layer 128-wide model), so a
+job run takes ~10-15 s, most of it the actors importing torch and loading the model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clara.corpus import DocumentError, load_scp_chunks
+from clara.indexing import IndexWriter, scp_doc_id
+from clara.store import ChunkStore, IndexMismatchError
+from pipelines.index import IndexJobError, IndexSettings, main, run_index
+
+pytestmark = pytest.mark.ray
+
+# Bounds of the storage round trip, per element x of a memory token t (see clara.store):
+#   float16: |x - x16| <= 2**-11 |x| (+ 2**-24 for subnormals)
+#   int8:    |x - x8| <= scale_t / 2 with scale_t = max|t| / 127
+# plus float32 noise from batching differently in the actors than in the reference (1e-5 of max|t|).
+F16_REL = 2.0**-11
+BATCH_NOISE = 1e-5
+
+
+def _settings(corpus, model, table, **kw) -> IndexSettings:
+    base = dict(actors=2, num_cpus_per_actor=0.5, batch_size=32)
+    base.update(kw)
+    return IndexSettings(corpus=corpus, model=model, table_uri=table, **base)
+
+
+def _rows(table_uri, name="chunks") -> dict[str, dict]:
+    store = ChunkStore.open(table_uri, None, table=name, create=False)
+    t = store.table.to_arrow().select(["chunk_id", "doc_id", "text", "content_hash", "indexed_at"])
+    return {r["chunk_id"]: r for r in t.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_base) -> Path:
+    """The tiny model of the ``make_model`` fixture (seed 0, rate 4, 64-token chunks: memory [16, 128]), saved."""
+    from clara.config import ClaraConfig, LoraSettings
+    from clara.model import ClaraModel
+
+    config = ClaraConfig(base_model=str(tiny_base), compression_rate=4, doc_max_tokens=64, device="cpu",
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    return ClaraModel.from_base(config, seed=0).save_pretrained(tmp_path_factory.mktemp("index") / "model")
+
+
+@pytest.fixture(scope="module")
+def scp_index(ray_session, tmp_path_factory, model_dir, scp_sample_path):
+    """The 900 chunks of the sample indexed once (float16, the default): ``(settings, summary)``."""
+    table = tmp_path_factory.mktemp("scp") / "db"
+    lines: list[str] = []
+    s = _settings(scp_sample_path, model_dir, table, format="scp", commit_rows=256)
+    summary = run_index(s, progress=lines.append)
+    return s, summary, lines
+
+
+def test_index_scp_sample_one_row_per_chunk(scp_index, scp_sample_path, make_model):
+    s, summary, lines = scp_index
+    texts = load_scp_chunks(scp_sample_path)
+    assert len(texts) == 900
+    assert (summary.chunks_read, summary.compressed, summary.new, summary.skipped, summary.rows) == (900, 900, 900, 0,
+                                                                                                      900)
+    assert summary.bytes_written > 900 * 16 * 128 * 2 and 1 < summary.commits <= 4  # >= 256 rows a commit
+    rows = _rows(s.table_uri)
+    assert set(rows) == {f"{scp_doc_id(t)}::0" for t in texts}  # one row per chunk, ids from the text
+    assert {r["text"] for r in rows.values()} == set(texts)
+    store = ChunkStore.open(s.table_uri, None, create=False)
+    assert summary.version == store.version and store.count() == 900
+    st = store.settings
+    assert (st.n_mem, st.d, st.dtype, st.key_dim) == (16, 128, "float16", 256)
+    assert any("compressed and written" in line for line in lines) and "900 compressed" in lines[-1]
+
+    # float16 round trip: what the table holds is the compressor's memory within the documented bound
+    ids = sorted(rows)[:200]
+    ref = make_model().compress([rows[i]["text"] for i in ids]).numpy()  # (200, 16, 128) float32
+    got = store.get_memory(ids)
+    tok_max = np.abs(ref).max(-1, keepdims=True)
+    assert np.all(np.abs(got - ref) <= F16_REL * np.abs(ref) + BATCH_NOISE * tok_max + 2.0**-24)
+
+
+def test_rerun_unchanged_recompresses_nothing(scp_index):
+    s, first, _ = scp_index
+    before = _rows(s.table_uri)
+    again = run_index(s)
+    assert (again.compressed, again.skipped, again.deleted, again.rows) == (0, 900, 0, 900)
+    assert again.version == again.start_version  # nothing written: no new version
+    assert _rows(s.table_uri) == before  # same rows, same indexed_at
+
+
+def test_two_step_search_recall_against_brute_force(scp_index, make_model, scp_records):
+    s, _, _ = scp_index
+    summary = run_index(IndexSettings(**{**s.__dict__, "ann_index": "IVF_HNSW_SQ"}))
+    assert summary.compressed == 0 and "built IVF_HNSW_SQ" in summary.ann
+    store = ChunkStore.open(s.table_uri, None, create=False)
+    assert any(list(i.columns) == ["key"] for i in store.list_indices())
+    questions = [ex.question for ex in scp_records][::73][:100]
+    query = make_model().encode_query(questions).numpy()  # (100, 16, 128)
+    exact = store.exact_search(query, k=10)
+    ann = store.search(query, k=10, candidates=100)
+    recall = np.mean([len(set(a.chunk_ids) & set(e.chunk_ids)) / 10 for a, e in zip(ann, exact)])
+    assert recall >= 0.98, recall
+    # the re-scored scores are the exact CLaRa cosines
+    np.testing.assert_allclose(ann[0].scores[:3], exact[0].scores[:3], atol=1e-5)
+
+
+def test_other_compressor_wrong_shape_or_bad_input_leave_the_table_unchanged(scp_index, make_model, tmp_path):
+    s, _, _ = scp_index
+    store = ChunkStore.open(s.table_uri, None, create=False)
+    version, rows = store.version, _rows(s.table_uri)
+    other = make_model(seed=1).save_pretrained(tmp_path / "other")  # other memory slots: another compressor
+    with pytest.raises(IndexMismatchError, match="compressor_version"):
+        run_index(IndexSettings(**{**s.__dict__, "model": other}))
+    shape = make_model(compression_rate=8).save_pretrained(tmp_path / "rate8")  # 8 memory tokens, not 16
+    with pytest.raises(IndexMismatchError, match="n_mem"):
+        run_index(IndexSettings(**{**s.__dict__, "model": shape}))
+    with pytest.raises(IndexMismatchError, match="dtype"):
+        run_index(IndexSettings(**{**s.__dict__, "dtype": "int8"}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "text": "fine"}) + "\n" + json.dumps({"id": "b", "body": "no text"}) + "\n")
+    with pytest.raises(DocumentError, match=r"bad.jsonl:2: field 'text'"):
+        run_index(IndexSettings(**{**s.__dict__, "corpus": bad, "format": "auto"}))
+    # a variable-length memory vector (one row one value short) is refused before anything is written
+    n_flat = 16 * 128
+    variable = pa.table({"chunk_id": ["v::0", "v::1"], "doc_id": ["v", "v"], "position": pa.array([0, 1], pa.int32()),
+                         "text": ["a", "b"], "memory": pa.array([[0.5] * n_flat, [0.5] * (n_flat - 1)])})
+    writer = IndexWriter(store, commit_rows=1)
+    with pytest.raises(ValueError, match="'v::1'"):
+        writer.add(variable)
+    store.refresh()
+    assert store.version == version and _rows(s.table_uri) == rows
+
+
+def test_changed_and_deleted_documents_touch_exactly_their_rows(ray_session, model_dir, scp_sample_path, tmp_path,
+                                                                capsys):
+    texts = load_scp_chunks(scp_sample_path)
+    docs = {f"doc-{i:03d}": t for i, t in enumerate(texts)}
+    corpus = tmp_path / "corpus.jsonl"
+
+    def write(d: dict[str, str]) -> None:
+        corpus.write_text("".join(json.dumps({"id": k, "body": v}) + "\n" for k, v in d.items()))
+
+    write(docs)
+    s = _settings(corpus, model_dir, tmp_path / "db", text_field="body", chunk_tokens=48, overlap=8)
+    first = run_index(s)
+    before = _rows(s.table_uri)
+    assert first.rows == first.chunks_read == len(before) > 900  # 48-token windows: several per document
+    by_doc: dict[str, set[str]] = {}
+    for cid, r in before.items():
+        by_doc.setdefault(r["doc_id"], set()).add(cid)
+    assert set(by_doc) == set(docs)
+
+    ids = sorted(docs)
+    appended, shortened, deleted = ids[10:15], ids[20:25], ids[40:45]
+    new_docs = {k: v for k, v in docs.items() if k not in deleted}
+    for k in appended:
+        new_docs[k] = docs[k] + " A sentence added later changes only the end of this document."
+    for k in shortened:
+        new_docs[k] = docs[k][:60]  # one chunk left: the others become stale
+    write(new_docs)
+
+    second = run_index(s)  # without delete_missing: the deleted documents' rows stay
+    after = _rows(s.table_uri)
+    untouched = [c for c in before if before[c]["doc_id"] not in set(appended) | set(shortened)]
+    assert all(after[c] == before[c] for c in untouched)  # not rewritten: same hash, same indexed_at
+    changed = {c for c in after if c not in before or after[c]["content_hash"] != before[c]["content_hash"]}
+    assert changed and {after[c]["doc_id"] for c in changed} <= set(appended) | set(shortened)
+    assert second.compressed == len(changed) and second.skipped == second.chunks_read - len(changed)
+    for k in shortened:
+        assert {c for c in after if after[c]["doc_id"] == k} == {f"{k}::0"}
+    stale = sum(len(by_doc[k]) - 1 for k in shortened)
+    assert second.deleted == stale
+    assert all(c in after for k in deleted for c in by_doc[k])
+
+    third = run_index(IndexSettings(**{**s.__dict__, "delete_missing": True}))
+    final = _rows(s.table_uri)
+    assert third.compressed == 0 and third.deleted == sum(len(by_doc[k]) for k in deleted)
+    assert {r["doc_id"] for r in final.values()} == set(new_docs)
+    assert {c: r for c, r in final.items()} == {c: r for c, r in after.items() if r["doc_id"] not in deleted}
+
+    # versions and rollback, through the job's CLI (and `clara index`)
+    assert main(["versions", "--table-uri", str(s.table_uri)]) == 0
+    listed = [int(line.split()[0]) for line in capsys.readouterr().out.splitlines()]
+    assert third.version in listed and second.version in listed
+    from clara.cli import main as clara_main
+
+    assert clara_main(["index", "rollback", str(second.version), "--table-uri", str(s.table_uri)]) == 0
+    assert f"restored version {second.version}" in capsys.readouterr().out
+    assert _rows(s.table_uri) == after  # the deleted documents are back
+
+
+def test_crash_part_way_then_rerun_gives_one_row_per_chunk(ray_session, model_dir, scp_sample_path, tmp_path):
+    s = _settings(scp_sample_path, model_dir, tmp_path / "db", format="scp", commit_rows=64)
+    # the driver dies right after its third commit: exactly those rows are in the table
+    with pytest.raises(IndexJobError, match="injected crash after 3 commits") as crash:
+        run_index(IndexSettings(**{**s.__dict__, "crash_after_commits": 3}))
+    store = ChunkStore.open(s.table_uri, None, create=False)
+    assert 3 * 64 <= crash.value.written < 900
+    assert store.count() == crash.value.written and store.version == crash.value.version
+
+    # a worker fails part-way: the job stops with a clear error, what was committed stays
+    with pytest.raises(IndexJobError, match="injected failure after 2 batches"):
+        run_index(IndexSettings(**{**s.__dict__, "fail_after_batches": 2, "actors": 1}))
+    store.refresh()
+    partial = store.count()
+    assert crash.value.written <= partial < 900
+
+    resumed = run_index(s)
+    assert (resumed.skipped, resumed.compressed, resumed.rows) == (partial, 900 - partial, 900)
+    store.refresh()
+    ids = store.table.to_arrow().column("chunk_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 900 and store.version == resumed.version
+
+
+def test_int8_index_round_trip_within_bound(ray_session, model_dir, scp_sample_path, tmp_path, make_model):
+    s = _settings(scp_sample_path, model_dir, tmp_path / "db", format="scp", dtype="int8", limit=200, actors=1)
+    summary = run_index(s)
+    assert summary.rows == 200
+    store = ChunkStore.open(s.table_uri, None, create=False)
+    assert store.settings.dtype == "int8"
+    rows = _rows(s.table_uri)
+    ids = sorted(rows)
+    ref = make_model().compress([rows[i]["text"] for i in ids]).numpy()  # (200, 16, 128)
+    got = store.get_memory(ids)
+    tok_max = np.abs(ref).max(-1, keepdims=True)  # (200, 16, 1)
+    assert np.all(np.abs(got - ref) <= tok_max / 254 + BATCH_NOISE * tok_max)
+    cos = np.sum(got * ref, axis=(1, 2)) / (np.linalg.norm(got, axis=(1, 2)) * np.linalg.norm(ref, axis=(1, 2)))
+    assert cos.min() > 0.9999
+
+
+def test_help_explains_the_flags():
+    out = subprocess.run([sys.executable, "-m", "pipelines.index", "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    for flag in ("--corpus", "--format", "--model", "--table-uri", "--chunk-tokens", "--actors",
+                 "--num-gpus-per-actor", "--dtype", "--key-dim", "--delete-missing", "--ann-index", "--limit",
+                 "versions", "rollback"):
+        assert flag in out.stdout
+    with pytest.raises(SystemExit, match="delete_missing with limit"):
+        main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--delete-missing", "--limit", "3"])

