@@ -19,6 +19,7 @@ held-out chunks it reports:
   all-MiniLM-L6-v2 (a strong off-the-shelf dense retriever, offline from its wheel).
 
     python benchmarks/claims.py --preset full --out runs/claims     # ~1 hour on 2 cores
+    python benchmarks/claims.py --preset medium --out runs/claims-m # ~30 minutes
     python benchmarks/claims.py --preset quick --out runs/claims-q  # ~5 minutes: a smoke run
 
 Writes ``results.json``, ``results.md`` and plots under ``--out`` and prints the tables.
@@ -48,6 +49,8 @@ from clara.train import TrainSettings, train
 PRESETS = {
     "quick": dict(test_chunks=30, train_chunks=60, steps1=120, steps2=40, steps3=30, steps_text=120,
                   eval_questions=40, hidden=128, layers=2),
+    "medium": dict(test_chunks=100, train_chunks=400, steps1=800, steps2=200, steps3=150, steps_text=800,
+                   eval_questions=200, hidden=128, layers=2),
     "full": dict(test_chunks=100, train_chunks=800, steps1=1600, steps2=400, steps3=300, steps_text=1600,
                  eval_questions=300, hidden=128, layers=2),
 }

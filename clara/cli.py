@@ -23,6 +23,8 @@ def _register_pipelines() -> None:
     import importlib.util
 
     for name, module, summary in (
+        ("demo", "pipelines.demo", "THE MAIN JOB: tiny model -> synth -> train stages 1-3 -> index -> serve -> "
+                                   "evaluate, on a local Ray (about 15 minutes on 2 cores)"),
         ("train", "pipelines.train", "train a stage (scp / instruct / e2e) on Ray Train with DeepSpeed"),
         ("derive", "pipelines.derive", "derive stage-2/3 records (gold + random and BM25 distractors) from stage-1"),
         ("index", "pipelines.index", "compress a corpus into the LanceDB index (incremental upserts) on Ray Data"),
@@ -41,7 +43,7 @@ def _register_pipelines() -> None:
 # -- demo ---------------------------------------------------------------------------------------
 @dataclass
 class DemoSettings:
-    """Settings of ``clara demo`` (defaults: a 2-layer, 128-wide model; ~3 minutes on 2 cores)."""
+    """Settings of ``clara quickstart`` (defaults: a 2-layer, 128-wide model; ~3 minutes on 2 cores)."""
 
     workdir: Path = Path("clara-demo")
     data: Path | None = None
@@ -204,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="<command>", required=True)
 
-    d = sub.add_parser("demo", help="the main job on the embedded default: build a tiny model, train stage 1, "
-                                    "compress chunks, show what the memory holds",
+    d = sub.add_parser("quickstart", help="in one process, no Ray (~3 minutes): build a tiny model, train stage 1, "
+                                          "compress chunks, show what the memory holds",
                        description=run_demo.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--workdir", type=Path, default=Path("clara-demo"), help="where the base model and trained model go")
     d.add_argument("--data", type=Path, help="stage-1 records (JSONL, e.g. ../shared/data/scp_sample.jsonl); "
@@ -254,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(PIPELINE_COMMANDS[argv[0]][0])
         return module.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
+    if args.command == "quickstart":
         run_demo(DemoSettings(workdir=args.workdir, data=args.data, chunks=args.chunks, steps=args.steps,
                               compression_rate=args.compression_rate, doc_max_tokens=args.doc_max_tokens,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,

@@ -17,7 +17,6 @@ Shapes use B (batch), T (tokens), N (candidate chunks), k (retrieved), M (= n_me
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,27 +184,19 @@ class ClaraModel(nn.Module):
             self._apply_trainable()
         yield
 
-    @torch.no_grad()
-    def copy_adapter(self, src: str, dst: str) -> None:
-        """Overwrite adapter ``dst`` with ``src``'s weights (stage 3 starts the query reasoner
-        as a copy of the compressor)."""
-        params = dict(self.peft.named_parameters())
-        for name, p in params.items():
-            if f".{src}." in name:
-                params[name.replace(f".{src}.", f".{dst}.")].copy_(p)
+    def copy_adapter(self, src: str, dst: str) -> int:
+        """Overwrite adapter ``dst`` with ``src``'s weights (stage 3 starts the query reasoner as a
+        copy of the compressor). Returns the tensors copied."""
+        from clara.stages import copy_adapter
 
-    @torch.no_grad()
-    def reset_adapter(self, name: str, seed: int = 0) -> None:
+        return copy_adapter(self, src, dst)
+
+    def reset_adapter(self, name: str, seed: int = 0) -> int:
         """Re-initialise adapter ``name`` as PEFT does for a fresh one (A random, B zero: a no-op
-        adapter). Stage 2 starts from a fresh generator."""
-        g = torch.Generator().manual_seed(seed)
-        for pname, p in self.peft.named_parameters():
-            if f".{name}." in pname:
-                if ".lora_B." in pname:
-                    p.zero_()
-                else:
-                    bound = 1 / math.sqrt(p.shape[1]) if p.dim() == 2 else 1.0
-                    p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+        adapter); stage 2 starts from a fresh generator. Returns the LoRA layers reset."""
+        from clara.stages import reset_adapter
+
+        return reset_adapter(self, name, seed)
 
     def _tok(self, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
         enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)

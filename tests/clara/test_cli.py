@@ -17,9 +17,9 @@ def test_library_and_cli_help_never_import_ray():
 
 def test_help_explains_every_command():
     text = build_parser().format_help()
-    for command in ("demo", "decode", "build-tiny"):
+    for command in ("quickstart", "decode", "build-tiny", "import-apple"):
         assert command in text
-    out = subprocess.run([sys.executable, "-m", "clara.cli", "demo", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "clara.cli", "quickstart", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--data" in out and "--steps" in out and "--compression-rate" in out
 

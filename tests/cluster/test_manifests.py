@@ -1,0 +1,679 @@
+"""The manifests in cluster/: they parse, they hold to the KubeRay v1 and Kubernetes schemas of the fields
+they use, everything they name exists, and they agree with each other and with serve/config.yaml.
+
+No Ray is started and no cluster is needed: ~30-60 s, most of it the ``--help`` subprocesses (each
+entrypoint imports torch). The pod templates and the plain Kubernetes objects are validated against the
+Kubernetes OpenAPI schemas bundled by ``kubernetes-validate`` (strict: unknown fields fail) when it is
+installed; KubeRay's CRDs are not bundled anywhere installable, so the Ray resources are checked against
+the field lists below, taken from the ray.io/v1 API reference (KubeRay 1.6+, RayCronJob alpha).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster"
+SERVE_CONFIG = ROOT / "serve" / "config.yaml"
+
+RAY_JOB_FILES = ("rayjob-synth.yaml", "rayjob-train-stage1.yaml", "rayjob-train-stage2.yaml",
+                 "rayjob-train-stage3.yaml", "rayjob-index.yaml", "rayjob-evaluate.yaml")
+EXPECTED_FILES = (*RAY_JOB_FILES, "raycluster.yaml", "rayservice.yaml", "raycronjob-reindex.yaml",
+                  "cronjob-reindex.yaml", "cluster-launcher.yaml", "runtime_env.yaml", "README.md")
+#: Files that are not Kubernetes resources.
+PLAIN_FILES = ("runtime_env.yaml", "cluster-launcher.yaml")
+
+# ---- KubeRay ray.io/v1: the fields of each spec (allowed) and the ones these manifests must set (required)
+RAY_CLUSTER_SPEC = ({"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                     "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy",
+                     "gcsFaultToleranceOptions", "authOptions"},
+                    {"rayVersion", "headGroupSpec", "workerGroupSpecs"})
+HEAD_GROUP = ({"rayStartParams", "template", "serviceType", "headService", "enableIngress"},
+              {"rayStartParams", "template"})
+WORKER_GROUP = ({"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template", "numOfHosts",
+                 "scaleStrategy", "suspend", "idleTimeoutSeconds"},
+                {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"})
+RAY_JOB_SPEC = ({"entrypoint", "runtimeEnvYAML", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
+                 "activeDeadlineSeconds", "backoffLimit", "submissionMode", "rayClusterSpec", "clusterSelector",
+                 "submitterPodTemplate", "submitterConfig", "metadata", "suspend", "entrypointNumCpus",
+                 "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "deletionStrategy"},
+                {"entrypoint", "runtimeEnvYAML", "submissionMode", "shutdownAfterJobFinishes",
+                 "ttlSecondsAfterFinished", "rayClusterSpec"})
+RAY_SERVICE_SPEC = ({"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serviceUnhealthySecondThreshold",
+                     "deploymentUnhealthySecondThreshold", "serveService", "excludeHeadPodFromServeSvc"},
+                    {"serveConfigV2", "rayClusterConfig"})
+RAY_CRON_JOB_SPEC = ({"schedule", "jobTemplate", "suspend"}, {"schedule", "jobTemplate"})
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars", "excludes", "config",
+                    "py_executable", "image_uri", "worker_process_setup_hook"}
+
+# The Serve application settings a site changes in cluster/rayservice.yaml; everything else in its
+# serveConfigV2 must equal serve/config.yaml (see test_rayservice_serve_config_is_serve_config_yaml).
+SITE_APP_ARGS = ("model", "index_uri")
+
+
+# -------------------------------------------------------------------------------------------------
+# loading
+
+
+def _load(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+@cache
+def documents() -> dict[str, list[Any]]:
+    """``{file name: [YAML documents]}`` of every cluster/*.yaml (raises on a file that does not parse)."""
+    return {p.name: _load(p) for p in sorted(CLUSTER.glob("*.yaml"))}
+
+
+def resources(kind: str) -> list[tuple[str, dict]]:
+    return [(f, d) for f, docs in documents().items() if f not in PLAIN_FILES for d in docs if d.get("kind") == kind]
+
+
+def one(file: str, kind: str) -> dict:
+    found = [d for d in documents()[file] if d.get("kind") == kind]
+    assert len(found) == 1, f"{file}: expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def configmap_rayjobs() -> list[tuple[str, dict]]:
+    """RayJobs kept as templates in ConfigMaps (the plain-CronJob reindex)."""
+    out = []
+    for f, cm in resources("ConfigMap"):
+        for key, text in (cm.get("data") or {}).items():
+            doc = yaml.safe_load(text)
+            if isinstance(doc, dict) and doc.get("kind") == "RayJob":
+                out.append((f"{f}:ConfigMap/{cm['metadata']['name']}/{key}", doc))
+    return out
+
+
+def job_specs() -> list[tuple[str, dict]]:
+    """``(where, RayJob spec)`` of every RayJob: the rayjob-*.yaml, RayCronJob templates, ConfigMap templates."""
+    specs = [(f"{f}:RayJob", d["spec"]) for f, d in resources("RayJob")]
+    specs += [(f"{f}:RayCronJob.jobTemplate", d["spec"]["jobTemplate"]) for f, d in resources("RayCronJob")]
+    specs += [(w, d["spec"]) for w, d in configmap_rayjobs()]
+    return specs
+
+
+def shared_runtime_env() -> dict:
+    return documents()["runtime_env.yaml"][0]
+
+
+def serve_config_v2() -> dict:
+    return yaml.safe_load(one("rayservice.yaml", "RayService")["spec"]["serveConfigV2"])
+
+
+def pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def ray_pin() -> str:
+    """The Ray version pinned in pyproject.toml (``ray[...]==X``)."""
+    for dep in pyproject()["project"]["dependencies"]:
+        m = re.fullmatch(r"ray(\[[^\]]*\])?==([\w.]+)", dep.replace(" ", ""))
+        if m:
+            return m.group(2)
+    raise AssertionError("pyproject.toml pins no ray==X")
+
+
+# -------------------------------------------------------------------------------------------------
+# commands named in manifests (and in cluster/README.md)
+
+
+def split_commands(text: str) -> list[list[str]]:
+    """A shell command line as a list of simple commands (split on ``&&``, ``||`` and ``;``)."""
+    words = shlex.split(text.replace("\\\n", " "), comments=False)
+    out, cur = [], []
+    for w in words:
+        if w in ("&&", "||", ";"):
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(w)
+    out.append(cur)
+    return [c for c in out if c]
+
+
+def module_commands(text: str) -> list[tuple[str, list[str]]]:
+    """``(module, argv)`` of every ``python -m module argv...`` in a shell command line."""
+    out = []
+    for cmd in split_commands(text):
+        for i in range(len(cmd) - 2):
+            if re.fullmatch(r"python[\d.]*", cmd[i]) and cmd[i + 1] == "-m":
+                out.append((cmd[i + 2], cmd[i + 3:]))
+                break
+    return out
+
+
+def manifest_commands() -> list[tuple[str, str, list[str]]]:
+    """``(where, module, argv)`` of every ``python -m`` command in a manifest's entrypoint."""
+    return [(where, m, argv) for where, spec in job_specs() for m, argv in module_commands(spec["entrypoint"])]
+
+
+def readme_commands() -> list[tuple[str, str, list[str]]]:
+    """``python -m`` commands in the shell code blocks of cluster/README.md (``ray job submit ... -- python -m``
+    included), continuation lines joined."""
+    text = (CLUSTER / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if "python -m" in line:
+                out += [("cluster/README.md", m, argv) for m, argv in module_commands(line)]
+    return out
+
+
+def argv_of(module: str, where_filter: str) -> list[list[str]]:
+    return [argv for where, m, argv in manifest_commands() if m == module and where_filter in where]
+
+
+def flag(argv: list[str], name: str) -> str:
+    """The value of ``--name`` in an argv (``--name value`` or ``--name=value``)."""
+    for i, a in enumerate(argv):
+        if a == name:
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {argv}")
+
+
+def overrides(argv: list[str]) -> dict[str, str]:
+    """The ``key=value`` pairs after ``--override`` in a pipelines.train argv."""
+    i = argv.index("--override")
+    out = {}
+    for a in argv[i + 1:]:
+        if a.startswith("--"):
+            break
+        k, _, v = a.partition("=")
+        out[k] = v
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# schema checks
+
+
+def _check_keys(obj: Any, schema: tuple[set, set], where: str, errors: list[str]) -> bool:
+    allowed, required = schema
+    if not isinstance(obj, dict):
+        errors.append(f"{where}: expected a mapping, got {type(obj).__name__}")
+        return False
+    errors += [f"{where}: unknown field {k!r}" for k in sorted(set(obj) - allowed)]
+    errors += [f"{where}: missing field {k!r}" for k in sorted(required - set(obj))]
+    return True
+
+
+def _str_map(obj: Any, where: str, errors: list[str]) -> None:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+        errors.append(f"{where}: must map strings to strings (KubeRay's map[string]string), got {obj!r}")
+
+
+@cache
+def _pod_template_validator():
+    kv = pytest.importorskip("kubernetes_validate.utils")
+    import jsonschema
+    from referencing import Registry, Resource
+
+    version = "1.30.0"  # the oldest Kubernetes these manifests target (CronJob.timeZone is GA since 1.27)
+    base = f"kubernetes-json-schema/v{version}-local-strict"
+    schema = kv.schema_contents(f"{base}/podtemplatespec-v1.json", version)
+    defs = kv.schema_contents(f"{base}/_definitions.json", version)
+    registry = Resource.from_contents(schema) @ Registry()
+    registry = Resource.from_contents(defs) @ registry
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
+def _check_container(c: dict, where: str, errors: list[str], ray_image: bool) -> None:
+    image = c.get("image", "")
+    if ray_image:
+        pin = re.escape(ray_pin())
+        if not re.fullmatch(rf"rayproject/ray:{pin}-py311(-gpu|-cu\d+)?", image):
+            errors.append(f"{where}: image {image!r} is not rayproject/ray:{ray_pin()}-py311[-gpu] (the pinned Ray)")
+    elif not re.fullmatch(r"[\w./-]+:v?\d[\w.-]*(@sha256:[0-9a-f]{64})?", image):
+        errors.append(f"{where}: image {image!r} is not pinned to a version tag")
+    res = c.get("resources") or {}
+    for part in ("requests", "limits"):
+        missing = {"cpu", "memory"} - set(res.get(part) or {})
+        if missing:
+            errors.append(f"{where}: resources.{part} lacks {sorted(missing)}")
+    if ray_image and (res.get("requests") != res.get("limits")):
+        errors.append(f"{where}: a Ray container's requests should equal its limits (Ray sizes itself by them)")
+    gpus = (res.get("limits") or {}).get("nvidia.com/gpu")
+    if ray_image and gpus and not image.endswith("-gpu") and "-cu" not in image:
+        errors.append(f"{where}: asks for GPUs but runs the CPU image {image!r}")
+    if ray_image and image.endswith("-gpu") and not gpus:
+        errors.append(f"{where}: runs the GPU image without asking for a GPU")
+
+
+def _check_pod_template(t: Any, where: str, errors: list[str], ray: bool = True) -> None:
+    if not isinstance(t, dict) or not isinstance(t.get("spec"), dict) or not t["spec"].get("containers"):
+        errors.append(f"{where}: a pod template needs spec.containers")
+        return
+    try:
+        validator = _pod_template_validator()
+    except pytest.skip.Exception:
+        validator = None
+    if validator is not None:
+        errors += [f"{where}.{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(t)]
+    for i, c in enumerate(t["spec"]["containers"]):
+        _check_container(c, f"{where}.spec.containers[{i}]", errors, ray_image=ray and i == 0)
+
+
+def check_ray_cluster_spec(spec: Any, where: str, errors: list[str]) -> None:
+    if not _check_keys(spec, RAY_CLUSTER_SPEC, where, errors):
+        return
+    if str(spec.get("rayVersion")) != ray_pin():
+        errors.append(f"{where}.rayVersion: {spec.get('rayVersion')!r} != the pinned Ray {ray_pin()}")
+    head = spec.get("headGroupSpec")
+    if _check_keys(head, HEAD_GROUP, f"{where}.headGroupSpec", errors):
+        _str_map(head.get("rayStartParams"), f"{where}.headGroupSpec.rayStartParams", errors)
+        _check_pod_template(head.get("template"), f"{where}.headGroupSpec.template", errors)
+    groups = spec.get("workerGroupSpecs") or []
+    names = [g.get("groupName") for g in groups if isinstance(g, dict)]
+    if len(set(names)) != len(names):
+        errors.append(f"{where}.workerGroupSpecs: duplicate groupName in {names}")
+    for i, g in enumerate(groups):
+        w = f"{where}.workerGroupSpecs[{i}]"
+        if not _check_keys(g, WORKER_GROUP, w, errors):
+            continue
+        _str_map(g.get("rayStartParams"), f"{w}.rayStartParams", errors)
+        counts = [g.get(k) for k in ("minReplicas", "replicas", "maxReplicas")]
+        if not all(isinstance(n, int) and n >= 0 for n in counts) or not counts[0] <= counts[1] <= counts[2]:
+            errors.append(f"{w}: need 0 <= minReplicas <= replicas <= maxReplicas, got {counts}")
+        _check_pod_template(g.get("template"), f"{w}.template", errors)
+
+
+def check_runtime_env_yaml(text: Any, where: str, errors: list[str]) -> None:
+    from ray.runtime_env import RuntimeEnv
+
+    if not isinstance(text, str):
+        errors.append(f"{where}: runtimeEnvYAML must be a string (a YAML document), got {type(text).__name__}")
+        return
+    env = yaml.safe_load(text)
+    if not isinstance(env, dict):
+        errors.append(f"{where}: runtimeEnvYAML must hold a mapping")
+        return
+    errors += [f"{where}: unknown runtime_env field {k!r}" for k in sorted(set(env) - RUNTIME_ENV_KEYS)]
+    try:
+        RuntimeEnv(**env)  # Ray's own validation (types, working_dir URI form)
+    except Exception as exc:  # any validation failure is the finding
+        errors.append(f"{where}: not a valid runtime_env: {exc}")
+
+
+def check_ray_job_spec(spec: Any, where: str, errors: list[str]) -> None:
+    if not _check_keys(spec, RAY_JOB_SPEC, where, errors):
+        return
+    if not isinstance(spec.get("entrypoint"), str) or not spec["entrypoint"].strip():
+        errors.append(f"{where}.entrypoint: must be a non-empty string")
+    if spec.get("submissionMode") not in SUBMISSION_MODES:
+        errors.append(f"{where}.submissionMode: {spec.get('submissionMode')!r} not in {sorted(SUBMISSION_MODES)}")
+    if not isinstance(spec.get("shutdownAfterJobFinishes"), bool):
+        errors.append(f"{where}.shutdownAfterJobFinishes: must be a boolean")
+    for k in ("ttlSecondsAfterFinished", "backoffLimit", "activeDeadlineSeconds"):
+        v = spec.get(k, 0 if k != "activeDeadlineSeconds" else 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "activeDeadlineSeconds" else 0):
+            errors.append(f"{where}.{k}: must be a {'positive' if k == 'activeDeadlineSeconds' else 'non-negative'} "
+                          f"integer, got {v!r}")
+    check_runtime_env_yaml(spec.get("runtimeEnvYAML"), f"{where}.runtimeEnvYAML", errors)
+    check_ray_cluster_spec(spec.get("rayClusterSpec"), f"{where}.rayClusterSpec", errors)
+
+
+def check_metadata(doc: dict, where: str, errors: list[str], generate_name_ok: bool = False) -> None:
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        errors.append(f"{where}: missing metadata")
+        return
+    name = meta.get("name") or (meta.get("generateName") if generate_name_ok else None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?-?", name) or len(name) > 63:
+        errors.append(f"{where}: metadata.name {name!r} is not a DNS-1123 label")
+
+
+# -------------------------------------------------------------------------------------------------
+# tests: files and parsing
+
+
+def test_every_expected_manifest_exists():
+    missing = [f for f in EXPECTED_FILES if not (CLUSTER / f).is_file()]
+    assert not missing, f"missing in cluster/: {missing}"
+
+
+def test_every_manifest_parses():
+    docs = documents()  # raises naming the file if one does not parse
+    assert set(docs) >= {f for f in EXPECTED_FILES if f.endswith(".yaml")}
+    for f, ds in docs.items():
+        assert ds, f"{f}: empty"
+        if f in PLAIN_FILES:
+            assert len(ds) == 1 and isinstance(ds[0], dict), f"{f}: expected one mapping"
+            continue
+        for d in ds:
+            assert isinstance(d, dict) and d.get("apiVersion") and d.get("kind"), f"{f}: a document lacks a kind"
+    # the YAML embedded in strings parses too
+    for where, spec in job_specs():
+        assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict), where
+    assert isinstance(serve_config_v2(), dict)
+
+
+# -------------------------------------------------------------------------------------------------
+# tests: schemas
+
+
+def test_ray_resources_follow_the_kuberay_v1_schema():
+    errors: list[str] = []
+    kinds = {"RayCluster": 0, "RayJob": 0, "RayService": 0, "RayCronJob": 0}
+    for f, docs in documents().items():
+        if f in PLAIN_FILES:
+            continue
+        for d in docs:
+            kind = d.get("kind")
+            if kind not in kinds:
+                continue
+            kinds[kind] += 1
+            where = f"{f}:{kind}"
+            if d.get("apiVersion") != "ray.io/v1":
+                errors.append(f"{where}: apiVersion {d.get('apiVersion')!r} != ray.io/v1")
+            check_metadata(d, where, errors)
+            spec = d.get("spec")
+            if kind == "RayCluster":
+                check_ray_cluster_spec(spec, f"{where}.spec", errors)
+            elif kind == "RayJob":
+                check_ray_job_spec(spec, f"{where}.spec", errors)
+            elif kind == "RayService" and _check_keys(spec, RAY_SERVICE_SPEC, f"{where}.spec", errors):
+                if not isinstance(spec.get("serveConfigV2"), str):
+                    errors.append(f"{where}.spec.serveConfigV2: must be a string (a YAML document)")
+                check_ray_cluster_spec(spec.get("rayClusterConfig"), f"{where}.spec.rayClusterConfig", errors)
+            elif kind == "RayCronJob" and _check_keys(spec, RAY_CRON_JOB_SPEC, f"{where}.spec", errors):
+                fields = str(spec.get("schedule", "")).split()
+                if len(fields) != 5 or not all(re.fullmatch(r"[\d*,/-]+", x) for x in fields):
+                    errors.append(f"{where}.spec.schedule: {spec.get('schedule')!r} is not a 5-field cron schedule")
+                check_ray_job_spec(spec.get("jobTemplate"), f"{where}.spec.jobTemplate", errors)
+    for where, doc in configmap_rayjobs():
+        if doc.get("apiVersion") != "ray.io/v1":
+            errors.append(f"{where}: apiVersion {doc.get('apiVersion')!r} != ray.io/v1")
+        check_metadata(doc, where, errors, generate_name_ok=True)
+        check_ray_job_spec(doc.get("spec"), f"{where}.spec", errors)
+    assert kinds == {"RayCluster": 1, "RayJob": len(RAY_JOB_FILES), "RayService": 1, "RayCronJob": 1}, kinds
+    assert not errors, "\n".join(errors)
+
+
+def test_the_cluster_has_a_head_a_cpu_group_and_a_gpu_group():
+    spec = one("raycluster.yaml", "RayCluster")["spec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    limits = {n: g["template"]["spec"]["containers"][0]["resources"]["limits"] for n, g in groups.items()}
+    assert "nvidia.com/gpu" not in limits["cpu"] and int(limits["gpu"]["nvidia.com/gpu"]) >= 1
+    assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"  # drivers only on the head
+
+
+def test_plain_kubernetes_objects_validate_against_the_kubernetes_schemas():
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+    checked = []
+    for f, docs in documents().items():
+        if f in PLAIN_FILES:
+            continue
+        for d in docs:
+            if d["apiVersion"].startswith("ray.io/"):
+                continue
+            kv.validate(d, "1.30.0", strict=True)  # raises with the path of the bad field
+            checked.append(d["kind"])
+    assert sorted(checked) == ["ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount"]
+
+
+def test_the_plain_cronjob_may_create_rayjobs_and_nothing_more():
+    f = "cronjob-reindex.yaml"
+    sa, role, binding = one(f, "ServiceAccount"), one(f, "Role"), one(f, "RoleBinding")
+    cron, cm = one(f, "CronJob"), one(f, "ConfigMap")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"]}]
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}]
+    # the pod creates the RayJob kept in the ConfigMap it mounts
+    (container,) = pod["containers"]
+    mounts = {v["name"]: v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] in mounts]
+    assert mounts[mount["name"]] == cm["metadata"]["name"]
+    (key,) = cm["data"]
+    assert container["command"] + container["args"] == ["kubectl", "create", "-f", f"{mount['mountPath']}/{key}"]
+    assert yaml.safe_load(cm["data"][key])["metadata"]["generateName"]  # a fresh RayJob per run
+
+
+# -------------------------------------------------------------------------------------------------
+# tests: the manifests agree with each other and with the project
+
+
+def test_the_scheduled_reindex_runs_exactly_the_index_job():
+    index = one("rayjob-index.yaml", "RayJob")["spec"]
+    cron = one("raycronjob-reindex.yaml", "RayCronJob")["spec"]
+    plain = one("cronjob-reindex.yaml", "CronJob")["spec"]
+    (template,) = [doc for _, doc in configmap_rayjobs()]
+    assert cron["jobTemplate"] == index
+    assert template["spec"] == index
+    assert cron["schedule"] == plain["schedule"]
+    argv = argv_of("pipelines.index", "rayjob-index.yaml")[0]
+    assert "--delete-missing" in argv  # documents gone from the corpus leave the index
+    assert index.get("activeDeadlineSeconds", 0) < 24 * 3600  # a stuck run ends before the next nightly one
+
+
+def test_every_runtime_env_is_the_shared_one_plus_the_code():
+    shared = shared_runtime_env()
+    assert "working_dir" not in shared  # `ray job submit --working-dir .` supplies it from a checkout
+    deps = pyproject()["project"]["dependencies"]
+    extras = {d for group in pyproject()["project"].get("optional-dependencies", {}).values() for d in group}
+    assert sorted(shared["pip"]) == sorted(d for d in deps if not re.match(r"ray\b", d)), \
+        "cluster/runtime_env.yaml's pip list is not pyproject.toml's dependencies (Ray left out)"
+    envs = [(w, yaml.safe_load(spec["runtimeEnvYAML"])) for w, spec in job_specs()]
+    envs += [(f"rayservice.yaml:{a['name']}", a["runtime_env"]) for a in serve_config_v2()["applications"]]
+    zips = set()
+    for where, env in envs:
+        zips.add(env.get("working_dir"))
+        assert {k: v for k, v in env.items() if k not in ("working_dir", "pip")} == \
+               {k: v for k, v in shared.items() if k != "pip"}, where
+        added = [p for p in env["pip"] if p not in shared["pip"]]
+        assert env["pip"][:len(shared["pip"])] == shared["pip"] and set(added) <= extras, \
+            f"{where}: pip must be the shared list (+ pyproject extras), got extra {added}"
+    (code,) = zips
+    assert re.fullmatch(r"(s3|gs|https?)://.+\.zip", code or ""), code
+
+
+def test_manifests_name_one_object_store_bucket():
+    text = "\n".join(p.read_text() for p in CLUSTER.glob("*.yaml"))
+    buckets = set(re.findall(r"\b(s3|gs)://([\w.-]+)", text))
+    assert buckets == {("s3", "YOUR-BUCKET")}, buckets  # one placeholder to replace (see README.md)
+
+
+def test_the_jobs_are_wired_into_one_pipeline():
+    """Each stage reads what the previous one wrote; index, evaluation and Serve use the stage-3 model."""
+    synth = argv_of("pipelines.synth", "rayjob-synth.yaml")[0]
+    records = f"{flag(synth, '--out')}/records.jsonl"
+    train = {f"stage{i}": overrides(argv_of("pipelines.train", f"rayjob-train-stage{i}.yaml")[0]) for i in (1, 2, 3)}
+    derive = {s: argv_of("pipelines.derive", f"rayjob-train-{s}.yaml")[0] for s in ("stage2", "stage3")}
+    assert train["stage1"]["data"] == records
+    for s in ("stage2", "stage3"):
+        assert flag(derive[s], "--input") == records
+        assert train[s]["data"] == flag(derive[s], "--out")
+    assert train["stage2"]["init"] == train["stage1"]["export_dir"]
+    assert train["stage3"]["init"] == train["stage2"]["export_dir"]
+    assert len({t["storage_path"] for t in train.values()}) == 1  # one checkpoint store
+    model = train["stage3"]["export_dir"]
+    index = argv_of("pipelines.index", "rayjob-index.yaml")[0]
+    evaluate = argv_of("pipelines.evaluate", "rayjob-evaluate.yaml")[0]
+    assert flag(index, "--model") == model and flag(evaluate, "--model") == model
+    assert flag(evaluate, "--data") == flag(derive["stage3"], "--holdout-out")
+    (app,) = serve_config_v2()["applications"]
+    assert app["args"]["model"] == model
+    assert app["args"]["index_uri"] == flag(index, "--table-uri")
+    assert app["args"].get("table", "chunks") == (flag(index, "--table-name") if "--table-name" in index else "chunks")
+
+
+def test_the_cluster_launcher_describes_a_head_and_cpu_and_gpu_workers():
+    cfg = documents()["cluster-launcher.yaml"][0]
+    for k in ("cluster_name", "provider", "available_node_types", "head_node_type", "docker", "setup_commands",
+              "head_start_ray_commands", "worker_start_ray_commands"):
+        assert k in cfg, k
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types and {"cpu", "gpu"} <= set(types)
+    for name, t in types.items():
+        assert "node_config" in t and "resources" in t, name
+        if name != cfg["head_node_type"]:
+            assert 0 <= t["min_workers"] <= t["max_workers"] <= cfg["max_workers"], name
+    images = [cfg["docker"]["image"], cfg["docker"].get("head_image")] + [
+        t.get("docker", {}).get("worker_image") for t in types.values()]
+    pin = re.escape(ray_pin())
+    for image in filter(None, images):
+        assert re.fullmatch(rf"rayproject/ray:{pin}-py311(-gpu)?", image), image
+
+
+def test_readme_covers_every_manifest_and_job():
+    text = (CLUSTER / "README.md").read_text()
+    for f in EXPECTED_FILES:
+        if f != "README.md":
+            assert f in text, f"cluster/README.md does not mention {f}"
+    modules = {m for _, m, _ in readme_commands()}
+    assert modules >= {m for _, m, _ in manifest_commands()}, "README.md lacks a `ray job submit` for some job"
+    for phrase in ("ray job submit --working-dir .", "storage_path", "rollback", "versions", "index_refresh_s"):
+        assert phrase in text, phrase
+
+
+# -------------------------------------------------------------------------------------------------
+# tests: what the manifests name exists
+
+
+def _modules() -> list[str]:
+    try:
+        return sorted({m for _, m, _ in manifest_commands()})
+    except Exception:  # test_every_manifest_parses reports it
+        return []
+
+
+def test_manifests_name_every_job():
+    assert set(_modules()) == {"pipelines.synth", "pipelines.train", "pipelines.derive", "pipelines.index",
+                               "pipelines.evaluate"}
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_every_entrypoint_answers_help(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout
+
+
+# Runs in a subprocess: for each (module, argv) run the module as `python -m module argv` up to the point
+# where its argparse parser has accepted the arguments, then stop (nothing is executed); a training command's
+# recipe and overrides are also loaded into the job's typed config.
+_ARGV_CHECKER = textwrap.dedent("""
+    import argparse, contextlib, io, json, runpy, sys
+
+    class Parsed(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_known_args
+    depth = 0
+
+    def parse_known_args(self, args=None, namespace=None):
+        # parse_args calls this; stop the program once the outermost parser has accepted its arguments
+        global depth
+        depth += 1
+        try:
+            ns, extras = real(self, args, namespace)
+        finally:
+            depth -= 1
+        if depth == 0:
+            raise Parsed(ns, extras)
+        return ns, extras
+
+    argparse.ArgumentParser.parse_known_args = parse_known_args
+    results = []
+    for module, argv in json.load(sys.stdin):
+        sys.argv = [module, *argv]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            results.append(f"{module}: ran without parsing its arguments")
+        except Parsed as p:
+            ns, extras = p.args
+            if extras:
+                results.append(f"{module} {' '.join(argv)}: unrecognized arguments: {' '.join(extras)}")
+                continue
+            if module == "pipelines.train":
+                from pipelines.train import TrainJobConfig
+                try:
+                    TrainJobConfig.from_yaml(ns.config, ns.override)
+                except Exception as exc:
+                    results.append(f"{module} {' '.join(argv)}: {exc}")
+                    continue
+            results.append("")
+        except SystemExit as exc:
+            results.append(f"{module} {' '.join(argv)}: exit {exc.code}: {err.getvalue()[-1500:]}")
+    print(json.dumps(results))
+""")
+
+
+def test_every_command_in_the_manifests_and_readme_parses():
+    commands = [(w, m, a) for w, m, a in manifest_commands() + readme_commands() if m.startswith("pipelines.")]
+    assert len(commands) >= 8
+    proc = subprocess.run([sys.executable, "-c", _ARGV_CHECKER], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, input=json.dumps([[m, a] for _, m, a in commands]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = [f"{w}: {r}" for (w, _, _), r in zip(commands, results) if r]
+    assert not errors, "\n".join(errors)
+
+
+def test_rayservice_import_path_imports_and_builds():
+    from ray.serve import Application
+
+    for app in serve_config_v2()["applications"]:
+        module_name, _, attr = app["import_path"].partition(":")
+        assert (ROOT / Path(*module_name.split("."))).with_suffix(".py").is_file(), app["import_path"]
+        import importlib
+
+        target = getattr(importlib.import_module(module_name), attr)
+        built = target if isinstance(target, Application) else target(app.get("args") or {})
+        assert isinstance(built, Application), f"{app['import_path']} gave {type(built).__name__}"
+
+
+def test_rayservice_serve_config_is_serve_config_yaml():
+    """serveConfigV2 == serve/config.yaml except where a site must differ (listed in SITE_APP_ARGS,
+    http_options.host, the application's runtime_env and the generator's GPU)."""
+    if not SERVE_CONFIG.is_file():
+        pytest.skip("serve/config.yaml is not written yet")
+    local = yaml.safe_load(SERVE_CONFIG.read_text())
+    cluster = serve_config_v2()
+    assert cluster.get("http_options", {}).get("host") == "0.0.0.0"  # reachable from the Kubernetes Service
+    cluster["http_options"]["host"] = local.get("http_options", {}).get("host")
+    if cluster["http_options"]["host"] is None:
+        del cluster["http_options"]["host"]
+    local_apps = {a["name"]: a for a in local["applications"]}
+    for app in cluster["applications"]:
+        ref = local_apps.get(app["name"], {})
+        assert "runtime_env" in app and "runtime_env" not in ref
+        del app["runtime_env"]
+        args, ref_args = app["args"], ref.get("args", {})
+        for k in SITE_APP_ARGS:
+            assert str(args[k]).startswith(("/", "s3://", "gs://")), f"{k}: {args[k]!r} is relative"
+            args[k] = ref_args.get(k)
+        gen = args.get("generator", {})
+        assert gen.get("num_gpus", 0) >= 1  # on a cluster the generator takes a GPU
+        if "num_gpus" in ref_args.get("generator", {}):
+            gen["num_gpus"] = ref_args["generator"]["num_gpus"]
+        else:
+            del gen["num_gpus"]
+    assert cluster == local, "cluster/rayservice.yaml's serveConfigV2 drifted from serve/config.yaml"
