@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/scp_sample.jsonl")
     p.add_argument("--out", type=Path, default=Path("runs/claims"))
     p.add_argument("--rates", default="4,16")
+    p.add_argument("--base-model", help="a real pretrained causal LM (name or directory): frozen, LoRA adapters "
+                                        "only (r=16, as in the paper), instead of a tiny model from random weights")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.threads:
@@ -129,16 +132,20 @@ def main(argv=None) -> int:
         {"question": ex.question, "docs": list(ex.chunks), "pos_index": list(ex.gold), "answer": ex.answer}) + "\n"
         for ex in e2e_test))
 
-    base = build_tiny_model(s.out / "base", train_chunks + [ex.question for ex in train_qa] +
-                            [ex.answer for ex in train_qa],
+    tok_texts = train_chunks + [ex.question for ex in train_qa] + [ex.answer for ex in train_qa]
+    base = Path(a.base_model) if a.base_model else build_tiny_model(s.out / "base", tok_texts,
                             TinyModelSpec(vocab_size=4096, hidden_size=s.hidden, num_layers=s.layers,
                                           num_heads=4, num_kv_heads=4))
     evs = EvalSettings(top_k=5, recall_ks=(1, 3, 5), max_new_tokens=24, batch_size=16)
     reports, retrieval = {}, {}
 
     def config(rate):
+        if a.base_model:  # the paper's layout: a frozen pretrained base, LoRA adapters
+            return ClaraConfig(base_model=a.base_model, compression_rate=rate, doc_max_tokens=s.doc_max_tokens,
+                               lora=LoraSettings(r=16, alpha=32, dropout=0.1), train_base=False, top_k=5,
+                               device=a.device)
         return ClaraConfig(base_model=str(base.resolve()), compression_rate=rate, doc_max_tokens=s.doc_max_tokens,
-                           lora=LoraSettings(r=8, alpha=16, dropout=0.0), train_base=True, top_k=5)
+                           lora=LoraSettings(r=8, alpha=16, dropout=0.0), train_base=True, top_k=5, device=a.device)
 
     recon = [reconstruction_example(c) for c in train_chunks]
     for rate in s.rates:
