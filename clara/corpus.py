@@ -191,19 +191,24 @@ def _from_record(rec: Any, where: str, id_field: str, text_field: str, title_fie
     return Document(doc_id=doc_id, text=text, title=title)
 
 
-def _read_jsonl(
-    path: Path, id_field: str, text_field: str, title_field: str | None
-) -> Iterator[tuple[str, Document]]:
+def _jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
+    """``("file:line", object)`` per non-blank line; invalid JSON is a :class:`DocumentError`."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                rec = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DocumentError(where, "<record>", f"invalid JSON: {e.msg}") from None
-            yield where, _from_record(rec, where, id_field, text_field, title_field)
+
+
+def _read_jsonl(
+    path: Path, id_field: str, text_field: str, title_field: str | None
+) -> Iterator[tuple[str, Document]]:
+    for where, rec in _jsonl_objects(path):
+        yield where, _from_record(rec, where, id_field, text_field, title_field)
 
 
 def _read_parquet(
@@ -274,22 +279,14 @@ def load_scp_chunks(path: str | Path) -> list[str]:
     path = Path(path)
     out: list[str] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DocumentError(where, "<record>", f"invalid JSON: {e.msg}") from None
-            docs = rec.get("docs") if isinstance(rec, dict) else None
-            if not isinstance(docs, list) or not docs:
-                raise DocumentError(where, "docs", "must be a non-empty list")
-            text = _text(docs[0], where, "docs[0]")
-            if text not in seen:
-                seen.add(text)
-                out.append(text)
+    for where, rec in _jsonl_objects(path):
+        docs = rec.get("docs") if isinstance(rec, dict) else None
+        if not isinstance(docs, list) or not docs:
+            raise DocumentError(where, "docs", "must be a non-empty list")
+        text = _text(docs[0], where, "docs[0]")
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
     return out
 
 
