@@ -23,6 +23,7 @@ This module never imports ``ray``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -33,7 +34,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from clara.corpus import Chunk, Document, DocumentError, chunk_document, content_hash, parse_chunk_id, read_documents
+from clara.corpus import (
+    Chunk,
+    Document,
+    DocumentError,
+    chunk_documents,
+    content_hash,
+    parse_chunk_id,
+    read_documents,
+)
 from clara.store import ANN_KINDS, ChunkStore, IndexMismatchError, StoreSettings, encode_batch
 
 logger = logging.getLogger(__name__)
@@ -216,17 +225,15 @@ def source_chunks(
         docs: Iterable[Document] = scp_documents(corpus)
     else:
         docs = read_documents(corpus, id_field=id_field, text_field=text_field, title_field=chunking.title_field)
-    for i, doc in enumerate(docs):
-        if limit is not None and i >= limit:
-            return
-        if chunking.format == "scp":
+    if limit is not None:
+        docs = itertools.islice(docs, limit)
+    if chunking.format == "scp":
+        for doc in docs:
             yield Chunk(f"{doc.doc_id}::0", doc.doc_id, 0, doc.text, content_hash(doc.text, salt))
-            continue
-        for c in chunk_document(doc, tokenizer, max_tokens=chunking.chunk_tokens, overlap=chunking.overlap, salt=salt):
-            if doc.title:
-                text = f"{doc.title}\n{c.text}"
-                c = Chunk(c.chunk_id, c.doc_id, c.position, text, content_hash(text, salt))
-            yield c
+        return
+    # documents are tokenised a few hundred at a time (one batched, multi-threaded call)
+    yield from chunk_documents(docs, tokenizer, max_tokens=chunking.chunk_tokens, overlap=chunking.overlap,
+                               salt=salt, titles=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -146,6 +146,23 @@ def test_chunk_documents_and_validation(tok):
         chunk_document(Document("a", ""), tok, max_tokens=0)
 
 
+
+def test_batched_chunking_gives_the_same_chunks_as_one_document_at_a_time(tok):
+    """chunk_documents tokenises documents in batches; ids, texts and hashes match chunk_document's."""
+    from tokenizers import Tokenizer
+
+    docs = [Document(f"d{i}", TEXT[: 40 + 37 * i] if i % 5 else "", title="T" if i % 3 == 0 else None)
+            for i in range(12)]
+    for t in (tok, Tokenizer.from_str(tok.backend_tokenizer.to_str())):  # HF fast and raw tokenizers
+        one = [c for d in docs for c in chunk_document(d, t, max_tokens=16, overlap=2, salt="s")]
+        assert list(chunk_documents(docs, t, max_tokens=16, overlap=2, salt="s", encode_batch=5)) == one
+        titled = list(chunk_documents(docs, t, max_tokens=16, overlap=2, salt="s", encode_batch=5, titles=True))
+        assert len(titled) == len(one) > 12
+        for a, b in zip(titled, one):
+            title = docs[int(a.doc_id[1:])].title
+            assert a.text == (f"{title}\n{b.text}" if title else b.text) and a.chunk_id == b.chunk_id
+            assert a.content_hash == content_hash(a.text, "s")
+
 # ----------------------------------------------------------------------------- wiki summaries
 
 
