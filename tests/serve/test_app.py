@@ -413,7 +413,6 @@ def test_generator_replica_killed_then_replaced(served, scp_records):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_vllm_generator_served_matches_transformers(served, tmp_path_factory, scp_records):
     """engine=vllm behind the same API answers as the transformers generator (greedy), in both modes.
 
