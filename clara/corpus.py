@@ -407,8 +407,8 @@ def chunk_documents(
     pending: list[Document] = []
 
     def flush() -> Iterator[Chunk]:
-        texts = [d for d in pending if d.text]
-        for doc, (ids, offsets) in zip(texts, _encode_many(tokenizer, [d.text for d in texts])):
+        nonempty = [d for d in pending if d.text]
+        for doc, (ids, offsets) in zip(nonempty, _encode_many(tokenizer, [d.text for d in nonempty])):
             yield from _window_chunks(doc, ids, offsets, tokenizer, max_tokens, overlap, salt,
                                       doc.title if titles else None)
         pending.clear()

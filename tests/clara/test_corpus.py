@@ -146,7 +146,6 @@ def test_chunk_documents_and_validation(tok):
         chunk_document(Document("a", ""), tok, max_tokens=0)
 
 
-
 def test_batched_chunking_gives_the_same_chunks_as_one_document_at_a_time(tok):
     """chunk_documents tokenises documents in batches; ids, texts and hashes match chunk_document's."""
     from tokenizers import Tokenizer
@@ -162,6 +161,7 @@ def test_batched_chunking_gives_the_same_chunks_as_one_document_at_a_time(tok):
             title = docs[int(a.doc_id[1:])].title
             assert a.text == (f"{title}\n{b.text}" if title else b.text) and a.chunk_id == b.chunk_id
             assert a.content_hash == content_hash(a.text, "s")
+
 
 # ----------------------------------------------------------------------------- wiki summaries
 
