@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from clara.bases import resolve_base
 from clara.config import ADAPTERS, ClaraConfig, LoraSettings
 
 FORMAT = 1
@@ -57,7 +58,9 @@ def save_model(model, path: str | Path) -> Path:
             for k, v in _lora_state(model, a).items():
                 adapters[f"{a}.{k}"] = v.detach().contiguous().cpu()
         save_file(adapters, str(tmp / "adapters.safetensors"))
-        save_file({"memory_embeddings": model.memory_embeddings.detach().contiguous().cpu()},
+        save_file({"memory_embeddings": model.memory_embeddings.detach().contiguous().cpu(),
+                   "memory_center": model.memory_center.detach().contiguous().cpu(),
+                   "memory_scale": model.memory_scale.detach().reshape(1).contiguous().cpu()},
                   str(tmp / "memory_embeddings.safetensors"))
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if model.config.train_base:
@@ -116,7 +119,8 @@ def load_model(path: str | Path, device: str | None = None):
 
     path = Path(path)
     manifest = read_manifest(path)
-    config = ClaraConfig.from_dict(manifest["config"])
+    # Directories written before memory normalisation existed read raw memory states.
+    config = ClaraConfig.from_dict({"memory_norm": "none", **manifest["config"]})
     if device is not None:
         config.device = device
     dev = config.resolve_device()
@@ -125,7 +129,7 @@ def load_model(path: str | Path, device: str | None = None):
     if manifest["base"] == "included":
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path / "base")), dtype=dtype)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(resolve_base(config.base_model), dtype=dtype)
     model = ClaraModel(lm, tokenizer, config)
     if manifest["base"] == "included":
         state = load_file(str(path / "base" / "base.safetensors"))
@@ -138,12 +142,20 @@ def load_model(path: str | Path, device: str | None = None):
     for a in ADAPTERS:
         prefix = f"{a}."
         _load_adapter(model, a, {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}, path)
-    mem = load_file(str(path / "memory_embeddings.safetensors"))["memory_embeddings"]
+    mem_state = load_file(str(path / "memory_embeddings.safetensors"))
+    mem = mem_state["memory_embeddings"]
     if mem.shape != model.memory_embeddings.shape:
         raise CheckpointError(f"{path}: memory_embeddings {tuple(mem.shape)} do not match n_mem x d "
                               f"{tuple(model.memory_embeddings.shape)}")
     with torch.no_grad():
         model.memory_embeddings.copy_(mem)
+        if config.memory_norm != "none":
+            if "memory_center" not in mem_state or mem_state["memory_center"].shape != model.memory_center.shape:
+                raise CheckpointError(f"{path}: memory_norm is {config.memory_norm!r} but memory_embeddings.safetensors "
+                                      f"holds no memory_center of shape {tuple(model.memory_center.shape)}")
+            model.memory_center.copy_(mem_state["memory_center"])
+            model.memory_scale.copy_(mem_state["memory_scale"].reshape(()))
+            model.memory_center_steps.fill_(1)
     model = model.to(dev)
     version = model.compressor_version()
     if version != manifest["compressor_version"]:
@@ -213,10 +225,11 @@ def import_apple_checkpoint(path: str | Path, base_model: str | None = None, dev
         lora=LoraSettings(r=r, alpha=2 * r, dropout=0.1),
         top_k=int(ref.get("generation_top_k", 5)),
         device=device or "auto",
+        memory_norm="none",  # the reference reads raw memory states
     )
     dev = config.resolve_device()
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-    lm = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=config.resolve_dtype(dev))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(config.base_model))
+    lm = AutoModelForCausalLM.from_pretrained(resolve_base(config.base_model), dtype=config.resolve_dtype(dev))
     model = ClaraModel(lm, tokenizer, config)
     adapters = torch.load(path / "adapters.pth", map_location="cpu", weights_only=True)
     if "encoder_adapter" not in adapters or "decoder_adapter" not in adapters:

@@ -243,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--base-model", help="local copy of the base model (default: config.json's decoder_model_name)")
     a.add_argument("--device", default=None)
 
+    bm = sub.add_parser("base", help="materialise a named pretrained base (smollm2-135m) as a local Hugging Face "
+                                     "folder, once; prints the folder",
+                        description="Named bases can be given wherever a base model is accepted (--base-model "
+                                    "smollm2-135m, base_model: in configs and recipes); the first use converts them "
+                                    "into the cache ($CLARA_BASES_DIR, default ~/.cache/clara/bases). This command "
+                                    "does it ahead of time, or lists the names.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bm.add_argument("name", nargs="?", help="the named base; omit to list them")
+    bm.add_argument("--force", action="store_true", help="convert again even if the cached folder is current")
+    bm.add_argument("--check", action="store_true", help="also load it and print a greedy completion")
+
     for name, (module, summary) in PIPELINE_COMMANDS.items():
         sp = sub.add_parser(name, help=f"{summary} (python -m {module}; run `clara {name} --help`)", add_help=False)
         sp.add_argument("args", nargs=argparse.REMAINDER)
@@ -267,7 +278,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         _build_tiny(args)
     elif args.command == "import-apple":
         _import_apple(args)
+    elif args.command == "base":
+        return _base(args)
     return 0
+
+
+def _base(args) -> int:
+    from clara.bases import NAMED_BASES, BaseModelError, cache_dir, materialise
+
+    if not args.name:
+        for b in NAMED_BASES.values():
+            print(f"{b.name:16s} {b.description}\n{'':16s} install: {b.install}")
+        print(f"cache: {cache_dir()}")
+        return 0
+    try:
+        t0 = time.perf_counter()
+        folder = materialise(args.name, force=args.force)
+    except BaseModelError as e:
+        print(f"clara base: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {folder} ({time.perf_counter() - t0:.1f} s)")
+    if args.check:
+        print(f"  What is the capital of France? -> {greedy_chat(folder, 'What is the capital of France?')!r}")
+    return 0
+
+
+def greedy_chat(folder, question: str, max_new_tokens: int = 24) -> str:
+    """One greedy chat-template completion from a plain Hugging Face folder (a smoke test of a base)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    lm = AutoModelForCausalLM.from_pretrained(str(folder))
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = lm.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 if __name__ == "__main__":

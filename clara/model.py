@@ -101,7 +101,17 @@ class ClaraModel(nn.Module):
         # Memory slots start as random vectors with the statistics of real token embeddings.
         init = emb.detach().float().mean(0) + emb.detach().float().std(0) * torch.randn(
             config.n_mem, emb.shape[1], generator=g)
-        self.memory_embeddings = nn.Parameter(init.to(emb.dtype))  # (M, D)
+        # Kept in fp32 whatever the base's dtype, like PEFT keeps LoRA weights: trained parameters
+        # are their own master copy, so AdamW's small updates are not rounded away in bf16.
+        self.memory_embeddings = nn.Parameter(init)  # (M, D) float32
+        # Memory normalisation (config.memory_norm == "center"): the per-slot mean of the raw
+        # memory states, a running statistic updated while the compressor trains, and the norm
+        # each memory vector is rescaled to (the token embeddings' mean norm, fixed at build time).
+        self.register_buffer("memory_center", torch.zeros(config.n_mem, emb.shape[1], dtype=torch.float32))
+        self.register_buffer("memory_scale", emb.detach().float().norm(dim=-1).mean())
+        self.register_buffer("memory_center_steps", torch.zeros((), dtype=torch.long))
+        #: Weight of the newest batch in the running mean (after the first batch, which sets it).
+        self.memory_center_momentum = 0.05
         self._trainable: tuple[frozenset[str], bool, bool] = (frozenset(), False, False)
         self._active: str | None = None
         self.set_trainable(())
@@ -109,13 +119,16 @@ class ClaraModel(nn.Module):
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_base(cls, config: ClaraConfig, seed: int = 0) -> ClaraModel:
-        """Fresh adapters on ``config.base_model`` (a hub name or a local directory)."""
+        """Fresh adapters on ``config.base_model`` (a hub name, a local directory or a named base)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
-        tok = AutoTokenizer.from_pretrained(config.base_model)
-        lm = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype)
+        from clara.bases import resolve_base
+
+        source = resolve_base(config.base_model)  # a named base (smollm2-135m) becomes its local folder
+        tok = AutoTokenizer.from_pretrained(source)
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         return cls(lm, tok, config, seed=seed).to(device)
 
     @classmethod
@@ -232,11 +245,58 @@ class ClaraModel(nn.Module):
             hidden = self._decoder()(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=False
             ).last_hidden_state  # (B, T, D)
-        memory = hidden[:, -m:]  # (B, M, D)
+        states = hidden[:, -m:]  # (B, M, D)
         tm = text_mask.unsqueeze(-1).to(hidden.dtype)
         text_mean = (hidden * tm).sum(1) / tm.sum(1).clamp(min=1)  # (B, D)
-        mse = F.mse_loss(memory.float().mean(1), text_mean.float())
-        return EncoderOutput(memory=memory, mse=mse)
+        mse = F.mse_loss(states.float().mean(1), text_mean.float())
+        if adapter == "compressor" and self.training and torch.is_grad_enabled():
+            self._track_memory_center(states)
+        return EncoderOutput(memory=self.normalise_memory(states), mse=mse)
+
+    # -- memory normalisation ---------------------------------------------------------------
+    @torch.no_grad()
+    def _track_memory_center(self, states: torch.Tensor) -> None:
+        """Fold a training batch's per-slot mean state ``[M, D]`` into the running centre."""
+        batch_mean = states.detach().float().mean(0)  # (M, D)
+        if int(self.memory_center_steps) == 0:
+            self.memory_center.copy_(batch_mean)
+        else:
+            self.memory_center.lerp_(batch_mean, self.memory_center_momentum)
+        self.memory_center_steps += 1
+
+    def normalise_memory(self, states: torch.Tensor) -> torch.Tensor:
+        """Raw last-layer states ``[..., M, D]`` -> the memory vectors stored, searched and read.
+
+        ``center``: minus the running per-slot mean, then each vector rescaled to the token
+        embeddings' mean norm, so the generator receives vectors of the size it was trained on.
+        """
+        if self.config.memory_norm == "none":
+            return states
+        x = states.float() - self.memory_center  # (..., M, D)
+        x = x * (self.memory_scale / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return x.to(states.dtype)
+
+    @torch.no_grad()
+    def calibrate_memory(self, chunks: Sequence[str], batch_size: int = 16) -> None:
+        """Set the memory centre to the mean raw compressor state of ``chunks`` (no gradients).
+
+        Called before a compressor's training starts, so the first steps already see centred
+        memory; the running statistic then follows the compressor as it trains.
+        """
+        if self.config.memory_norm == "none":
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            norm, self.config.memory_norm = self.config.memory_norm, "none"
+            try:
+                raw = self._encode_batched(list(chunks), "compressor", batch_size, self.config.doc_max_tokens)
+            finally:
+                self.config.memory_norm = norm
+            self.memory_center.copy_(raw.float().mean(0))
+            self.memory_center_steps.fill_(1)
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def _encode_batched(self, texts: Sequence[str], adapter: str, batch_size: int, max_tokens: int) -> torch.Tensor:
@@ -246,7 +306,7 @@ class ClaraModel(nn.Module):
         try:
             # Sort by length so each batch pads little; restore the caller's order at the end.
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-            out = torch.empty(len(texts), self.config.n_mem, self.hidden_size, dtype=self.memory_embeddings.dtype,
+            out = torch.empty(len(texts), self.config.n_mem, self.hidden_size, dtype=self.input_embeddings.weight.dtype,
                               device=self.device)
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
@@ -453,6 +513,8 @@ class ClaraModel(nn.Module):
             cfg.pop(k)
         h.update(json.dumps(cfg, sort_keys=True).encode())
         tensors = {"memory_embeddings": self.memory_embeddings}
+        if self.config.memory_norm != "none":
+            tensors.update(memory_center=self.memory_center, memory_scale=self.memory_scale.reshape(1))
         for name, p in self.peft.named_parameters():
             if ".compressor." in name or (self.config.train_base and "lora_" not in name):
                 tensors[name] = p

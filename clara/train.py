@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clara.config import autocast_dtype
 from clara.losses import LossOutput, compression_loss, e2e_loss, text_rag_loss
 from clara.records import Example
 
@@ -42,6 +43,11 @@ class TrainSettings:
     #: Fraction of steps at the start that draw only from ``warmup_examples`` (the reconstruction
     #: curriculum that teaches the generator to read memory before it can memorise answers).
     reconstruction_warmup: float = 0.0
+    #: bf16 autocast of the forward and backward passes (:func:`clara.config.autocast_dtype`), for a
+    #: model whose weights are fp32 (a trained base). ``off`` by default: with a frozen base,
+    #: ``dtype: auto`` already holds the base in bf16 and what trains in fp32, which was 3x faster
+    #: on CPU than fp32 weights under autocast (16.5 vs ~5 s a step on SmolLM2).
+    autocast: str = "off"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -109,13 +115,15 @@ def train(model, stage: str, examples: Sequence[Example], settings: TrainSetting
         raise ValueError("no training examples")
     torch.manual_seed(settings.seed)
     params = configure_stage(model, stage)
+    amp = autocast_dtype(settings.autocast, model.device)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     log, t0 = TrainLog(), time.perf_counter()
     for step, batch in enumerate(batches(examples, settings, warmup_examples)):
         for g in opt.param_groups:
             g["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup_ratio, settings.min_lr_ratio)
-        out = stage_loss(model, stage, batch)
+        with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = stage_loss(model, stage, batch)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if settings.grad_clip:

@@ -114,7 +114,7 @@ class VllmGenerator:
         self.export_dir = Path(export_dir or tempfile.mkdtemp(prefix="clara-vllm-"))
         export_generator(model, self.export_dir)
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
-            model.memory_embeddings.dtype]
+            model.input_embeddings.weight.dtype]
         kwargs: dict[str, Any] = dict(dtype=dtype, enable_prompt_embeds=True, seed=0, enforce_eager=True)
         kwargs.update(engine_kwargs)
         self.llm = LLM(model=str(self.export_dir), **kwargs)

@@ -32,6 +32,7 @@ waves of ``--wave-chunks`` chunks; each round of a wave starts the engine once (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -628,6 +629,12 @@ def run_synth(s: SynthSettings, progress: Progress | None = None) -> SynthSummar
     progress = progress or _print
     t0 = time.perf_counter()
     engine = resolve_engine(s)
+    from clara.bases import is_named, resolve_base
+
+    for name in ("model", "chunk_tokenizer"):  # a named base (smollm2-135m) -> its local folder
+        value = getattr(s, name)
+        if value and is_named(str(value)):
+            s = dataclasses.replace(s, **{name: resolve_base(str(value))})
     kinds = tuple(s.kinds)
     if engine == "cloze":
         progress(_CLOZE_NOTICE)

@@ -65,7 +65,9 @@ def test_apple_layout_imports(make_model, tiny_base, tmp_path, chunk):
     """Write a checkpoint in apple/ml-clara's layout from a known model, import it, compare."""
     from peft import get_peft_model_state_dict
 
-    source = make_model(compression_rate=4, doc_max_tokens=64, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    # Apple's layout carries raw memory states (memory_norm "none")
+    source = make_model(compression_rate=4, doc_max_tokens=64, lora={"r": 4, "alpha": 8, "dropout": 0.1},
+                        memory_norm="none")
     _randomise_adapters(source, seed=3)
     out = tmp_path / "apple"
     out.mkdir()
