@@ -151,8 +151,9 @@ def load_model(path: str | Path, device: str | None = None):
         model.memory_embeddings.copy_(mem)
         if config.memory_norm != "none":
             if "memory_center" not in mem_state or mem_state["memory_center"].shape != model.memory_center.shape:
-                raise CheckpointError(f"{path}: memory_norm is {config.memory_norm!r} but memory_embeddings.safetensors "
-                                      f"holds no memory_center of shape {tuple(model.memory_center.shape)}")
+                raise CheckpointError(f"{path}: memory_norm is {config.memory_norm!r} but "
+                                      f"memory_embeddings.safetensors holds no memory_center of shape "
+                                      f"{tuple(model.memory_center.shape)}")
             model.memory_center.copy_(mem_state["memory_center"])
             model.memory_scale.copy_(mem_state["memory_scale"].reshape(()))
             model.memory_center_steps.fill_(1)
@@ -191,7 +192,8 @@ APPLE_ADAPTERS = {"encoder_adapter": "compressor", "decoder_adapter": "generator
                   "query_reasoner_adapter": "query_reasoner"}
 
 
-def import_apple_checkpoint(path: str | Path, base_model: str | None = None, device: str | None = None):
+def import_apple_checkpoint(path: str | Path, base_model: str | None = None, device: str | None = None,
+                            dtype: str = "auto"):
     """Load a checkpoint in apple/ml-clara's layout into a :class:`~clara.model.ClaraModel`.
 
     That layout is ``config.json`` (``decoder_model_name``, ``compr_rate``, ``doc_max_length``,
@@ -203,7 +205,8 @@ def import_apple_checkpoint(path: str | Path, base_model: str | None = None, dev
 
     The reference wraps prompts in its base model's chat template, this project does not: the
     weights load exactly, but expect to fine-tune briefly (stage 2) before comparing answers.
-    ``base_model`` overrides ``decoder_model_name`` (a local copy of the base model).
+    ``base_model`` overrides ``decoder_model_name`` (a local copy of the base model); ``dtype`` is
+    :attr:`ClaraConfig.dtype` of the imported model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -225,6 +228,7 @@ def import_apple_checkpoint(path: str | Path, base_model: str | None = None, dev
         lora=LoraSettings(r=r, alpha=2 * r, dropout=0.1),
         top_k=int(ref.get("generation_top_k", 5)),
         device=device or "auto",
+        dtype=dtype,
         memory_norm="none",  # the reference reads raw memory states
     )
     dev = config.resolve_device()

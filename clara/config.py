@@ -7,6 +7,7 @@ A config file (JSON or YAML) only fills in these dataclasses; every field is che
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ class ClaraConfig:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _check(isinstance(self.device, str) and bool(self.device), "device", "must be a device string")
-        _check(self.memory_norm in MEMORY_NORMS, "memory_norm", f"must be one of {MEMORY_NORMS}, got {self.memory_norm!r}")
+        _check(self.memory_norm in MEMORY_NORMS, "memory_norm",
+               f"must be one of {MEMORY_NORMS}, got {self.memory_norm!r}")
 
     @property
     def n_mem(self) -> int:
@@ -186,7 +188,17 @@ def resolve_dtype(dtype: str, device: torch.device, frozen_base: bool = False) -
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    """True on CPUs with bf16 arithmetic in hardware (AVX512-BF16 or AMX), where bf16 weights pay.
+
+    ``CLARA_CPU_BF16=0`` in the environment says no (``dtype: auto`` then stays fp32 on CPU).
+    """
+    if os.environ.get("CLARA_CPU_BF16", "1") == "0":
+        return False
+    return cpu_flags_have_bf16()
+
+
+def cpu_flags_have_bf16() -> bool:
+    """What the processor's flags say, whatever the environment says."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")

@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fp32_on_cpu():
+    """Tests compare memories, logits and greedy outputs exactly: ``dtype: auto`` stays fp32 on CPU
+    for the whole session (Ray workers started later inherit it). The real-base tests ask for bf16
+    explicitly where the processor has it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CLARA_CPU_BF16", "0")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """``<repo>/../shared/data``: the real sample data shared by the project's checkouts."""
@@ -51,8 +62,10 @@ def make_model(tiny_base):
     from clara.model import ClaraModel
 
     def make(seed: int = 0, **overrides):
+        # fp32 pinned: dtype "auto" would hold a frozen base in bf16 on CPUs with native bf16,
+        # and these tests compare memories and logits exactly.
         settings = dict(base_model=str(tiny_base), compression_rate=4, doc_max_tokens=64, device="cpu",
-                        lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+                        dtype="float32", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
         settings.update(overrides)
         return ClaraModel.from_base(ClaraConfig(**settings), seed=seed)
 

@@ -85,7 +85,7 @@ def test_apple_layout_imports(make_model, tiny_base, tmp_path, chunk):
                 "lm_head.weight": torch.cat([head, torch.randn(source.config.n_mem + 3, emb.shape[1])])},
                out / "decoder_first_last_layers.pth")
 
-    imported = import_apple_checkpoint(out, device="cpu")
+    imported = import_apple_checkpoint(out, device="cpu", dtype="float32")
     assert imported.config.n_mem == 16 and imported.config.lora.r == 4
     assert torch.equal(imported.memory_embeddings, source.memory_embeddings)
     assert torch.equal(imported.compress([chunk]), source.compress([chunk]))
@@ -116,7 +116,8 @@ def test_loads_in_bf16_with_the_same_compressor_version(make_model, tmp_path, ch
     manifest["config"]["dtype"] = "bfloat16"  # as on a GPU: weights held in bf16
     (path / "clara.json").write_text(json.dumps(manifest))
     loaded = ClaraModel.from_pretrained(path)
-    assert loaded.memory_embeddings.dtype == torch.bfloat16
+    assert loaded.input_embeddings.weight.dtype == torch.bfloat16
+    assert loaded.memory_embeddings.dtype == torch.float32  # trained parameters keep fp32 master weights
     assert loaded.compressor_version() == model.compressor_version()
     cos = torch.nn.functional.cosine_similarity(loaded.compress([chunk]).float().flatten(),
                                                 model.compress([chunk]).flatten(), dim=0)

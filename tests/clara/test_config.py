@@ -30,3 +30,26 @@ def test_dtype_follows_device():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_frozen_base_runs_bf16_only_on_cpus_with_native_bf16(monkeypatch):
+    from clara import config as config_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", cpu, frozen_base=True) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, frozen_base=False) == torch.float32  # a trained base keeps fp32 weights
+    assert ClaraConfig(base_model="m", train_base=True).resolve_dtype(cpu) == torch.float32
+    assert ClaraConfig(base_model="m").resolve_dtype(cpu) == torch.bfloat16
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", cpu, frozen_base=True) == torch.float32
+    assert config_module.autocast_dtype("auto", cpu) is None
+    assert config_module.autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="autocast"):
+        config_module.autocast_dtype("fp8", cpu)
+
+
+def test_memory_norm_is_validated():
+    assert ClaraConfig(base_model="m").memory_norm == "center"
+    with pytest.raises(ConfigError, match="memory_norm"):
+        ClaraConfig(base_model="m", memory_norm="whiten")

@@ -119,3 +119,53 @@ def test_copy_and_reset_adapters(make_model, chunks):
     q = ["What is this about?"]
     assert model.generate_from_text(q, [[chunks[0]]], max_new_tokens=5) == model.generate_from_text(
         q, [[chunks[0]]], adapter=None, max_new_tokens=5)
+
+
+def test_memory_normalisation_tracks_the_compressor_and_is_saved(make_model, chunks, tmp_path):
+    """The running centre is set by the first training batch, followed after, saved, and versioned."""
+    import json
+
+    from clara.losses import compression_loss
+    from clara.model import ClaraModel
+    from clara.records import reconstruction_example
+
+    model = make_model(dtype="float32")
+    version_before = model.compressor_version()
+    memory = model.compress(chunks[:3])
+    norms = memory.norm(dim=-1)  # every vector rescaled to the token embeddings' mean norm
+    assert torch.allclose(norms, model.memory_scale.expand_as(norms), rtol=1e-4)
+    raw_mean = model.memory_center.clone()
+    assert int(model.memory_center_steps) == 0 and torch.count_nonzero(raw_mean) == 0
+
+    model.set_trainable(("compressor", "generator"))
+    model.train()
+    compression_loss(model, [reconstruction_example(c) for c in chunks[:4]])
+    assert int(model.memory_center_steps) == 1
+    model.eval()
+    with model.adapter("compressor"):
+        pass
+    # after one batch the centre is that batch's per-slot mean of the raw states
+    model.config.memory_norm = "none"
+    raw = model.compress(chunks[:4])
+    model.config.memory_norm = "center"
+    assert torch.allclose(model.memory_center, raw.float().mean(0), atol=1e-5)
+    assert model.compressor_version() != version_before  # the centre is part of what defines the memory
+    centred = model.compress(chunks[:4])
+    # the shared direction is gone: centred memories of different chunks are far less alike
+    flat = torch.nn.functional.normalize(centred.flatten(1), dim=-1)
+    raw_flat = torch.nn.functional.normalize(raw.flatten(1).float(), dim=-1)
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert (flat @ flat.T)[off].mean() < (raw_flat @ raw_flat.T)[off].mean()
+
+    loaded = ClaraModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert torch.equal(loaded.memory_center, model.memory_center)
+    assert torch.allclose(loaded.compress(chunks[:4]), centred, atol=1e-6)
+
+    # A directory written before memory normalisation existed reads raw states.
+    manifest = json.loads((tmp_path / "m" / "clara.json").read_text())
+    manifest["config"].pop("memory_norm")
+    model.config.memory_norm = "none"
+    manifest["compressor_version"] = model.compressor_version()
+    (tmp_path / "m" / "clara.json").write_text(json.dumps(manifest))
+    old = ClaraModel.from_pretrained(tmp_path / "m")
+    assert old.config.memory_norm == "none" and torch.allclose(old.compress(chunks[:4]), raw, atol=1e-6)

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from clara.config import ClaraConfig, LoraSettings
+from clara.config import ClaraConfig, LoraSettings, cpu_flags_have_bf16
 from clara.metrics import token_f1
 from clara.model import ClaraModel
 from clara.records import reconstruction_example
@@ -30,8 +30,10 @@ def _truncate(tok, text: str, n: int) -> str:
 def test_generator_reads_the_memory_of_a_pretrained_base(scp_records):
     torch.manual_seed(0)
     chunks = list(dict.fromkeys(ex.chunks[0] for ex in scp_records))[:8]
+    # the base in bf16 where the processor has native bf16 (what dtype "auto" picks for users)
+    dtype = "bfloat16" if cpu_flags_have_bf16() else "float32"
     config = ClaraConfig(base_model="smollm2-135m", compression_rate=4, doc_max_tokens=32, device="cpu",
-                         lora=LoraSettings(r=16, alpha=32, dropout=0.0))
+                         dtype=dtype, lora=LoraSettings(r=16, alpha=32, dropout=0.0))
     model = ClaraModel.from_base(config)
     assert model.base_model.config.num_hidden_layers == 30
     # memory normalisation is on by default and follows the compressor as it trains
