@@ -29,8 +29,6 @@ def truncate(tok, text: str, n: int) -> str:
 
 def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
     """Reconstruction F1 own / wrong memory on ``chunks``; QA cover-EM / F1 own / wrong / closed-book."""
-    import torch
-
     from clara.metrics import cover_em, token_f1
 
     tok = model.tokenizer
@@ -62,7 +60,6 @@ def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
             out[f"qa_cover_em_{k}"] = sum(cover_em(p, g) for p, g in zip(preds, golds)) / len(golds)
             out[f"qa_f1_{k}"] = sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds)
         out["example_q"], out["example_gold"], out["example_answer"] = qs[0], golds[0], answers["own"][0]
-    del torch
     return out
 
 
@@ -136,14 +133,13 @@ def main(argv=None) -> dict:
         print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f} "
               f"{sec:.0f}s", flush=True)
 
-    before = None
     log = train(model, "scp", pool, settings, warmup_examples=warm, progress=progress)
     t_train = time.perf_counter() - t0
     res = {"label": a.label, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
            "loss_first": sum(log.losses[:5]) / 5, "loss_last": sum(log.losses[-5:]) / 5, "train_s": t_train,
            "held_out": probe(model, held, qa_held),
            "train_probe": {k: v for k, v in probe(model, train_chunks[:16], []).items() if k.startswith("recon")},
-           "before": before, "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d")}
     res["total_s"] = time.perf_counter() - t0
     if a.save:
         model.save_pretrained(a.save)
