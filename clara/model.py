@@ -122,10 +122,10 @@ class ClaraModel(nn.Module):
         """Fresh adapters on ``config.base_model`` (a hub name, a local directory or a named base)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = config.resolve_device()
-        dtype = config.resolve_dtype(device)
         from clara.bases import resolve_base
 
+        device = config.resolve_device()
+        dtype = config.resolve_dtype(device)
         source = resolve_base(config.base_model)  # a named base (smollm2-135m) becomes its local folder
         tok = AutoTokenizer.from_pretrained(source)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -275,28 +275,6 @@ class ClaraModel(nn.Module):
         x = states.float() - self.memory_center  # (..., M, D)
         x = x * (self.memory_scale / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return x.to(states.dtype)
-
-    @torch.no_grad()
-    def calibrate_memory(self, chunks: Sequence[str], batch_size: int = 16) -> None:
-        """Set the memory centre to the mean raw compressor state of ``chunks`` (no gradients).
-
-        Called before a compressor's training starts, so the first steps already see centred
-        memory; the running statistic then follows the compressor as it trains.
-        """
-        if self.config.memory_norm == "none":
-            return
-        was_training = self.training
-        self.eval()
-        try:
-            norm, self.config.memory_norm = self.config.memory_norm, "none"
-            try:
-                raw = self._encode_batched(list(chunks), "compressor", batch_size, self.config.doc_max_tokens)
-            finally:
-                self.config.memory_norm = norm
-            self.memory_center.copy_(raw.float().mean(0))
-            self.memory_center_steps.fill_(1)
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def _encode_batched(self, texts: Sequence[str], adapter: str, batch_size: int, max_tokens: int) -> torch.Tensor:

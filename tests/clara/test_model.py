@@ -142,8 +142,6 @@ def test_memory_normalisation_tracks_the_compressor_and_is_saved(make_model, chu
     compression_loss(model, [reconstruction_example(c) for c in chunks[:4]])
     assert int(model.memory_center_steps) == 1
     model.eval()
-    with model.adapter("compressor"):
-        pass
     # after one batch the centre is that batch's per-slot mean of the raw states
     model.config.memory_norm = "none"
     raw = model.compress(chunks[:4])
