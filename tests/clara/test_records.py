@@ -53,3 +53,26 @@ def test_file_errors_name_file_and_line(tmp_path):
     f.write_text("\n")
     with pytest.raises(RecordError, match="no records"):
         read_records(f, "scp")
+
+
+@pytest.mark.parametrize("line, where, field, words", [
+    (b'{"question": ["q"], "answers": ["a"], "docs": ["na\xefve"]}', 2, "<line>", "is not UTF-8: byte 0xef"),
+    (b'{"question": ["q"], "answers": ["a"], "docs": ["lone \\udbff"]}', 2, "docs[0]", "unpaired surrogate \\udbff"),
+    (b'{"question": "q \\ud800", "answers": ["a"], "docs": ["c"]}', 2, "question", "unpaired surrogate \\ud800"),
+    (b'{"question": ["q"], "answers": ["\\udc80"], "docs": ["c"]}', 2, "answers[0]", "unpaired surrogate \\udc80"),
+])
+def test_bad_bytes_and_surrogates_name_file_line_and_field(tmp_path, line, where, field, words):
+    good = json.dumps({"data_type": "qa", "question": ["q"], "answers": ["a"], "docs": ["c"]}).encode()
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(good + b"\n" + line + b"\n" + good + b"\n")
+    with pytest.raises(RecordError) as err:
+        read_records(f, "scp")
+    assert (err.value.where, err.value.field) == (f"{f}:{where}", field) and words in err.value.msg
+
+
+def test_an_empty_file_names_file_and_line(tmp_path):
+    f = tmp_path / "r.jsonl"
+    for content in (b"", b"\n \n"):
+        f.write_bytes(content)
+        with pytest.raises(RecordError, match=r"r\.jsonl:1: field '<file>': holds no records"):
+            read_records(f, "instruct")

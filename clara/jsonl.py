@@ -1,0 +1,78 @@
+"""JSON Lines input, with errors that name file, line and field.
+
+Shared by the corpus reader (:mod:`clara.corpus`) and the training-record reader (:mod:`clara.records`)
+so that both report a bad input file the same way. Without it a byte that is not UTF-8 surfaced as a
+bare ``UnicodeDecodeError`` from the file iterator, and a ``"\\ud800"`` escape (valid JSON, invalid
+Unicode) was accepted and only failed much later, inside the tokenizer or Arrow, with no file or line.
+
+The callers pass their own error class: any ``error(where, field, message)`` exception, where
+``where`` is ``"file:line"``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+#: ``error(where, field, message)``: the exception a reader raises (``DocumentError``, ``RecordError``).
+ErrorFactory = Callable[[str, str, str], Exception]
+
+_ESCAPED_BYTE = 0xDC00  # errors="surrogateescape" decodes an undecodable byte b to chr(0xDC00 + b)
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode, or ``None``.
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``); ``json.loads`` turns it into a ``str``
+    that cannot be encoded as UTF-8, so hashing, tokenising or writing it fails far from its source.
+    Checking the fields a reader keeps moves that failure to the file and line.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"contains an unpaired surrogate \\u{ord(text[e.start]):04x} at character {e.start + 1} "
+                "(not valid Unicode; fix the escape in the source)")
+    return None
+
+
+def _line_utf8_problem(line: str) -> str | None:
+    """Where a line read with ``errors="surrogateescape"`` held a byte that is not UTF-8, or ``None``."""
+    if line.isascii():
+        return None
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - _ESCAPED_BYTE
+        return f"is not UTF-8: byte 0x{byte:02x} at character {e.start + 1} (the file must be UTF-8 encoded)"
+    return None
+
+
+def read_jsonl(path: str | Path, error: ErrorFactory) -> Iterator[tuple[str, Any]]:
+    """``("file:line", object)`` for each non-blank line of a JSON Lines file.
+
+    Raises ``error(where, field, message)``, with ``field`` one of ``<line>`` (a byte that is not
+    UTF-8), ``<json>`` (not valid JSON) and ``<file>`` (no records at all: an empty or blank file,
+    reported at line 1, where the first record should be). The file is decoded with
+    ``surrogateescape`` so that a bad byte stops the reader at its own line, not at the next
+    read-ahead buffer.
+    """
+    path = Path(path)
+    records = 0
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            problem = _line_utf8_problem(line)
+            if problem:
+                raise error(where, "<line>", problem)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
+            records += 1
+            yield where, obj
+    if not records:
+        raise error(f"{path}:1", "<file>", "holds no records (the file is empty or blank)")
