@@ -84,6 +84,9 @@ def main(argv=None) -> dict:
                                                                    "(with --qa-mix)")
     p.add_argument("--mse-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: --seed); keep it when "
+                   "continuing a run with --init so the held-out chunks stay unseen")
+    p.add_argument("--init", type=Path, help="continue from a model directory saved by --save")
     p.add_argument("--save", type=Path, help="save the trained model here")
     p.add_argument("--out", type=Path, default=Path("memory_probe.jsonl"))
     p.add_argument("--label", default="")
@@ -100,7 +103,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(a.seed)
     records = read_records(a.data, "scp")
     chunks = sorted({ex.chunks[0] for ex in records})
-    random.Random(a.seed).shuffle(chunks)
+    random.Random(a.seed if a.split_seed is None else a.split_seed).shuffle(chunks)
     held, train_chunks = chunks[:a.held_out], chunks[a.held_out:a.held_out + a.train_chunks]
     held_set, train_set = set(held), set(train_chunks)
     qa_held = [ex for ex in records if ex.kind == "qa" and ex.chunks[0] in held_set]
@@ -111,7 +114,12 @@ def main(argv=None) -> dict:
                          lora=LoraSettings(r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0), memory_norm=a.memory_norm,
                          mse_weight=a.mse_weight, dtype=a.dtype)
     t0 = time.perf_counter()
-    model = ClaraModel.from_base(config, seed=a.seed)
+    if a.init:
+        model = ClaraModel.from_pretrained(a.init)
+        if model.config.doc_max_tokens != a.doc_max_tokens or model.config.compression_rate != a.rate:
+            p.error(f"--init {a.init}: rate / doc-max-tokens differ from the saved model's")
+    else:
+        model = ClaraModel.from_base(config, seed=a.seed)
     pool_chunks = list(train_chunks)
     if a.wiki:
         for d in load_wiki_summaries(limit=a.wiki * 2):

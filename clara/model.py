@@ -412,6 +412,20 @@ class ClaraModel(nn.Module):
         hit[keep] = (logits.argmax(-1) == target).float()
         return hit.sum(1) / keep.sum(1).clamp(min=1)
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions the base model was trained for (``max_position_embeddings``), if it says."""
+        return getattr(self.base_model.config, "max_position_embeddings", None)
+
+    def _room_for(self, prompt_len: int, max_new_tokens: int) -> int:
+        """``max_new_tokens`` capped so that prompt + answer fit the base model's context."""
+        limit = self.context_length
+        if limit is None:
+            return max_new_tokens
+        if prompt_len >= limit:
+            raise ValueError(f"the prompt takes {prompt_len} positions, the model's whole context ({limit})")
+        return min(max_new_tokens, limit - prompt_len)
+
     @torch.no_grad()
     def _generate(self, batch: GeneratorBatch, memory, adapter: str | None, max_new_tokens: int) -> list[str]:
         """Greedy decoding with a KV cache, from input embeddings (so memory slots work)."""
@@ -422,6 +436,7 @@ class ClaraModel(nn.Module):
             eos = self.tokenizer.eos_token_id
             with self.adapter(adapter):
                 embeds = self.generator_embeddings(batch, memory)
+                max_new_tokens = self._room_for(embeds.shape[1], max_new_tokens)
                 mask, pos = batch.attention_mask, batch.position_ids
                 decoder, head = self._decoder(), self.base_model.get_output_embeddings()
                 out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)

@@ -16,6 +16,7 @@ The Serve deployments (``serve/app.py``) are thin shells over this module; it ne
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,18 @@ import numpy as np
 import torch
 
 from clara.model import ClaraModel
-from clara.store import DEFAULT_TABLE, ChunkStore, IndexMismatchError, StoreSettings
+from clara.store import DEFAULT_TABLE, ChunkStore, IndexMismatchError, IndexNotFoundError, StoreSettings
+
+logger = logging.getLogger(__name__)
+
+
+class IndexUnavailableError(RuntimeError):
+    """The index cannot be read now (table dropped, being rebuilt, files missing). Transient: the
+    retriever reopens the table on its next refresh, so a restored or rebuilt table is served again."""
+
+
+class IndexEmptyError(IndexUnavailableError):
+    """The index holds no chunks: there is nothing to retrieve (the same in memory and text mode)."""
 
 #: A background for one question: chunk memory ``[k, n_mem, d]`` (compressed RAG) or chunk texts (plain-text RAG).
 Background = torch.Tensor | Sequence[str]
@@ -74,10 +86,19 @@ class Retriever:
     ``refresh_interval_s``: the table is moved to its latest version at most this often, on the next
     call (``0``: every call; ``None``: only by :meth:`refresh` with ``force=True``). Raises
     :class:`IndexMismatchError` when the index was not built by ``model``'s compressor.
+
+    A refresh opens the table afresh (``reopen``; default: the same uri and table name) rather than
+    moving the open handle: a table that was dropped and rebuilt (re-indexing with a new compressor)
+    is a new dataset the old handle cannot follow. The fresh handle replaces the served one when its
+    version differs (or on a forced refresh, or after a failed read), so the ANN index caches survive
+    quiet refreshes. While the table cannot be
+    read, calls raise :class:`IndexUnavailableError` and every refresh tries again: a restored table is
+    served without a restart. :meth:`health` probes all of it for readiness checks.
     """
 
     def __init__(self, model: ClaraModel, store: ChunkStore, *, candidates: int = 50,
-                 refresh_interval_s: float | None = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 refresh_interval_s: float | None = 5.0, clock: Callable[[], float] = time.monotonic,
+                 reopen: Callable[[], ChunkStore] | None = None) -> None:
         if candidates <= 0:
             raise ValueError(f"candidates must be positive, got {candidates}")
         if refresh_interval_s is not None and refresh_interval_s < 0:
@@ -88,8 +109,10 @@ class Retriever:
         self.candidates = int(candidates)
         self.refresh_interval_s = refresh_interval_s
         self.clock = clock
+        self._reopen = reopen or (lambda: ChunkStore.open(store.uri, None, table=store.name, create=False))
         self._lock = threading.RLock()
         self._checked_at = clock()
+        self._broken: Exception | None = None  # why the table cannot be read, until a refresh succeeds
 
     def __repr__(self) -> str:
         return (f"Retriever(store={self.store!r}, candidates={self.candidates}, "
@@ -105,8 +128,11 @@ class Retriever:
         """
         if not isinstance(model, ClaraModel):
             model = ClaraModel.from_pretrained(model, device=device)
-        store = ChunkStore.open(index_uri, None, table=table, create=False, storage_options=storage_options)
-        return cls(model, store, **kwargs)
+
+        def reopen() -> ChunkStore:
+            return ChunkStore.open(index_uri, None, table=table, create=False, storage_options=storage_options)
+
+        return cls(model, reopen(), reopen=reopen, **kwargs)
 
     # -- the index's version ------------------------------------------------------------------
     @property
@@ -115,15 +141,59 @@ class Retriever:
 
     def refresh(self, force: bool = False) -> int:
         """Move to the table's latest version if ``force`` or the refresh interval has passed; returns
-        the version now read. A table rewritten by another compressor raises :class:`IndexMismatchError`."""
+        the version now read. A table rewritten by another compressor raises :class:`IndexMismatchError`,
+        one that cannot be opened :class:`IndexUnavailableError` (both until a refresh succeeds)."""
         with self._lock:
             now = self.clock()
             due = self.refresh_interval_s is not None and now - self._checked_at >= self.refresh_interval_s
             if force or due:
-                self.store.refresh()
-                check_index(self.model, StoreSettings.from_metadata(self.store.table.schema.metadata))
                 self._checked_at = now
+                self._reload(swap=force)
+            if self._broken is not None:
+                raise self._broken
             return self.store.version
+
+    def _reload(self, swap: bool) -> None:
+        """Open the table afresh; serve the new handle if ``swap``, if the version moved, or after a failure
+        (a table rebuilt to the same version number is only told apart by reads failing: ``_read``)."""
+        try:
+            fresh = self._reopen()
+            check_index(self.model, fresh.settings)
+        except IndexMismatchError as exc:
+            self._broken = exc
+        except (IndexNotFoundError, OSError, RuntimeError, ValueError) as exc:  # lance reports I/O as these
+            self._broken = IndexUnavailableError(f"the index table {self.store.name!r} cannot be opened "
+                                                 f"({type(exc).__name__}: {str(exc)[:200]})")
+        else:
+            if swap or self._broken is not None or fresh.version != self.store.version:
+                self.store = fresh
+            if self._broken is not None:
+                logger.info("the index table %r can be read again (version %d)", self.store.name, fresh.version)
+            self._broken = None
+            return
+        logger.warning("index table %r unusable: %s", self.store.name, self._broken)
+
+    def _read(self, op: Callable[[], Any]) -> Any:
+        """Run a table read; a read error reopens the table once (it may have been rebuilt) and retries."""
+        self.refresh()
+        try:
+            return op()
+        except (KeyError, IndexMismatchError):
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:
+            logger.warning("index read failed (%s: %s); reopening the table", type(exc).__name__, str(exc)[:200])
+            self.refresh(force=True)
+            return op()
+
+    def health(self) -> dict[str, Any]:
+        """Probe the index as served: it opens, its compressor is the model's, it has rows. Raises
+        :class:`IndexMismatchError` / :class:`IndexUnavailableError` / :class:`IndexEmptyError`, else
+        returns :meth:`describe`. Serve's ``check_health`` and ``/readyz`` call it."""
+        with self._lock:
+            self.refresh(force=True)
+            if self.store.count() == 0:
+                raise IndexEmptyError(f"the index table {self.store.name!r} holds no chunks")
+            return self.describe()
 
     # -- retrieval -------------------------------------------------------------------------------
     def _memory_out(self, memory: np.ndarray) -> torch.Tensor:
@@ -148,11 +218,13 @@ class Retriever:
             raise ValueError(f"k must be positive, got {ks}")
         t0 = time.perf_counter()
         with self._lock:
-            self.refresh()
-            version = self.store.version
             query = self.model.encode_query(questions)  # (B, M, D)
             limit = max(ks)
-            results = self.store.search(query, k=limit, candidates=max(candidates or self.candidates, limit))
+            results = self._read(lambda: self.store.search(query, k=limit,
+                                                           candidates=max(candidates or self.candidates, limit)))
+            version = self.store.version
+        if results and not len(results[0].chunk_ids):
+            raise IndexEmptyError(f"the index table {self.store.name!r} holds no chunks")
         seconds = time.perf_counter() - t0
         out = []
         for res, kk, mem in zip(results, ks, mems):
@@ -167,8 +239,7 @@ class Retriever:
     def memory_of(self, chunk_ids: Sequence[str]) -> torch.Tensor:
         """Stored memory ``[n, n_mem, d]`` of these chunks (KeyError names the missing ones)."""
         with self._lock:
-            self.refresh()
-            return self._memory_out(self.store.get_memory(list(chunk_ids)))
+            return self._memory_out(self._read(lambda: self.store.get_memory(list(chunk_ids))))
 
     def compress(self, texts: Sequence[str]) -> torch.Tensor:
         """Chunks -> memory ``[n, n_mem, d]`` with the index's compressor (what indexing them would store,
@@ -222,4 +293,5 @@ def generate_answers(generator: Any, questions: Sequence[str], backgrounds: Sequ
     return [a if a is not None else "" for a in answers]
 
 
-__all__ = ["Background", "Retrieved", "Retriever", "check_index", "generate_answers"]
+__all__ = ["Background", "IndexEmptyError", "IndexUnavailableError", "Retrieved", "Retriever", "check_index",
+           "generate_answers"]

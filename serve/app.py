@@ -26,28 +26,41 @@ HTTP API:
 * ``POST /v1/decode`` ``{chunk_id | text, max_new_tokens?}`` -> ``{decoded, ...}``: a chunk's memory
   regenerated as text, to inspect a latent
 * ``POST /v1/reload``: pick up the newest index version now (on the retriever replica reached)
-* ``GET /healthz`` (the ingress is up), ``GET /readyz`` (retriever and generator answer; 503 if not)
+* ``GET /healthz`` (the ingress is up), ``GET /readyz`` (the index opens, matches the model and has rows,
+  and the generator answers; 503 if not)
 
-Bad requests get a 4xx whose ``detail`` says what is wrong; internal failures a 5xx with a request id
-and never a stack trace (that goes to the replica's log).
+Access: with ``$CLARA_API_TOKEN`` set in the ingress replicas' environment (``api_token_env``), the
+``/v1`` routes need ``Authorization: Bearer <token>``; the admin routes (``/v1/reload``, ``/v1/decode``:
+an expensive generation, an index operation) need ``$CLARA_ADMIN_TOKEN`` (``admin_token_env``) and are
+disabled without it. Tokens are compared in constant time and never read from the config file.
+``/healthz``, ``/readyz`` and ``/docs`` stay open (probes; ``docs: false`` removes the page).
+
+Bad requests get a 4xx whose ``detail`` says what is wrong (text that is not valid Unicode, a body over
+``max_body_bytes``: 413); internal failures a 5xx with a request id and never a stack trace (that goes
+to the replica's log). Requests are batched on the retriever and the generator; one request that fails
+inside a batch fails alone (the batch is retried item by item).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +72,8 @@ logger = logging.getLogger("ray.serve")
 
 APP_NAME = "clara"
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+#: Longest chunk id a request may name (ids are ``<doc_id>::<position>``); also caps what errors echo.
+MAX_ID_CHARS = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +93,7 @@ class NotFound(Exception):
 
 
 class AnswerRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: top_k "5" or true is an error
     question: str = Field(description="The question, in plain text.", examples=["Who founded the city?"])
     top_k: int | None = Field(None, description="Chunks the generator reads (default and limit: server config).")
     return_chunks: bool = Field(False, description="Include each retrieved chunk's text in the response.")
@@ -87,17 +102,20 @@ class AnswerRequest(BaseModel):
 
 
 class RetrieveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     question: str = Field(description="The question, in plain text.")
     top_k: int | None = Field(None, description="Chunks to return (default and limit: server config).")
     include_text: bool = Field(True, description="Include each chunk's text.")
 
 
 class DecodeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    chunk_id: str | None = Field(None, description="An indexed chunk: its stored memory is decoded.")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    chunk_id: str | None = Field(None, max_length=MAX_ID_CHARS,
+                                 description="An indexed chunk: its stored memory is decoded.")
     text: str | None = Field(None, description="A chunk's text: compressed by the served compressor, then decoded.")
-    max_new_tokens: int | None = Field(None, gt=0, le=4096, description="Length limit of the regenerated text.")
+    max_new_tokens: int | None = Field(None, gt=0, le=4096,
+                                       description="Length limit of the regenerated text (also capped by the "
+                                                   "model's context length).")
 
 
 class ChunkOut(BaseModel):
@@ -138,20 +156,123 @@ def _chunks(r, include_text: bool) -> list[ChunkOut]:
             for c, d, s, t in zip(r.chunk_ids, r.doc_ids, r.scores, r.texts)]
 
 
-def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
+def _short(text: str, n: int = 80) -> str:
+    """``text`` cut for an error message: a request must not be able to make the server echo megabytes."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
+def valid_text(field: str, value: str) -> str:
+    """``value`` if it encodes as UTF-8; a JSON ``\\ud800`` escape decodes to an unpaired surrogate that
+    the tokenizer cannot take, so it is refused here (422 naming ``field``), not deep inside a batch."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPException(422, f"{field}: not valid Unicode text (an unpaired surrogate at character "
+                                 f"{exc.start})") from None
+    return value
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Bearer tokens of the API: ``api`` guards the /v1 routes (None: open), ``admin`` the admin routes
+    (None: disabled). Read from the environment variables the settings name, never from the settings."""
+
+    api: str | None = None
+    admin: str | None = None
+    admin_env: str | None = None
+
+    @classmethod
+    def from_env(cls, settings: ServeSettings) -> Tokens:
+        def read(name: str | None) -> str | None:
+            return (os.environ.get(name) or None) if name else None
+
+        return cls(api=read(settings.api_token_env), admin=read(settings.admin_token_env),
+                   admin_env=settings.admin_token_env)
+
+
+def _matches(given: str | None, token: str | None) -> bool:
+    return given is not None and token is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the app sees it. A declared
+    Content-Length is checked up front; a body without one (chunked) is read here, up to the limit, and
+    handed on whole (the limit is small: request bodies are questions)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)  # the HTTP server holds the body to its length
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"detail": f"the request body is larger than {self.limit} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = None) -> FastAPI:
     """The FastAPI app over ``backend``, an object with the async methods ``retrieve(question, k,
     with_memory)``, ``generate(question, background)``, ``memory_of(chunk_id)``, ``compress(text)``,
     ``decode(memory, max_new_tokens)``, ``reload()`` and ``ready()`` (the ingress deployment; tests
-    pass a fake). Validation against ``settings``' limits happens here, before the backend is called.
+    pass a fake). Validation against ``settings``' limits and authentication (``tokens``; default: none,
+    every route but the admin ones open) happen here, before the backend is called.
     """
     s = settings
+    tokens = tokens or Tokens()
+    bearer = HTTPBearer(auto_error=False, description="CLARA_API_TOKEN (or the admin token) as a bearer token")
+
+    def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = creds.credentials if creds is not None else None
+        if tokens.api is not None and not (_matches(given, tokens.api) or _matches(given, tokens.admin)):
+            raise HTTPException(401, "a valid bearer token is required (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if tokens.admin is None:
+            raise HTTPException(403, f"admin routes are disabled: set ${tokens.admin_env or 'CLARA_ADMIN_TOKEN'} "
+                                     f"in the ingress replicas' environment to enable them")
+        if not _matches(creds.credentials if creds is not None else None, tokens.admin):
+            raise HTTPException(401, "this route needs the admin bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    docs = {} if s.docs else {"docs_url": None, "openapi_url": None}
     api = FastAPI(
+        redoc_url=None,
+        **docs,
         title="CLaRa on Ray",
         version="1",
         description="Compressed-latent RAG: the retriever sends the top-k chunks' memory tokens to the "
                     f"generator as tensors. Limits: question <= {s.max_question_chars} characters, "
-                    f"1 <= top_k <= {s.max_top_k}.",
+                    f"1 <= top_k <= {s.max_top_k}, body <= {s.max_body_bytes} bytes.",
     )
+    api.add_middleware(BodyLimit, limit=s.max_body_bytes)
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -181,7 +302,7 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
                                                                 f"the server log has the details"})
 
     def question_of(q: str) -> str:
-        q = q.strip()
+        q = valid_text("question", q).strip()
         if not q:
             raise HTTPException(422, "question is empty")
         if len(q) > s.max_question_chars:
@@ -199,7 +320,7 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
         return await asyncio.wait_for(coro, timeout=s.request_timeout_s)
 
     @api.post("/v1/answer", response_model=AnswerResponse, response_model_exclude_none=True,
-              summary="Answer a question from the top-k retrieved chunks")
+              summary="Answer a question from the top-k retrieved chunks", dependencies=[Depends(authorised)])
     async def answer(req: AnswerRequest) -> AnswerResponse:
         t0 = time.perf_counter()
         question, k = question_of(req.question), top_k_of(req.top_k)
@@ -222,7 +343,7 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
         )
 
     @api.post("/v1/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True,
-              summary="The top-k chunks for a question (exact CLaRa scores)")
+              summary="The top-k chunks for a question (exact CLaRa scores)", dependencies=[Depends(authorised)])
     async def retrieve(req: RetrieveRequest) -> RetrieveResponse:
         t0 = time.perf_counter()
         question, k = question_of(req.question), top_k_of(req.top_k)
@@ -232,13 +353,16 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
                                          "retrieve_batch": r.batch_size})
 
     @api.post("/v1/decode", response_model=DecodeResponse,
-              summary="Regenerate text from a chunk's memory tokens (inspect a latent)")
+              summary="Regenerate text from a chunk's memory tokens (inspect a latent; admin)",
+              dependencies=[Depends(admin)])
     async def decode(req: DecodeRequest) -> DecodeResponse:
         t0 = time.perf_counter()
         if (req.chunk_id is None) == (req.text is None):
             raise HTTPException(422, "give exactly one of chunk_id (an indexed chunk) or text (a chunk to compress)")
+        if req.chunk_id is not None:
+            valid_text("chunk_id", req.chunk_id)
         if req.text is not None:
-            if not req.text.strip():
+            if not valid_text("text", req.text).strip():
                 raise HTTPException(422, "text is empty")
             if len(req.text) > s.max_decode_chars:
                 raise HTTPException(422, f"text has {len(req.text)} characters; the limit is {s.max_decode_chars}")
@@ -247,7 +371,7 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
             if req.chunk_id is not None:
                 memory = await backend.memory_of(req.chunk_id)
                 if memory is None:
-                    raise NotFound(f"chunk {req.chunk_id!r} is not in the index")
+                    raise NotFound(f"chunk {_short(req.chunk_id)!r} is not in the index")
             else:
                 memory = await backend.compress(req.text)
             return memory, await backend.decode(memory, req.max_new_tokens or s.decode_max_new_tokens)
@@ -256,7 +380,7 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
         return DecodeResponse(chunk_id=req.chunk_id, decoded=decoded, n_mem=int(memory.shape[-2]),
                               timings={"total_ms": _ms(time.perf_counter() - t0)})
 
-    @api.post("/v1/reload", summary="Pick up the newest index version now")
+    @api.post("/v1/reload", summary="Pick up the newest index version now (admin)", dependencies=[Depends(admin)])
     async def reload() -> dict[str, int]:
         return {"index_version": await within_limit(backend.reload())}
 
@@ -264,7 +388,8 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="Readiness: the retriever and the generator answer")
+    @api.get("/readyz", summary="Readiness: the index is usable (opens, matches the model, has rows) and the "
+                                "generator answers")
     async def readyz() -> JSONResponse:
         try:
             info = await asyncio.wait_for(backend.ready(), timeout=min(10.0, s.request_timeout_s))
@@ -277,6 +402,26 @@ def create_api(backend: Any, settings: ServeSettings) -> FastAPI:
 
 # --------------------------------------------------------------------------------------------
 # the deployments
+
+
+def run_isolated(call: Callable[..., list], *columns: list) -> list:
+    """``call(*columns)`` for a batch; if it raises, each item again on its own, so a request that
+    breaks the batch (text the tokenizer refuses, a bad tensor) fails alone. A failed item's place
+    holds its exception (the ingress raises it for that request); the others hold their results."""
+    try:
+        return call(*columns)
+    except Exception as exc:
+        if len(columns[0]) == 1:
+            return [exc]
+        logger.warning("a batch of %d failed (%s: %s); retrying its items one by one", len(columns[0]),
+                       type(exc).__name__, str(exc)[:200])
+    out: list = []
+    for i in range(len(columns[0])):
+        try:
+            out += call(*[[c[i]] for c in columns])
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 def _set_threads(n: int) -> None:
@@ -301,9 +446,12 @@ class RetrieverDeployment:
         self.retrieve.set_max_batch_size(s.retriever.max_batch_size)
         self.retrieve.set_batch_wait_timeout_s(s.retriever.batch_wait_timeout_s)
 
+    def _retrieve(self, questions: list[str], ks: list[int], with_memory: list[bool]) -> list:
+        return self.retriever.retrieve(questions, ks, None, with_memory)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def retrieve(self, questions: list[str], ks: list[int], with_memory: list[bool]) -> list:
-        return await asyncio.to_thread(self.retriever.retrieve, questions, ks, None, with_memory)
+        return await asyncio.to_thread(run_isolated, self._retrieve, questions, ks, with_memory)
 
     async def memory_of(self, chunk_id: str):
         """``[n_mem, d]`` memory of one indexed chunk, or ``None`` if it is not in the index."""
@@ -320,11 +468,14 @@ class RetrieverDeployment:
         return await asyncio.to_thread(self.retriever.refresh, force)
 
     async def ready(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.retriever.describe)
+        """The index as served (see :meth:`Retriever.health`); its location is not disclosed."""
+        info = await asyncio.to_thread(self.retriever.health)
+        return {k: v for k, v in info.items() if k != "index_uri"}
 
     def check_health(self) -> None:
-        if self.retriever is None:
-            raise RuntimeError("the retriever is not loaded")
+        # Serve replaces a replica whose check fails: an index that cannot be read, was rebuilt by
+        # another compressor or is empty makes this one unhealthy rather than answering 500s.
+        self.retriever.health()
 
 
 @serve.deployment(name="Generator")
@@ -359,7 +510,7 @@ class GeneratorDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate(self, questions: list[str], backgrounds: list) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._generate, questions, backgrounds)
+        return await asyncio.to_thread(run_isolated, self._generate, questions, backgrounds)
 
     def _decode(self, memory, max_new_tokens: int | None) -> str:
         with self._lock:
@@ -374,7 +525,7 @@ class GeneratorDeployment:
                 "compression_rate": c.compression_rate, "device": str(self.model.device)}
 
     def check_health(self) -> None:
-        if self.engine is None:
+        if self.engine is None:  # the model is held in memory: nothing else can go stale
             raise RuntimeError("the generator is not loaded")
 
     def __del__(self) -> None:
@@ -390,6 +541,20 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
     return RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 
+def _index_unavailable(what: str, exc: BaseException) -> Unavailable | None:
+    """The 503 for an index the retriever cannot serve now, else None."""
+    from clara.retrieval import IndexEmptyError, IndexUnavailableError
+    from clara.store import IndexMismatchError
+
+    if isinstance(exc, IndexMismatchError):
+        return Unavailable(f"the {what} cannot serve its index: it was built by another compressor")
+    if isinstance(exc, IndexEmptyError):
+        return Unavailable(f"the index holds no chunks yet; the {what} has nothing to retrieve")
+    if isinstance(exc, IndexUnavailableError):
+        return Unavailable(f"the {what} cannot read its index now (rebuilt or missing); retry shortly")
+    return None
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
@@ -402,22 +567,25 @@ class Ingress:
         self._unavailable = _unavailable_types()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self, self.settings)
+        tokens = Tokens.from_env(self.settings)
+        if tokens.api is None:
+            logger.warning("$%s is not set: /v1/answer and /v1/retrieve are open to anyone who reaches the port",
+                           self.settings.api_token_env)
+        return create_api(self, self.settings, tokens)
 
     async def _call(self, what: str, response):
         """Await a handle call; failures of the deployment's replica become :class:`Unavailable`."""
         from ray.exceptions import RayTaskError
 
-        from clara.store import IndexMismatchError
-
         try:
-            return await response
+            result = await response
         except self._unavailable as exc:
             raise Unavailable(f"the {what} is unavailable ({type(exc).__name__}); retry shortly") from exc
         except RayTaskError as exc:
-            if isinstance(getattr(exc, "cause", None), IndexMismatchError) or isinstance(exc, IndexMismatchError):
-                raise Unavailable(f"the {what} cannot serve its index: it was built by another compressor") from exc
-            raise
+            raise _index_unavailable(what, getattr(exc, "cause", None) or exc) or exc
+        if isinstance(result, BaseException):  # this request's item failed in its batch (run_isolated)
+            raise _index_unavailable(what, result) or result
+        return result
 
     async def retrieve(self, question: str, k: int, with_memory: bool):
         return await self._call("retriever", self.retriever.retrieve.remote(question, k, with_memory))
@@ -506,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clara serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        print(json.dumps({"settings": settings.model_dump(mode="json"), "serve": opts}, indent=2))
+        print(json.dumps({"settings": settings.redacted(), "serve": opts}, indent=2))
         return 0
     import ray
 

@@ -6,6 +6,7 @@ A ``serve/config.yaml`` application's ``args`` (and ``clara serve``'s flags) onl
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Mode = Literal["memory", "text"]
+REDACTED = "***"
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|(^|_)KEY($|_)|AUTH", re.IGNORECASE)
 Engine = Literal["hf", "vllm"]
 
 
@@ -112,6 +115,17 @@ class ServeSettings(BaseModel):
                                                                  "many seconds (0: checked on every request; "
                                                                  "null: only POST /v1/reload).")
     request_timeout_s: float = Field(60.0, gt=0, description="A request still running after this gets a 504.")
+    max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest request body accepted (413 above it).")
+
+    api_token_env: str | None = Field(
+        "CLARA_API_TOKEN", description="Environment variable of the ingress replicas holding the bearer token "
+                                       "that /v1/answer and /v1/retrieve require (from a Kubernetes secret). "
+                                       "Unset or empty: those routes are open. Tokens never come from this file.")
+    admin_token_env: str | None = Field(
+        "CLARA_ADMIN_TOKEN", description="Environment variable holding the bearer token of the admin routes "
+                                         "(/v1/reload, /v1/decode). Unset or empty: those routes are disabled.")
+    docs: bool = Field(True, description="Serve /docs (Swagger UI; the page loads its script and style from the "
+                                         "jsdelivr CDN) and /openapi.json.")
 
     ingress: DeploymentSettings = Field(default_factory=_ingress_default)
     retriever: DeploymentSettings = Field(default_factory=_retriever_default)
@@ -126,6 +140,16 @@ class ServeSettings(BaseModel):
         if not self.model.strip() or not self.index_uri.strip():
             raise ValueError("model and index_uri must not be empty")
         return self
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON data with secrets masked: every storage option's value (object-store keys
+        and tokens live there) and every replica environment variable whose name looks like a secret."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = {k: REDACTED for k in data["storage_options"]}
+        for name in ("ingress", "retriever", "generator"):
+            env = data[name]["env_vars"]
+            data[name]["env_vars"] = {k: REDACTED if _SECRET_NAME.search(k) else v for k, v in env.items()}
+        return data
 
     def resolved(self, base: str | Path | None = None) -> ServeSettings:
         """A copy with relative local model and index paths made absolute (against ``base`` or the cwd)."""

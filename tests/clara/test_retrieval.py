@@ -111,3 +111,56 @@ def test_generate_answers_groups_mixed_backgrounds(indexed, corpus, scp_records)
         generate_answers(model, qs, backgrounds[:2])
     with pytest.raises(ValueError, match=r"\[k, n_mem, d\]"):
         generate_answers(model, qs[:1], [mem[0]])
+
+
+def _rebuild(uri, model, texts) -> ChunkStore:
+    """Drop the chunk table and build it again from ``texts`` with ``model``'s compressor (a re-index)."""
+    import lancedb
+
+    db = lancedb.connect(str(uri))
+    if "chunks" in db.table_names():
+        db.drop_table("chunks")
+    settings = StoreSettings(n_mem=model.config.n_mem, d=model.hidden_size,
+                             compressor_version=model.compressor_version(), key_dim=32)
+    store = ChunkStore.open(uri, settings)
+    store.upsert([{"chunk_id": f"r{i}::0", "doc_id": f"r{i}", "position": 0, "text": t, "memory": m}
+                  for i, (t, m) in enumerate(zip(texts, model.compress(texts)))])
+    return store
+
+
+def test_rebuilt_dropped_and_restored_tables_are_followed(indexed, corpus, make_model, scp_records):
+    """The table is dropped and rebuilt under a running retriever (a re-index with a new compressor),
+    then restored: every state is served or refused with the right error, never a stale handle."""
+    from clara.retrieval import IndexEmptyError, IndexUnavailableError
+
+    model, store = indexed
+    retriever = Retriever.open(model, store.uri, refresh_interval_s=0)
+    q = [scp_records[0].question]
+    assert len(retriever.retrieve(q, k=3)[0]) == 3 and retriever.health()["rows"] == 24
+
+    _rebuild(store.uri, model, corpus[:10])  # same compressor, new table: served at once
+    got = retriever.retrieve(q, k=3)[0]
+    assert all(c.startswith("r") for c in got.chunk_ids) and retriever.health()["rows"] == 10
+
+    import lancedb
+
+    lancedb.connect(str(store.uri)).drop_table("chunks")  # gone: a clear, transient error
+    with pytest.raises(IndexUnavailableError, match="cannot be opened"):
+        retriever.retrieve(q, k=3)
+    with pytest.raises(IndexUnavailableError):
+        retriever.health()
+
+    _rebuild(store.uri, make_model(seed=1), corpus[:10])  # rebuilt by another compressor: refused
+    with pytest.raises(IndexMismatchError, match="compressor_version"):
+        retriever.retrieve(q, k=3)
+    with pytest.raises(IndexMismatchError):
+        retriever.health()
+
+    _rebuild(store.uri, model, corpus)  # restored: served again, no new Retriever needed
+    assert len(retriever.retrieve(q, k=3)[0]) == 3 and retriever.health()["rows"] == 24
+
+    ChunkStore.open(store.uri, None, create=False).delete_chunks([f"r{i}::0" for i in range(24)])
+    with pytest.raises(IndexEmptyError, match="holds no chunks"):
+        retriever.retrieve(q, k=3)
+    with pytest.raises(IndexEmptyError):
+        retriever.health()

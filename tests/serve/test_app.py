@@ -119,16 +119,20 @@ class FakeBackend:
         return {"retriever": {}, "generator": {}}
 
 
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
 @pytest.fixture
 def api():
     from fastapi.testclient import TestClient
 
-    from serve.app import create_api
+    from serve.app import Tokens, create_api
 
     backend = FakeBackend()
     settings = ServeSettings(model="m", index_uri="i", max_question_chars=50, max_top_k=8, default_top_k=3,
-                             candidates=8)
-    with TestClient(create_api(backend, settings), raise_server_exceptions=False) as client:
+                             candidates=8, max_body_bytes=4096)
+    app = create_api(backend, settings, Tokens(admin="admin-secret"))
+    with TestClient(app, raise_server_exceptions=False, headers=ADMIN) as client:
         yield client, backend
 
 
@@ -171,6 +175,11 @@ def test_api_answer_retrieve_decode(api):
     ("/v1/decode", {"chunk_id": "c0", "text": "t"}, 422, "exactly one of chunk_id"),
     ("/v1/decode", {"chunk_id": "nope"}, 404, "'nope' is not in the index"),
     ("/v1/decode", {"text": "t", "max_new_tokens": 0}, 422, "max_new_tokens"),
+    # strict types: no coercion of booleans or strings into numbers
+    ("/v1/answer", {"question": "q", "top_k": True}, 422, "top_k"),
+    ("/v1/answer", {"question": "q", "top_k": "5"}, 422, "top_k"),
+    ("/v1/answer", {"question": "q", "return_chunks": "yes"}, 422, "return_chunks"),
+    ("/v1/decode", {"chunk_id": "x" * 600}, 422, "chunk_id"),
 ])
 def test_api_bad_requests_are_4xx_with_a_message(api, path, body, status, needle):
     client, backend = api
@@ -194,6 +203,123 @@ def test_api_malformed_json_and_internal_errors(api):
     backend.fail = Unavailable("the generator is unavailable (ActorDiedError); retry shortly")
     r = client.post("/v1/answer", json={"question": "q"})
     assert r.status_code == 503 and "retry" in r.json()["detail"] and r.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("path,raw,field", [
+    ("/v1/answer", b'{"question": "\\ud800 who"}', "question"),
+    ("/v1/retrieve", b'{"question": "who \\udfff"}', "question"),
+    ("/v1/decode", b'{"text": "a \\ud800 chunk"}', "text"),
+    ("/v1/decode", b'{"chunk_id": "c\\ud800"}', "chunk_id"),
+])
+def test_api_text_that_is_not_unicode_is_a_422_naming_the_field(api, path, raw, field):
+    client, backend = api
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]  # ours, or pydantic's for a constrained field: both name it
+    assert field in detail.split(":")[0] and "unicode" in detail.lower(), detail
+    assert not backend.calls
+
+
+def test_api_echoes_and_bodies_are_bounded(api):
+    client, _ = api
+    long_id = "y" * 500
+    r = client.post("/v1/decode", json={"chunk_id": long_id})
+    assert r.status_code == 404 and len(r.json()["detail"]) < 200 and "(500 characters)" in r.json()["detail"]
+    r = client.post("/v1/answer", json={"question": "q", "pad": "z" * 5000})
+    assert r.status_code == 413 and "4096 bytes" in r.json()["detail"]
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'{"question": "'
+        for _ in range(10):
+            yield b"w" * 1000
+        yield b'"}'
+
+    r = client.post("/v1/answer", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_api_bearer_tokens_guard_the_routes():
+    from fastapi.testclient import TestClient
+
+    from serve.app import Tokens, create_api
+
+    settings = ServeSettings(model="m", index_uri="i")
+    body = {"question": "q"}
+    with TestClient(create_api(FakeBackend(), settings, Tokens(api="user-token", admin="admin-token")),
+                    raise_server_exceptions=False) as client:
+        r = client.post("/v1/answer", json=body)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert client.post("/v1/answer", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.post("/v1/answer", json=body, headers={"Authorization": "Basic dXNlcg=="}).status_code == 401
+        user = {"Authorization": "Bearer user-token"}
+        assert client.post("/v1/answer", json=body, headers=user).status_code == 200
+        assert client.post("/v1/retrieve", json=body, headers=user).status_code == 200
+        assert client.post("/v1/answer", json=body, headers={"Authorization": "Bearer admin-token"}).status_code == 200
+        assert client.post("/v1/reload", headers=user).status_code == 401  # a user token is not an admin token
+        assert client.post("/v1/decode", json={"text": "t"}, headers=user).status_code == 401
+        assert client.post("/v1/reload", headers={"Authorization": "Bearer admin-token"}).json() == {"index_version": 8}
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        spec = client.get("/openapi.json").json()
+        assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    # no admin token configured: the admin routes are disabled, whatever the caller sends
+    with TestClient(create_api(FakeBackend(), settings, Tokens()), raise_server_exceptions=False) as client:
+        assert client.post("/v1/answer", json=body).status_code == 200  # no api token: open
+        r = client.post("/v1/decode", json={"text": "t"}, headers={"Authorization": "Bearer anything"})
+        assert r.status_code == 403 and "CLARA_ADMIN_TOKEN" in r.json()["detail"]
+        assert client.post("/v1/reload").status_code == 403
+    # tokens come from the environment variables the settings name
+    env = {"MY_TOKEN": "from-env"}
+    import os
+    old = {k: os.environ.pop(k, None) for k in ("MY_TOKEN", "CLARA_ADMIN_TOKEN")}
+    try:
+        os.environ.update(env)
+        tokens = Tokens.from_env(settings.model_copy(update={"api_token_env": "MY_TOKEN"}))
+        assert tokens.api == "from-env" and tokens.admin is None
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+    with TestClient(create_api(FakeBackend(), settings.model_copy(update={"docs": False}), Tokens()),
+                    raise_server_exceptions=False) as client:
+        assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
+
+
+def test_settings_printed_with_secrets_redacted(capsys, tmp_path):
+    import json
+
+    from serve.app import main
+
+    config = tmp_path / "app.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": "m", "index_uri": "s3://bucket/idx",
+        "storage_options": {"aws_access_key_id": "AKIAEXAMPLE", "aws_secret_access_key": "s3cr3t-value"},
+        "generator": {"env_vars": {"HF_TOKEN": "hf_secret_value", "OMP_NUM_THREADS": "2"}},
+    }))
+    assert main(["--check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t-value" not in out and "AKIAEXAMPLE" not in out and "hf_secret_value" not in out
+    settings = json.loads(out)["settings"]
+    assert settings["storage_options"] == {"aws_access_key_id": "***", "aws_secret_access_key": "***"}
+    assert settings["generator"]["env_vars"] == {"HF_TOKEN": "***", "OMP_NUM_THREADS": "2"}
+
+
+def test_run_isolated_fails_only_the_poisoned_item():
+    from serve.app import run_isolated
+
+    calls = []
+
+    def tokenise(texts, ks):
+        calls.append(len(texts))
+        if any("\ud800" in t for t in texts):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+        return [f"{t}:{k}" for t, k in zip(texts, ks)]
+
+    out = run_isolated(tokenise, ["a", "\ud800 b", "c"], [1, 2, 3])
+    assert out[0] == "a:1" and out[2] == "c:3" and isinstance(out[1], TypeError)
+    assert calls == [3, 1, 1, 1]  # the batch once, then each item alone
+    assert run_isolated(tokenise, ["a", "b"], [1, 2]) == ["a:1", "b:2"] and calls[-1] == 2
+    assert isinstance(run_isolated(tokenise, ["\ud800"], [1])[0], TypeError)
 
 
 def test_api_slow_backend_is_a_504():
@@ -247,8 +373,10 @@ def served(ray_session, tmp_path_factory, model_dir, scp_sample_path):
                             actors=1, num_cpus_per_actor=0.5))
     settings = ServeSettings(
         model=str(model_dir), index_uri=str(table), candidates=50, index_refresh_s=1.0, request_timeout_s=60,
-        # 0.1 + 2 x 0.25 + 2 x 0.5 CPUs at most: fits the test session's 2 CPUs
-        ingress={"num_cpus": 0.1, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+        # 0.1 + 2 x 0.25 + 2 x 0.5 CPUs at most: fits the test session's 2 CPUs. The tokens reach the
+        # ingress as a Kubernetes secret would: in its environment.
+        ingress={"num_cpus": 0.1, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                 "env_vars": {"CLARA_API_TOKEN": "served-user", "CLARA_ADMIN_TOKEN": "served-admin"}},
         retriever={"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
         generator={"num_cpus": 0.5, "health_check_period_s": 2.0,
                    "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
@@ -257,8 +385,9 @@ def served(ray_session, tmp_path_factory, model_dir, scp_sample_path):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(settings), name="clara", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            yield SimpleNamespace(client=client, table=str(table), settings=settings)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"Authorization": "Bearer served-admin"}) as client:
+            yield SimpleNamespace(client=client, table=str(table), settings=settings, port=port)
     finally:
         serve.shutdown()
 
@@ -329,7 +458,115 @@ def test_served_decode_and_bad_requests(served, local):
     assert served.client.get("/healthz").json() == {"status": "ok"}
     ready = served.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["retriever"]["rows"] == 80
+    assert served.table not in ready.text and "index_uri" not in ready.json()["retriever"]
     assert "/v1/answer" in served.client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.ray
+def test_served_routes_need_their_tokens(served):
+    import httpx
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{served.port}", timeout=60) as anonymous:
+        r = anonymous.post("/v1/answer", json={"question": "q"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        user = {"Authorization": "Bearer served-user"}
+        assert anonymous.post("/v1/retrieve", json={"question": "lighthouse"}, headers=user).status_code == 200
+        assert anonymous.post("/v1/reload", headers=user).status_code == 401
+        assert anonymous.post("/v1/decode", json={"text": "t"}, headers=user).status_code == 401
+        assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
+        r = anonymous.post("/v1/answer", content=b'{"question": "' + b"q" * 70000 + b'"}', headers=user)
+        assert r.status_code == 413
+
+
+@pytest.mark.ray
+def test_a_poisoned_request_fails_alone_in_its_batch(served, scp_records):
+    """Text the tokenizer refuses reaches the retriever's and the generator's batches beside valid
+    requests (straight through the deployment handles, past the ingress's own check): only it fails."""
+    from ray import serve
+
+    retriever = serve.get_deployment_handle("Retriever", app_name="clara")
+    generator = serve.get_deployment_handle("Generator", app_name="clara")
+    poison = "\ud800 who"
+    for _ in range(3):  # several rounds: batching is timing-dependent
+        questions = [ex.question for ex in scp_records[:8]]
+        calls = [retriever.retrieve.remote(q, 2, True) for q in questions[:4]] + \
+                [retriever.retrieve.remote(poison, 2, True)] + \
+                [retriever.retrieve.remote(q, 2, True) for q in questions[4:]]
+        results = [c.result(timeout_s=120) for c in calls]
+        assert isinstance(results[4], Exception)
+        good = results[:4] + results[5:]
+        assert all(len(r.chunk_ids) == 2 for r in good), [type(r) for r in good]
+        assert max(r.batch_size for r in good) >= 1
+        mem = good[0].memory
+        gens = [generator.generate.remote(q, mem) for q in questions[:3]] + [generator.generate.remote(poison, mem)]
+        out = [g.result(timeout_s=120) for g in gens]
+        assert all(isinstance(o, dict) and isinstance(o["answer"], str) for o in out[:3])
+        assert isinstance(out[3], Exception)
+
+
+@pytest.mark.ray
+def test_index_rebuilt_emptied_and_restored_under_a_running_app(served, model_dir, tmp_path_factory, scp_records):
+    """A second application over its own copy of the index: the table is rebuilt by another compressor,
+    restored, then emptied while the app runs. Unusable states answer 503 (and /readyz says so); the
+    restored table is served again without a restart."""
+    import dataclasses
+    import shutil
+
+    import httpx
+    import lancedb
+    from ray import serve
+
+    from clara.model import ClaraModel
+    from clara.store import ChunkStore
+    from serve.app import build_app
+
+    work = tmp_path_factory.mktemp("rebuild")
+    shutil.copytree(served.table, work / "db")
+    tiny = {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            # health checks are the library's (test_retrieval); here a replica must stay up to be observed
+            "health_check_period_s": 600}
+    settings = ServeSettings(model=str(model_dir), index_uri=str(work / "db"), index_refresh_s=0.5,
+                             ingress=tiny, retriever=tiny, generator=tiny)
+    serve.run(build_app(settings), name="clara-rebuild", route_prefix="/rebuild")
+    model = ClaraModel.from_pretrained(model_dir)
+    texts = list(dict.fromkeys(ex.chunks[0] for ex in scp_records))[:12]
+
+    def rebuild(compressor) -> None:  # what re-indexing into a dropped table does
+        old = ChunkStore.open(work / "db", None, create=False).settings
+        new = dataclasses.replace(old, compressor_version=compressor.compressor_version())
+        lancedb.connect(str(work / "db")).drop_table("chunks")
+        fresh = ChunkStore.open(work / "db", new)
+        fresh.upsert([{"chunk_id": f"r{i}::0", "doc_id": f"r{i}", "position": 0, "text": t, "memory": m}
+                      for i, (t, m) in enumerate(zip(texts, compressor.compress(texts)))])
+
+    def until(status: int, mode: str = "memory") -> httpx.Response:
+        deadline = time.monotonic() + 30
+        while True:
+            r = client.post("/v1/answer", json={"question": scp_records[0].question, "mode": mode})
+            if r.status_code == status or time.monotonic() > deadline:
+                return r
+            time.sleep(0.3)
+
+    try:
+        base = str(served.client.base_url).rstrip("/") + "/rebuild"
+        with httpx.Client(base_url=base, timeout=120) as client:
+            assert until(200).status_code == 200
+            other = ClaraModel.from_base(model.config, seed=7)  # another compressor
+            rebuild(other)
+            r = until(503)
+            assert r.status_code == 503 and "another compressor" in r.json()["detail"], r.text
+            assert client.get("/readyz").status_code == 503
+            rebuild(model)  # the right compressor again: served without a restart
+            r = until(200)
+            assert r.status_code == 200, r.text
+            assert client.get("/readyz").json()["retriever"]["rows"] == len(texts)
+            ChunkStore.open(work / "db", None, create=False).delete_chunks([f"r{i}::0" for i in range(len(texts))])
+            for mode in ("memory", "text"):  # an empty index: the same clear 503 in both modes
+                r = until(503, mode)
+                assert r.status_code == 503 and "holds no chunks" in r.json()["detail"], (mode, r.text)
+            assert client.get("/readyz").status_code == 503
+    finally:
+        serve.delete("clara-rebuild")
 
 
 @pytest.mark.ray
