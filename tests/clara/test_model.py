@@ -167,3 +167,15 @@ def test_memory_normalisation_tracks_the_compressor_and_is_saved(make_model, chu
     (tmp_path / "m" / "clara.json").write_text(json.dumps(manifest))
     old = ClaraModel.from_pretrained(tmp_path / "m")
     assert old.config.memory_norm == "none" and torch.allclose(old.compress(chunks[:4]), raw, atol=1e-6)
+
+
+def test_generation_is_capped_by_the_context(make_model, chunks):
+    """A caller asking for more tokens than the context holds (a served /v1/decode with 4096) gets what
+    fits, never positions the base model was not trained for."""
+    model = make_model()
+    limit = model.context_length
+    assert limit is not None and model._room_for(10, 10**6) == limit - 10 and model._room_for(10, 5) == 5
+    with pytest.raises(ValueError, match="whole context"):
+        model._room_for(limit, 1)
+    memory = model.compress(chunks[:1])
+    assert isinstance(model.decode_memory(memory, max_new_tokens=limit * 4)[0], str)
