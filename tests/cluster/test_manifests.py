@@ -430,7 +430,25 @@ def test_plain_kubernetes_objects_validate_against_the_kubernetes_schemas():
                 continue
             kv.validate(d, "1.30.0", strict=True)  # raises with the path of the bad field
             checked.append(d["kind"])
-    assert sorted(checked) == ["ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount"]
+    assert sorted(checked) == ["ConfigMap", "CronJob", "NetworkPolicy", "Role", "RoleBinding", "ServiceAccount"]
+
+
+def test_what_the_manifests_expose():
+    """The API tokens reach every pod an ingress replica can run on, from a required Secret; the
+    interactive cluster keeps the dashboard (job submission) on the pod; the Serve head is fenced."""
+    service = one("rayservice.yaml", "RayService")["spec"]["rayClusterConfig"]
+    for group in service["workerGroupSpecs"]:
+        refs = [e["secretRef"] for c in group["template"]["spec"]["containers"] for e in c.get("envFrom", [])]
+        assert {"name": "clara-serve-tokens"} in refs, group["groupName"]  # not optional: never open by accident
+    assert service["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # so no ingress replica on the head
+    assert one("raycluster.yaml", "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] \
+        == "127.0.0.1"
+    assert "--dashboard-host=127.0.0.1" in (CLUSTER / "cluster-launcher.yaml").read_text()
+    policy = one("rayservice.yaml", "NetworkPolicy")["spec"]
+    head_labels = {**service["headGroupSpec"]["template"]["metadata"]["labels"], "ray.io/node-type": "head"}
+    assert policy["podSelector"]["matchLabels"].items() <= head_labels.items()
+    open_ports = [r for r in policy["ingress"] if "from" not in r]
+    assert [p["port"] for r in open_ports for p in r["ports"]] == [8000]
 
 
 def test_the_plain_cronjob_may_create_rayjobs_and_nothing_more():
