@@ -256,8 +256,17 @@ class ClaraModel(nn.Module):
     # -- memory normalisation ---------------------------------------------------------------
     @torch.no_grad()
     def _track_memory_center(self, states: torch.Tensor) -> None:
-        """Fold a training batch's per-slot mean state ``[M, D]`` into the running centre."""
+        """Fold a training batch's per-slot mean state ``[M, D]`` into the running centre.
+
+        Under data parallelism the ranks' batch means are averaged first (one all-reduce of ``M x D``
+        floats per step), so every rank holds the same centre and any rank's saved model is the model.
+        """
         batch_mean = states.detach().float().mean(0)  # (M, D)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                torch.distributed.all_reduce(batch_mean)
+                batch_mean /= world
         if int(self.memory_center_steps) == 0:
             self.memory_center.copy_(batch_mean)
         else:

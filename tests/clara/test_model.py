@@ -179,3 +179,42 @@ def test_generation_is_capped_by_the_context(make_model, chunks):
         model._room_for(limit, 1)
     memory = model.compress(chunks[:1])
     assert isinstance(model.decode_memory(memory, max_new_tokens=limit * 4)[0], str)
+
+
+_CENTRE_RANK = r"""
+import os, sys, torch, torch.distributed as dist
+from clara.config import ClaraConfig, LoraSettings
+from clara.model import ClaraModel
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = ClaraModel.from_base(ClaraConfig(base_model=sys.argv[1], compression_rate=4, doc_max_tokens=64,
+                                         device="cpu", dtype="float32", lora=LoraSettings(r=4, alpha=8)), seed=0)
+n_mem, d = model.memory_center.shape
+for step in range(3):  # each rank sees its own batches: rank r's states are all r + step
+    model._track_memory_center(torch.full((2, n_mem, d), float(rank + step)))
+torch.save(model.memory_center.clone(), os.path.join(sys.argv[2], f"centre{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_memory_centre_is_the_same_on_every_data_parallel_rank(tiny_base, tmp_path):
+    """Two gloo ranks with different batches end with one centre: the EMA of the ranks' mean batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _CENTRE_RANK, str(tiny_base), str(tmp_path)],
+                              env={**env, "RANK": str(r)}) for r in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    c0, c1 = (torch.load(tmp_path / f"centre{r}.pt", weights_only=True) for r in range(2))
+    want = torch.tensor(0.5)  # step 0 sets the mean of ranks (0 + 1) / 2; then EMA towards 1.5, 2.5
+    for step_mean in (1.5, 2.5):
+        want = want + 0.05 * (step_mean - want)
+    assert torch.equal(c0, c1)
+    assert torch.allclose(c0, want.expand_as(c0), atol=1e-6)
