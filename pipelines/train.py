@@ -20,10 +20,11 @@ One run:
    fp32 on CPU, gradient accumulation up to the global batch, AdamW, warm-up + cosine-to-minimum)
    and trains on its shard of the data. Every ``report_every`` steps it reports loss, CE, MSE,
    tokens/s, lr (and Recall@k in stage 3); every ``checkpoint_every`` steps and at the end every
-   rank saves its DeepSpeed state and Ray merges them into one checkpoint.
+   rank saves its share of the training state and Ray merges them into one checkpoint
+   (safetensors and JSON, never pickle: see :mod:`pipelines.train_checkpoint`).
 3. A run started again under the same ``name`` and ``storage_path`` continues from its latest
-   checkpoint (step, optimizer, schedule, data position), and ``max_failures`` lets Ray restart a
-   failed worker group from it.
+   checkpoint (step, optimizer, schedule, random state, data position), and ``max_failures`` lets
+   Ray restart a failed worker group from it.
 4. rank 0 exports a model directory (consolidated weights; ZeRO-3 shards are gathered) that
    ``ClaraModel.from_pretrained`` loads; the driver prints a summary.
 """
@@ -55,7 +56,6 @@ STAGE_DEFAULTS: dict[str, dict[str, float]] = {
 #: Fields of a saved model that a job may change when it starts from ``init`` (they do not touch weights).
 INIT_OVERRIDES: tuple[str, ...] = ("top_k", "topk_temperature", "mse_weight", "max_new_tokens")
 DATA_SUFFIXES: tuple[str, ...] = ("jsonl", "json", "parquet")
-_CKPT_TAG = "deepspeed"
 _JOB_FILE = "clara_job.json"
 
 
@@ -578,7 +578,7 @@ def train_worker(job: dict) -> dict:
     from clara.records import reconstruction_example
     from clara.stages import prepare_stage
     from clara.train import configure_stage, lr_factor
-    from pipelines import compat
+    from pipelines import compat, train_checkpoint
 
     cfg, plan = TrainJobConfig(**job["config"]), TrainPlan(**job["plan"])
     rank, world, device = compat.worker_context()
@@ -612,8 +612,7 @@ def train_worker(job: dict) -> dict:
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "starts": []}
     if restored is not None:
         with restored.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=_CKPT_TAG, load_module_strict=False)
-        state.update(client["clara"])
+            state.update(train_checkpoint.load(engine, d, rank=rank, world=world))
         say(f"[{cfg.stage}] resumed from the checkpoint at step {state['step']}", flush=True)
     state["starts"].append(state["step"])
     say(f"[{cfg.stage}] {world} worker(s) on {device.type}, {precision}, ZeRO-{cfg.zero_stage}; "
@@ -682,8 +681,7 @@ def train_worker(job: dict) -> dict:
                     flush=True)
                 if checkpoint_now:
                     with tempfile.TemporaryDirectory() as d:
-                        engine.save_checkpoint(d, tag=_CKPT_TAG, client_state={"clara": state},
-                                               exclude_frozen_parameters=True)
+                        train_checkpoint.save(engine, d, rank=rank, world=world, client_state=state)
                         compat.report(metrics, checkpoint_dir=d)
                 else:
                     compat.report(metrics)

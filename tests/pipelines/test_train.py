@@ -9,6 +9,7 @@ injected on the way), stage 2 starts from stage 1's export and stage 3 from stag
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,16 @@ CPU_WORKERS = dict(num_workers=2, resources_per_worker={"CPU": 0.5}, torch_threa
 
 def quiet(*_):
     pass
+
+
+class Planted:
+    """A pickle that creates ``marker`` when unpickled: the stand-in for a pickled ``os.system`` call."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
 
 
 def tensors(model, *, adapter: str | None = None, base: bool = False) -> dict[str, torch.Tensor]:
@@ -70,12 +81,16 @@ def scp_file(workdir, scp_sample_path) -> Path:
     return path
 
 
+def stage1_settings(workdir: Path, scp_file: Path, tiny_base: Path) -> dict:
+    return dict(stage="scp", data=[str(scp_file)], model=dict(base_model=str(tiny_base), **TINY), name="s1",
+                storage_path=str(workdir / "runs"), steps=6, **CPU_WORKERS)
+
+
 @pytest.fixture(scope="module")
 def stage1(ray_session, workdir, scp_file, tiny_base):
     """An interrupted stage-1 run (a worker fails at step 3, no retries), then the same run
     started again: it resumes at step 2, survives a worker fault before step 5 and finishes."""
-    base = dict(stage="scp", data=[str(scp_file)], model=dict(base_model=str(tiny_base), **TINY), name="s1",
-                storage_path=str(workdir / "runs"), steps=6, **CPU_WORKERS)
+    base = stage1_settings(workdir, scp_file, tiny_base)
     with pytest.raises(Exception, match="injected fault"):
         run_train(TrainJobConfig(**base, fail_at_step=3, max_failures=0), out=quiet)
     summary = run_train(TrainJobConfig(**base, fail_at_step=5, max_failures=1), out=quiet)
@@ -95,6 +110,22 @@ def test_a_failed_worker_restarts_from_the_last_checkpoint_and_finishes(stage1):
     run = Path(stage1.run_dir)
     assert (run / "fault_injected_at_step_3").is_file() and (run / "fault_injected_at_step_5").is_file()
     assert stage1.checkpoint and Path(stage1.checkpoint).is_dir()
+
+
+@pytest.mark.ray
+def test_a_checkpoint_holding_pickles_is_refused_and_nothing_runs(stage1, workdir, scp_file, tiny_base):
+    """Whoever can write to storage_path plants pickles in the run's latest checkpoint, in every file a
+    resume reads and as a DeepSpeed file: the run started again refuses it, and no payload runs."""
+    checkpoint = Path(stage1.checkpoint)
+    files = sorted(p.name for p in checkpoint.iterdir() if not p.name.startswith("."))
+    assert {"train_state.json", "optimizer-rank0.safetensors", "optimizer-rank1.safetensors"} <= set(files)
+    for name in files + ["mp_rank_00_model_states.pt"]:
+        (checkpoint / name).write_bytes(pickle.dumps(Planted(workdir / f"ran-{name}")))
+    with pytest.raises(Exception, match="train_state.json: not a JSON training state"):
+        run_train(TrainJobConfig(**stage1_settings(workdir, scp_file, tiny_base)), out=quiet)
+    assert not list(workdir.glob("ran-*"))
+    pickle.loads((checkpoint / files[0]).read_bytes())  # the control: a payload runs when unpickled
+    assert (workdir / f"ran-{files[0]}").exists()
 
 
 @pytest.mark.ray
