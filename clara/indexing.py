@@ -9,23 +9,29 @@ The Ray job (:mod:`pipelines.index`) is a thin shell over this module:
    ``content_hash`` is salted with :func:`chunking_salt` (chunking settings + compressor version), so
    changing either re-compresses everything.
 3. :func:`plan_index` diffs the chunks against ``{chunk_id: content_hash}`` of the table: unchanged
-   chunks are skipped, new and changed ones are compressed, stale rows are listed for deletion.
+   chunks are skipped, new and changed ones are compressed, stale rows are listed for deletion;
+   :func:`check_deletions` refuses a plan that would delete more than a set fraction of the table.
 4. :class:`ChunkCompressor` (the body of the Ray actor) loads the model once and turns a batch of chunk
    rows into encoded index rows (memory in the storage dtype, ``key``), shape-checked.
 5. :class:`IndexWriter` upserts encoded rows (``merge_insert`` on ``chunk_id``), a few thousand per
    commit. Every commit is atomic and keyed on ``chunk_id``, and step 3 skips what a crashed run
    already committed, so a rerun after a crash ends with exactly one row per chunk.
 6. :func:`refresh_ann_index` builds the ANN index on ``key``, or folds new rows into the existing one.
+7. :func:`tag_version` tags the version a run ended on, so :func:`cleanup_index` (old untagged
+   versions, optionally all but the newest job tags) keeps every finished run's table restorable.
 
 This module never imports ``ray``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import itertools
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +49,7 @@ from clara.corpus import (
     parse_chunk_id,
     read_documents,
 )
-from clara.store import ANN_KINDS, ChunkStore, IndexMismatchError, StoreSettings, encode_batch
+from clara.store import ANN_KINDS, ChunkStore, CleanupReport, IndexMismatchError, StoreSettings, encode_batch
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +259,9 @@ class IndexPlan:
     #: Rows of the table that the source no longer has: positions past a document's new end, and
     #: (with ``delete_missing``) every chunk of a document gone from the source.
     stale_chunk_ids: list[str] = field(default_factory=list)
+    #: Of those, the rows of documents gone from the source, and how many such documents.
+    missing_rows: int = 0
+    missing_docs: int = 0
 
 
 def plan_index(chunks: Iterable[Chunk], existing: Mapping[str, str], *, delete_missing: bool = False) -> IndexPlan:
@@ -281,6 +290,7 @@ def plan_index(chunks: Iterable[Chunk], existing: Mapping[str, str], *, delete_m
         else:
             plan.changed += 1
     plan.read, plan.docs = len(seen), len(docs)
+    missing_docs: set[str] = set()
     for chunk_id in existing:
         if chunk_id in seen:
             continue
@@ -288,10 +298,57 @@ def plan_index(chunks: Iterable[Chunk], existing: Mapping[str, str], *, delete_m
             doc_id = parse_chunk_id(chunk_id)[0]
         except ValueError:  # not an id this job writes: only a full-source run may remove it
             doc_id = None
-        if delete_missing or doc_id in docs:
+        if doc_id in docs:
             plan.stale_chunk_ids.append(chunk_id)
+        elif delete_missing:
+            plan.stale_chunk_ids.append(chunk_id)
+            plan.missing_rows += 1
+            missing_docs.add(doc_id if doc_id is not None else chunk_id)
     plan.stale_chunk_ids.sort()
+    plan.missing_docs = len(missing_docs)
     return plan
+
+
+class DeletionGuardError(ValueError):
+    """A run would delete more of the table than its ``max_delete_fraction`` allows; nothing was written.
+
+    Why: a scheduled reindex with ``--delete-missing`` on a truncated corpus (3 documents) deleted
+    11,447 of 11,450 rows, and served replicas picked that up within seconds. A corpus that shrank
+    that much is far more often broken than meant.
+    """
+
+    def __init__(self, message: str, deleting: int, rows: int, max_fraction: float) -> None:
+        super().__init__(message)
+        self.deleting, self.rows, self.max_fraction = deleting, rows, max_fraction
+
+
+def check_deletions(plan: IndexPlan, table_rows: int, max_fraction: float) -> None:
+    """Raise :class:`DeletionGuardError` when ``plan`` deletes more than ``max_fraction`` of ``table_rows``.
+
+    Call it before anything is written, so that a refused run leaves the table as it was. The message
+    says why the rows would go (documents missing from the corpus, or shortened documents) and how to
+    allow it (``--max-delete-fraction``, the flag of ``clara index``).
+    """
+    if not 0.0 <= max_fraction <= 1.0:
+        raise ValueError(f"max_fraction must be within [0, 1], got {max_fraction!r}")
+    deleting = len(plan.stale_chunk_ids)
+    if not deleting or deleting <= max_fraction * table_rows:
+        return
+    fraction = deleting / table_rows
+    reasons = []
+    if plan.missing_rows:
+        reasons.append(f"{plan.missing_rows} rows of {plan.missing_docs} documents that are not in the corpus "
+                       f"(--delete-missing)")
+    if deleting - plan.missing_rows:
+        reasons.append(f"{deleting - plan.missing_rows} rows past the new end of shortened documents")
+    needed = math.ceil(fraction * 10_000) / 10_000
+    raise DeletionGuardError(
+        f"refusing to delete {deleting} of the table's {table_rows} rows ({fraction:.2%}), more than "
+        f"--max-delete-fraction {max_fraction:g} allows: {' and '.join(reasons)}; the corpus had {plan.docs} "
+        f"documents. Nothing was written. Check that the corpus is complete; if the deletion is intended, rerun "
+        f"with --max-delete-fraction {needed:g} (or 1)",
+        deleting=deleting, rows=table_rows, max_fraction=max_fraction,
+    )
 
 
 def chunks_table(chunks: Sequence[Chunk]) -> pa.Table:
@@ -468,18 +525,83 @@ def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebu
     return f"folded new rows into {key_index.name} ({n} rows) in {time.perf_counter() - t0:.1f}s"
 
 
+# --------------------------------------------------------------------------------------------
+# tags and cleanup of old versions
+
+#: Tags this job puts on versions: ``index-v<N>`` (the version a run ended on) and ``rollback-v<N>``.
+JOB_TAG = re.compile(r"^(index|rollback)-v(\d+)$")
+
+
+def tag_version(store: ChunkStore, kind: str = "index") -> str | None:
+    """Tag the store's current version ``<kind>-v<version>`` unless it already has a tag; returns the new tag.
+
+    Why: every commit is a version, and a run makes one per ``commit_rows``; the one it ended on is
+    the complete table worth keeping. :func:`cleanup_index` removes untagged versions and keeps
+    tagged ones, so the finished runs stay restorable while the partial commits between them go.
+    """
+    if kind not in ("index", "rollback"):
+        raise ValueError(f"kind must be 'index' or 'rollback', got {kind!r}")
+    version = store.version
+    if version in store.tags().values():
+        return None
+    name = f"{kind}-v{version}"
+    store.tag(name, version)
+    return name
+
+
+@dataclass(frozen=True)
+class CleanupSummary:
+    """What :func:`cleanup_index` did."""
+
+    versions_removed: int
+    bytes_removed: int
+    tags_removed: list[str]
+    versions_left: list[int]
+    tags: dict[str, int]
+
+    def format(self) -> str:
+        dropped = f", dropped tags {', '.join(self.tags_removed)}" if self.tags_removed else ""
+        tagged = ", ".join(f"{t}={v}" for t, v in sorted(self.tags.items(), key=lambda kv: kv[1])) or "none"
+        return (f"removed {self.versions_removed} versions ({self.bytes_removed / 2**20:.1f} MiB){dropped}; "
+                f"{len(self.versions_left)} versions left: {self.versions_left} (tagged: {tagged})")
+
+
+def cleanup_index(store: ChunkStore, older_than: dt.timedelta, keep_tags: int | None = None) -> CleanupSummary:
+    """Remove the table's untagged versions older than ``older_than`` (the latest always stays).
+
+    Tagged versions are kept. With ``keep_tags``, only the newest ``keep_tags`` of this job's tags
+    (:data:`JOB_TAG`) are kept and older ones are removed first, so their versions go too: without
+    it, storage still grows by one run's changes per run. Tags made by hand are never removed.
+    """
+    if keep_tags is not None and keep_tags < 0:
+        raise ValueError(f"keep_tags must be >= 0, got {keep_tags}")
+    removed: list[str] = []
+    if keep_tags is not None:
+        job_tags = sorted((v, t) for t, v in store.tags().items() if JOB_TAG.match(t))
+        for _, name in job_tags[: max(0, len(job_tags) - keep_tags)]:
+            store.untag(name)
+            removed.append(name)
+    report: CleanupReport = store.cleanup_versions(older_than)
+    return CleanupSummary(report.versions_removed, report.bytes_removed, removed, report.versions_left, store.tags())
+
+
 __all__ = [
     "CHUNK_COLUMNS",
+    "JOB_TAG",
     "SOURCE_FORMATS",
     "ChunkCompressor",
     "ChunkingSettings",
+    "CleanupSummary",
     "CompressorInfo",
+    "DeletionGuardError",
     "DocumentError",
     "IndexPlan",
     "IndexWriter",
     "WriteStats",
+    "check_deletions",
     "chunking_salt",
     "chunks_table",
+    "cleanup_index",
     "default_key_dim",
     "load_tokenizer",
     "plan_index",
@@ -489,5 +611,6 @@ __all__ = [
     "scp_documents",
     "source_chunks",
     "store_settings_for",
+    "tag_version",
     "work_blocks",
 ]

@@ -516,6 +516,15 @@ class SearchResult:
 
 
 @dataclass(frozen=True)
+class CleanupReport:
+    """What :meth:`ChunkStore.cleanup_versions` removed, and the versions left."""
+
+    versions_removed: int
+    bytes_removed: int
+    versions_left: list[int]
+
+
+@dataclass(frozen=True)
 class IndexReport:
     created: bool
     kind: str
@@ -789,13 +798,45 @@ class ChunkStore:
     def optimize(self, cleanup: bool = False, older_than: _dt.timedelta = _dt.timedelta(days=7)) -> int:
         """Compact files and fold new rows into the indices; returns the version afterwards.
 
-        Versions are kept (so :meth:`rollback` keeps working) unless ``cleanup=True``, which removes
-        versions older than ``older_than`` (``timedelta(0)``: all but the latest; only safe when no other
-        process reads an older version).
+        Versions are kept (so :meth:`rollback` keeps working) unless ``cleanup=True``, which then runs
+        :meth:`cleanup_versions` with ``older_than``.
         """
         keep_all = _dt.timedelta(days=365 * 100)  # lancedb would otherwise prune versions older than 7 days
-        self._table.optimize(cleanup_older_than=older_than if cleanup else keep_all)
+        self._table.optimize(cleanup_older_than=keep_all)
+        if cleanup:
+            self.cleanup_versions(older_than)
         return self.version
+
+    # ---- tags: versions that cleanup keeps
+
+    def tags(self) -> dict[str, int]:
+        """``{tag: version}`` of the table's tags."""
+        return {name: int(info["version"]) for name, info in self._table.tags.list().items()}
+
+    def tag(self, name: str, version: int | None = None) -> None:
+        """Tag ``version`` (default: the current one) as ``name``: a tagged version survives
+        :meth:`cleanup_versions` until the tag is removed. Names are letters, digits, ``.``, ``-``, ``_``."""
+        self._table.tags.create(name, int(self.version if version is None else version))
+
+    def untag(self, name: str) -> None:
+        """Remove a tag (its version becomes eligible for :meth:`cleanup_versions`)."""
+        self._table.tags.delete(name)
+
+    def cleanup_versions(self, older_than: _dt.timedelta) -> CleanupReport:
+        """Remove versions older than ``older_than`` and the files only they use; tagged versions and the
+        latest are kept, whatever their age.
+
+        Why not ``optimize(cleanup_older_than=...)``: lancedb's optimize refuses to run at all once a
+        tagged version is older than the window. A version that is removed can no longer be rolled back
+        to, and a reader pinned to it fails: keep ``older_than`` longer than any reader holds a version.
+        """
+        if older_than < _dt.timedelta(0):
+            raise ValueError(f"older_than must not be negative, got {older_than}")
+        self.refresh()  # the latest version is what cleanup keeps: see other handles' commits first
+        stats = self._table.to_lance().cleanup_old_versions(older_than, error_if_tagged_old_versions=False)
+        self.refresh()
+        return CleanupReport(versions_removed=int(stats.old_versions), bytes_removed=int(stats.bytes_removed),
+                             versions_left=[int(v["version"]) for v in self.versions()])
 
     # ---- indices
 
@@ -982,6 +1023,7 @@ __all__ = [
     "DTYPES",
     "METADATA_KEY",
     "ChunkStore",
+    "CleanupReport",
     "IndexMismatchError",
     "IndexNotFoundError",
     "IndexReport",

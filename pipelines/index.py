@@ -5,6 +5,7 @@
         --table-uri ./index --ann-index IVF_HNSW_SQ
     python -m pipelines.index versions --table-uri ./index
     python -m pipelines.index rollback 3 --table-uri ./index
+    python -m pipelines.index cleanup --table-uri ./index --older-than-days 7 --keep-tags 30
     ray job submit --working-dir . -- python -m pipelines.index --corpus /mnt/corpus/docs.parquet \\
         --model /mnt/models/stage3 --table-uri s3://bucket/clara/index --actors 8 --num-gpus-per-actor 1
 
@@ -16,20 +17,28 @@ directory or an object-store URI.
 1. driver: read the corpus, chunk it by tokens of the compressor's tokenizer, and diff the chunks'
    ``content_hash`` (salted with the chunking settings and the compressor version) against the table:
    unchanged chunks are skipped. Bad input fails here, naming file, line and field, before anything
-   is compressed or written.
+   is compressed or written; so does a run that would delete more than --max-delete-fraction of the
+   table (a truncated corpus with --delete-missing).
 2. Ray Data: the chunks to compress go through ``map_batches`` on a pool of actors, each of which
    loads the model once and returns encoded index rows (memory in the storage dtype, ``key``).
 3. driver: rows stream back (``iter_batches``) and are upserted on ``chunk_id`` a few thousand per
-   commit; then stale rows are deleted and the ANN index is built or refreshed.
+   commit; then stale rows are deleted, the ANN index is built or refreshed, and the version the run
+   ended on is tagged ``index-v<N>``.
 
 Rerunning is always safe: a run that crashes part-way leaves only whole commits, whose chunks the
 rerun skips, so the table ends with exactly one row per chunk. The summary reports the table version
-the run ended on; ``versions`` lists every version and ``rollback VERSION`` restores one.
+the run ended on; ``versions`` lists every version with its tags, ``rollback VERSION`` restores one
+(tagged ``rollback-v<N>``), and ``cleanup`` removes old untagged versions (each commit is a version;
+LanceDB keeps them all until then).
+
+Errors in the input or the settings print one line, ``clara index: <file>:<line>: field '<f>': <problem>``,
+and exit with status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
@@ -38,26 +47,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from clara.checkpoint import CheckpointError
+from clara.corpus import DocumentError
 from clara.indexing import (
     SOURCE_FORMATS,
     ChunkCompressor,
     ChunkingSettings,
+    CleanupSummary,
+    DeletionGuardError,
     IndexWriter,
     WriteStats,
+    check_deletions,
     chunking_salt,
+    cleanup_index,
     load_tokenizer,
     plan_index,
     read_compressor_info,
     refresh_ann_index,
     source_chunks,
     store_settings_for,
+    tag_version,
     work_blocks,
 )
-from clara.store import ANN_KINDS, DEFAULT_TABLE, DTYPES, ChunkStore, IndexNotFoundError
+from clara.store import ANN_KINDS, DEFAULT_TABLE, DTYPES, ChunkStore, IndexMismatchError, IndexNotFoundError
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+
+PROG = "clara index"
+#: Errors of the input, the settings or the table that a user fixes: one line and exit status 2, no
+#: traceback (that is for ``--debug``). ``FileNotFoundError`` covers a missing corpus or table.
+USER_ERRORS = (DocumentError, DeletionGuardError, IndexMismatchError, CheckpointError, FileNotFoundError)
+DEFAULT_MAX_DELETE_FRACTION = 0.1
 
 
 class IndexJobError(RuntimeError):
@@ -109,6 +131,9 @@ class IndexSettings:
     key_seed: int | None = None
     #: Delete the chunks of documents that are no longer in the corpus.
     delete_missing: bool = False
+    #: Refuse the run, before anything is written, if it would delete more than this fraction of the
+    #: table's rows (1.0: any deletion is allowed).
+    max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION
     #: Build (or refresh) an ANN index of this kind on ``key`` at the end; ``None``: none.
     ann_index: str | None = None
     #: Fewer rows than this: no ANN index is built (searches scan, exact).
@@ -153,6 +178,9 @@ class IndexSettings:
             raise ValueError("IndexSettings.num_cpus_per_actor must be > 0 and num_gpus_per_actor >= 0")
         if self.overlap < 0:
             raise ValueError(f"IndexSettings.overlap must be >= 0, got {self.overlap}")
+        if isinstance(self.max_delete_fraction, bool) or not 0.0 <= self.max_delete_fraction <= 1.0:
+            raise ValueError(f"IndexSettings.max_delete_fraction must be within [0, 1], "
+                             f"got {self.max_delete_fraction!r}")
         if self.delete_missing and self.limit is not None:
             raise ValueError("IndexSettings: delete_missing with limit would delete every document past the limit")
         if not self.table_name:
@@ -182,6 +210,8 @@ class IndexSummary:
     #: The version the run started from (roll back to it to undo the run).
     start_version: int
     ann: str = ""
+    #: The tag put on ``version`` (``index-v<N>``); empty when it was tagged already.
+    tag: str = ""
 
     def format(self) -> str:
         return (
@@ -189,7 +219,8 @@ class IndexSummary:
             f"{self.skipped} skipped (unchanged), {self.compressed} compressed ({self.new} new, {self.changed} "
             f"changed), {self.deleted} deleted; {self.rows} rows; {self.bytes_written / 2**20:.1f} MiB written in "
             f"{self.commits} commits; {self.seconds:.1f}s, {self.chunks_per_second:.1f} chunks/s; "
-            f"version {self.start_version} -> {self.version}" + (f"; ANN: {self.ann}" if self.ann else "")
+            f"version {self.start_version} -> {self.version}" + (f" (tagged {self.tag})" if self.tag else "")
+            + (f"; ANN: {self.ann}" if self.ann else "")
         )
 
 
@@ -215,8 +246,10 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     """Run one incremental index pass (see the module docstring); returns its :class:`IndexSummary`.
 
     Raises :class:`~clara.store.IndexMismatchError` (the table was built by another compressor or with
-    other storage settings), :class:`~clara.corpus.DocumentError` (bad input) before writing anything,
-    and :class:`IndexJobError` when compression fails part-way (committed rows stay; rerun to resume).
+    other storage settings), :class:`~clara.corpus.DocumentError` (bad input) and
+    :class:`~clara.indexing.DeletionGuardError` (more than ``max_delete_fraction`` of the table would be
+    deleted) before writing anything, and :class:`IndexJobError` when compression fails part-way
+    (committed rows stay; rerun to resume).
     """
     say = progress or logger.info
     t0 = time.perf_counter()
@@ -237,6 +270,7 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     chunks = source_chunks(s.corpus, tokenizer, chunking, salt, id_field=s.id_field, text_field=s.text_field,
                            limit=s.limit)
     plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
+    check_deletions(plan, len(existing), s.max_delete_fraction)
     if store is None:
         store = _open_store(s, settings, create=True)
     start_version = store.version
@@ -266,13 +300,14 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     if s.ann_index and (total or deleted or not any(list(i.columns) == ["key"] for i in store.list_indices())):
         ann = refresh_ann_index(store, s.ann_index, min_rows=s.ann_min_rows)
         say(f"[index] ANN index: {ann}")
+    tag = tag_version(store, "index") or ""
     seconds = time.perf_counter() - t0
     summary = IndexSummary(
         table_uri=s.table_uri, table_name=s.table_name, docs=plan.docs, chunks_read=plan.read, skipped=plan.skipped,
         compressed=writer.stats.rows, new=plan.new, changed=plan.changed, deleted=deleted, rows=store.count(),
         bytes_written=writer.stats.bytes, commits=writer.stats.commits, seconds=seconds,
         chunks_per_second=writer.stats.rows / seconds if seconds > 0 else 0.0, version=store.version,
-        start_version=start_version, ann=ann,
+        start_version=start_version, ann=ann, tag=tag,
     )
     say("[index] " + summary.format())
     return summary
@@ -320,16 +355,32 @@ def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter)
 # versions and rollback
 
 
+def _existing_store(table_uri: str, table_name: str, storage_options: dict | None) -> ChunkStore:
+    return ChunkStore.open(table_uri, None, table=table_name, create=False, storage_options=storage_options)
+
+
 def list_versions(table_uri: str, table_name: str = DEFAULT_TABLE, storage_options: dict | None = None) -> list[dict]:
-    """The table's versions, oldest first (``version``, ``timestamp``, ``metadata``)."""
-    store = ChunkStore.open(table_uri, None, table=table_name, create=False, storage_options=storage_options)
-    return store.versions()
+    """The table's versions, oldest first (``version``, ``timestamp``, ``metadata``, ``tags``: a sorted list)."""
+    store = _existing_store(table_uri, table_name, storage_options)
+    tags: dict[int, list[str]] = {}
+    for name, version in store.tags().items():
+        tags.setdefault(version, []).append(name)
+    return [{**v, "tags": sorted(tags.get(int(v["version"]), []))} for v in store.versions()]
 
 
 def rollback(table_uri: str, version: int, table_name: str = DEFAULT_TABLE, storage_options: dict | None = None) -> int:
-    """Restore the table's content to ``version`` (as a new version, returned); history is kept."""
-    store = ChunkStore.open(table_uri, None, table=table_name, create=False, storage_options=storage_options)
-    return store.rollback(version)
+    """Restore the table's content to ``version`` (as a new version, returned and tagged ``rollback-v<N>``);
+    history is kept."""
+    store = _existing_store(table_uri, table_name, storage_options)
+    new = store.rollback(version)
+    tag_version(store, "rollback")
+    return new
+
+
+def cleanup(table_uri: str, older_than: dt.timedelta, keep_tags: int | None = None, table_name: str = DEFAULT_TABLE,
+            storage_options: dict | None = None) -> CleanupSummary:
+    """Remove the table's untagged versions older than ``older_than`` (see :func:`clara.indexing.cleanup_index`)."""
+    return cleanup_index(_existing_store(table_uri, table_name, storage_options), older_than, keep_tags)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +394,29 @@ def _storage_option(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(kind: type) -> Callable[[str], float | int]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _table_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table-uri", required=True, help="LanceDB database: a local directory or an object-store URI")
     p.add_argument("--table-name", default=DEFAULT_TABLE, help="the chunk table in it")
@@ -350,13 +424,20 @@ def _table_args(p: argparse.ArgumentParser) -> None:
                    help="object-store option passed to LanceDB (repeatable), e.g. region=us-east-1")
 
 
+def _debug_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true",
+                   help="on an error in the input or settings, show the full traceback instead of one line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.index",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Subcommands: `versions --table-uri URI` lists the table's versions; "
-               "`rollback VERSION --table-uri URI` restores one (as a new version).",
+        epilog="Subcommands: `versions --table-uri URI` lists the table's versions and their tags; "
+               "`rollback VERSION --table-uri URI` restores one (as a new version); "
+               "`cleanup --table-uri URI [--older-than-days D] [--keep-tags N]` removes old untagged versions. "
+               "Each has its own --help.",
     )
     src = p.add_argument_group("corpus")
     src.add_argument("--corpus", required=True, help="JSONL, Parquet, .txt file, directory of .txt files or a glob; "
@@ -373,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--limit", type=int, help="index only the first N documents")
     src.add_argument("--delete-missing", action="store_true",
                      help="delete the chunks of documents no longer in the corpus")
+    src.add_argument("--max-delete-fraction", type=_fraction, default=DEFAULT_MAX_DELETE_FRACTION, metavar="F",
+                     help="refuse the run, before anything is written, if it would delete more than this fraction "
+                          "of the table's rows: a truncated corpus with --delete-missing would otherwise empty the "
+                          "index that replicas serve. 1 allows any deletion "
+                          f"(default: {DEFAULT_MAX_DELETE_FRACTION:g})")
 
     m = p.add_argument_group("compression (Ray Data actor pool)")
     m.add_argument("--model", required=True, help="CLaRa model directory (ClaraModel.save_pretrained)")
@@ -399,55 +485,125 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ann-min-rows", type=int, default=256, help="no ANN index below this many rows (default: 256)")
     t.add_argument("--commit-rows", type=int, default=8192, help="rows per upsert commit / version (default: 8192)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _debug_arg(p)
     return p
 
 
 def _versions_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.index versions", description="List the table's versions.")
+    p = argparse.ArgumentParser(prog="python -m pipelines.index versions",
+                                description="List the table's versions: version, time, tags, metadata.")
     _table_args(p)
+    _debug_arg(p)
     return p
 
 
 def _rollback_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.index rollback",
-                                description="Restore the table's content to VERSION; this writes a new version, "
-                                            "so the rollback itself can be undone.")
+                                description="Restore the table's content to VERSION; this writes a new version "
+                                            "(tagged rollback-v<N>), so the rollback itself can be undone.")
     p.add_argument("version", type=int)
     _table_args(p)
+    _debug_arg(p)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "versions":
-        a = _versions_parser().parse_args(argv[1:])
-        for v in list_versions(a.table_uri, a.table_name, dict(a.storage_option) or None):
-            print(f"{v['version']:>6}  {v['timestamp']}  {json.dumps(v.get('metadata') or {})}")
-        return 0
-    if argv and argv[0] == "rollback":
-        a = _rollback_parser().parse_args(argv[1:])
-        new = rollback(a.table_uri, a.version, a.table_name, dict(a.storage_option) or None)
-        print(f"restored version {a.version} of {a.table_uri}/{a.table_name} as version {new}")
-        return 0
-    if argv and argv[0] == "run":
-        argv = argv[1:]
-    a = build_parser().parse_args(argv)
+def _cleanup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.index cleanup",
+        description="Remove old untagged versions of the table and the files only they use. Every commit of a "
+                    "run is a version and LanceDB keeps them all, so storage grows with every run until this is "
+                    "run. The version each run ended on is tagged (index-v<N>, rollback-v<N>) and is kept, and so "
+                    "is the latest version. A removed version can no longer be rolled back to, and a reader "
+                    "still on it fails: keep --older-than-days above the longest time a reader holds a version.",
+    )
+    _table_args(p)
+    p.add_argument("--older-than-days", type=_non_negative(float), default=7.0, metavar="DAYS",
+                   help="retention: remove untagged versions older than this many days (default: 7)")
+    p.add_argument("--keep-tags", type=_non_negative(int), metavar="N",
+                   help="also drop this job's tags (index-v<N>, rollback-v<N>) except the newest N, so their "
+                        "versions go too once older than --older-than-days; tags made by hand are kept "
+                        "(default: keep every tag)")
+    _debug_arg(p)
+    return p
+
+
+def _settings_from_args(a: argparse.Namespace) -> IndexSettings:
+    return IndexSettings(
+        corpus=a.corpus, model=a.model, table_uri=a.table_uri, table_name=a.table_name, format=a.format,
+        id_field=a.id_field, text_field=a.text_field, title_field=a.title_field, chunk_tokens=a.chunk_tokens,
+        overlap=a.overlap, batch_size=a.batch_size, actors=a.actors, num_cpus_per_actor=a.num_cpus_per_actor,
+        num_gpus_per_actor=a.num_gpus_per_actor, threads_per_actor=a.threads_per_actor, device=a.device,
+        dtype=a.dtype, key_dim=a.key_dim, key_seed=a.key_seed, delete_missing=a.delete_missing,
+        max_delete_fraction=a.max_delete_fraction, ann_index=a.ann_index, ann_min_rows=a.ann_min_rows,
+        limit=a.limit, commit_rows=a.commit_rows, storage_options=dict(a.storage_option), ray_address=a.ray_address,
+        fail_after_batches=a.fail_after_batches, crash_after_commits=a.crash_after_commits,
+    )
+
+
+def _run(a: argparse.Namespace) -> int:
     try:
-        settings = IndexSettings(
-            corpus=a.corpus, model=a.model, table_uri=a.table_uri, table_name=a.table_name, format=a.format,
-            id_field=a.id_field, text_field=a.text_field, title_field=a.title_field, chunk_tokens=a.chunk_tokens,
-            overlap=a.overlap, batch_size=a.batch_size, actors=a.actors, num_cpus_per_actor=a.num_cpus_per_actor,
-            num_gpus_per_actor=a.num_gpus_per_actor, threads_per_actor=a.threads_per_actor, device=a.device,
-            dtype=a.dtype, key_dim=a.key_dim, key_seed=a.key_seed, delete_missing=a.delete_missing,
-            ann_index=a.ann_index, ann_min_rows=a.ann_min_rows, limit=a.limit, commit_rows=a.commit_rows,
-            storage_options=dict(a.storage_option), ray_address=a.ray_address,
-            fail_after_batches=a.fail_after_batches, crash_after_commits=a.crash_after_commits,
-        )
+        settings = _settings_from_args(a)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        return _user_error(exc)
     summary = run_index(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(asdict(summary)) if a.json else summary.format())
     return 0
+
+
+def _versions(a: argparse.Namespace) -> int:
+    for v in list_versions(a.table_uri, a.table_name, dict(a.storage_option) or None):
+        tags = ",".join(v["tags"]) or "-"
+        print(f"{v['version']:>6}  {v['timestamp']}  {tags}  {json.dumps(v.get('metadata') or {})}")
+    return 0
+
+
+def _rollback(a: argparse.Namespace) -> int:
+    try:
+        new = rollback(a.table_uri, a.version, a.table_name, dict(a.storage_option) or None)
+    except ValueError as exc:  # a version not in the table's history (or a table of other settings)
+        if a.debug:
+            raise
+        return _user_error(exc)
+    print(f"restored version {a.version} of {a.table_uri}/{a.table_name} as version {new} (tagged rollback-v{new})")
+    return 0
+
+
+def _cleanup(a: argparse.Namespace) -> int:
+    summary = cleanup(a.table_uri, dt.timedelta(days=a.older_than_days), a.keep_tags, a.table_name,
+                      dict(a.storage_option) or None)
+    print(f"cleanup {a.table_uri}/{a.table_name}: {summary.format()}")
+    return 0
+
+
+def _user_error(exc: BaseException) -> int:
+    """One line on stderr, ``clara index: <message>``, and exit status 2 (the traceback is for ``--debug``)."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 2
+
+
+_SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
+    "versions": (_versions_parser, _versions),
+    "rollback": (_rollback_parser, _rollback),
+    "cleanup": (_cleanup_parser, _cleanup),
+    "run": (build_parser, _run),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipelines.index [run|versions|rollback|cleanup] ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = argv[0] if argv and argv[0] in _SUBCOMMANDS else "run"
+    if argv and argv[0] == name:
+        argv = argv[1:]
+    make_parser, command = _SUBCOMMANDS[name]
+    args = make_parser().parse_args(argv)
+    try:
+        return command(args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        return _user_error(exc)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import numpy as np
@@ -11,8 +12,11 @@ from clara.corpus import Chunk, load_scp_chunks
 from clara.indexing import (
     ChunkCompressor,
     ChunkingSettings,
+    DeletionGuardError,
     IndexWriter,
+    check_deletions,
     chunking_salt,
+    cleanup_index,
     load_tokenizer,
     plan_index,
     read_compressor_info,
@@ -20,6 +24,7 @@ from clara.indexing import (
     scp_doc_id,
     source_chunks,
     store_settings_for,
+    tag_version,
     work_blocks,
 )
 from clara.store import ChunkStore, IndexMismatchError, StoreSettings, encode_batch
@@ -99,6 +104,78 @@ def test_plan_skips_unchanged_and_lists_stale_rows():
     assert full.stale_chunk_ids == ["a::2", "gone::0", "odd-id"]
     with pytest.raises(ValueError, match="'a::0'.*twice"):
         plan_index([_chunk("a", 0, "h"), _chunk("a", 0, "h")], {})
+
+
+def test_deletion_guard_refuses_a_plan_that_empties_the_table():
+    """11,447 of 11,450 rows went when a truncated corpus met --delete-missing; at 100 rows, 97 of them."""
+    existing = {f"d{i:03d}::{p}": "h" for i in range(50) for p in range(2)}  # 100 rows of 50 documents
+    truncated = [_chunk("d000", 0, "h"), _chunk("d000", 1, "h"), _chunk("d001", 0, "h")]
+    plan = plan_index(truncated, existing, delete_missing=True)
+    assert (len(plan.stale_chunk_ids), plan.missing_rows, plan.missing_docs) == (97, 96, 48)
+    with pytest.raises(DeletionGuardError) as refused:
+        check_deletions(plan, len(existing), 0.1)
+    msg = str(refused.value)
+    assert "refusing to delete 97 of the table's 100 rows (97.00%)" in msg
+    assert "--max-delete-fraction 0.1 allows" in msg and "rerun with --max-delete-fraction 0.97 (or 1)" in msg
+    assert "96 rows of 48 documents that are not in the corpus" in msg and "1 rows past the new end" in msg
+    assert (refused.value.deleting, refused.value.rows) == (97, 100)
+    check_deletions(plan, len(existing), 0.97)  # the override the message names is enough
+    check_deletions(plan, len(existing), 1.0)
+    # at the limit is allowed, one row past it is not; no deletion never trips the guard
+    ten = plan_index([c for i in range(45) for c in (_chunk(f"d{i:03d}", 0, "h"), _chunk(f"d{i:03d}", 1, "h"))],
+                     existing, delete_missing=True)
+    assert len(ten.stale_chunk_ids) == 10
+    check_deletions(ten, len(existing), 0.1)
+    with pytest.raises(DeletionGuardError, match="11 of the table's 100 rows"):
+        check_deletions(_shortened(11, existing), len(existing), 0.1)
+    without = plan_index(truncated, existing)  # without --delete-missing only d001::1 (d001 shrank) goes
+    assert without.stale_chunk_ids == ["d001::1"]
+    check_deletions(without, len(existing), 0.01)
+    with pytest.raises(ValueError, match="within"):
+        check_deletions(plan, 100, 1.5)
+
+
+def _shortened(n: int, existing: dict[str, str]):
+    """A plan over ``existing`` in which ``n`` documents lost their second chunk (deleted even without
+    --delete-missing, and guarded all the same)."""
+    drop = set(sorted(c for c in existing if c.endswith("::1"))[:n])
+    source = [_chunk(doc, int(pos), "h") for doc, pos in (c.split("::") for c in existing if c not in drop)]
+    return plan_index(source, existing)
+
+
+def test_runs_are_tagged_and_cleanup_keeps_tags_and_the_latest(tmp_path):
+    settings = StoreSettings(n_mem=4, d=16, compressor_version="v", key_dim=8)
+    store = ChunkStore.open(tmp_path / "db", settings)
+    rng = np.random.default_rng(0)
+
+    def commit(i: int) -> None:
+        meta = {"chunk_id": [f"d{i}::0"], "doc_id": [f"d{i}"], "position": [0], "text": [f"text {i}"]}
+        store.upsert(encode_batch(meta, rng.standard_normal((1, 4, 16)).astype(np.float32), settings))
+
+    runs = []
+    for run in range(3):  # each run: two commits, then its last version is tagged
+        commit(2 * run)
+        commit(2 * run + 1)
+        runs.append(store.version)
+        assert tag_version(store) == f"index-v{store.version}"
+        assert tag_version(store) is None  # already tagged: a rerun that wrote nothing adds no tag
+    store.tag("golden", runs[0])  # a tag made by hand
+    commit(99)  # a partial run: its version is untagged but the latest
+    before = [v["version"] for v in store.versions()]
+    assert before == list(range(1, runs[-1] + 2))
+
+    kept = cleanup_index(store, dt.timedelta(days=7))
+    assert kept.versions_removed == 0 and kept.versions_left == before
+    summary = cleanup_index(store, dt.timedelta(0))
+    assert summary.versions_left == [*runs, store.version] == [v["version"] for v in store.versions()]
+    assert summary.tags_removed == [] and summary.tags == {"index-v3": 3, "index-v5": 5, "index-v7": 7, "golden": 3}
+    assert summary.format().startswith("removed 4 versions (")  # 1, 2, 4, 6: the partial commits
+
+    bounded = cleanup_index(store, dt.timedelta(0), keep_tags=1)  # only the newest job tag stays
+    assert bounded.tags_removed == ["index-v3", "index-v5"] and bounded.tags == {"index-v7": 7, "golden": 3}
+    assert bounded.versions_left == [3, 7, store.version]  # v3 stays: it still has the hand-made tag
+    with pytest.raises(ValueError, match="kind"):
+        tag_version(store, "nightly")
 
 
 def test_work_blocks_sort_by_length_in_whole_batches():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -311,6 +313,35 @@ def test_rollback_restores_an_old_version(store):
     assert good in {v["version"] for v in store.versions()} and store.count() == 6
     store.upsert(rows(2, prefix="y"))
     assert store.count() == 8
+
+
+def test_cleanup_removes_old_untagged_versions_and_keeps_tagged_ones_and_the_latest(store):
+    for i in range(5):
+        store.upsert(rows(3, seed=i, prefix=f"r{i}-"))  # one version per upsert
+    versions = [v["version"] for v in store.versions()]
+    assert len(versions) == 6
+    kept = versions[2]
+    store.tag("run-a", kept)
+    assert store.tags() == {"run-a": kept}
+    young = store.cleanup_versions(dt.timedelta(days=1))  # the retention window holds every version
+    assert (young.versions_removed, young.versions_left) == (0, versions)
+
+    report = store.cleanup_versions(dt.timedelta(0))
+    assert report.versions_left == [kept, versions[-1]] == [v["version"] for v in store.versions()]
+    assert report.versions_removed == 4 and report.bytes_removed > 0
+    assert store.count() == 15
+    store.rollback(kept)  # the tagged version is still whole
+    assert store.count() == 6 and store.existing_hashes().keys() == {f"r{i}-{j}" for i in (0, 1) for j in range(3)}
+
+    # optimize(cleanup=True) goes through the same cleanup (lancedb's own prune refuses once a tag is old)
+    store.upsert(rows(2, prefix="late-"))
+    store.optimize(cleanup=True, older_than=dt.timedelta(0))
+    assert [v["version"] for v in store.versions()] == [kept, store.version]
+    store.untag("run-a")
+    assert store.tags() == {}
+    assert store.cleanup_versions(dt.timedelta(0)).versions_left == [store.version]
+    with pytest.raises(ValueError, match="negative"):
+        store.cleanup_versions(dt.timedelta(days=-1))
 
 
 def test_get_memory_order_and_missing_ids(store):

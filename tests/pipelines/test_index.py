@@ -7,6 +7,7 @@ job run takes ~10-15 s, most of it the actors importing torch and loading the mo
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from clara.corpus import DocumentError, load_scp_chunks
 from clara.indexing import IndexWriter, scp_doc_id
-from clara.store import ChunkStore, IndexMismatchError
+from clara.store import ChunkStore, IndexMismatchError, IndexNotFoundError
 from pipelines.index import IndexJobError, IndexSettings, list_versions, main, run_index
 
 pytestmark = pytest.mark.ray
@@ -236,16 +237,88 @@ def test_int8_index_round_trip_within_bound(ray_session, model_dir, scp_sample_p
     assert cos.min() > 0.9999
 
 
-def test_help_explains_the_flags():
+def test_help_explains_the_flags(capsys):
     out = subprocess.run([sys.executable, "-m", "pipelines.index", "--help"], capture_output=True, text=True,
                          timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     for flag in ("--corpus", "--format", "--model", "--table-uri", "--chunk-tokens", "--actors",
-                 "--num-gpus-per-actor", "--dtype", "--key-dim", "--delete-missing", "--ann-index", "--limit",
-                 "versions", "rollback"):
+                 "--num-gpus-per-actor", "--dtype", "--key-dim", "--delete-missing", "--max-delete-fraction",
+                 "--ann-index", "--limit", "--debug", "versions", "rollback", "cleanup"):
         assert flag in out.stdout
-    with pytest.raises(SystemExit, match="delete_missing with limit"):
-        main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--delete-missing", "--limit", "3"])
+    cleanup = subprocess.run([sys.executable, "-m", "pipelines.index", "cleanup", "--help"], capture_output=True,
+                             text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert "--older-than-days" in cleanup.stdout and "--keep-tags" in cleanup.stdout
+    assert main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--delete-missing", "--limit", "3"]) == 2
+    assert "delete_missing with limit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: out of range
+        main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--max-delete-fraction", "1.5"])
+
+
+@pytest.mark.parametrize("content, where, field, words", [
+    (b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "\xff\xfe"}\n', 2, "<line>", "is not UTF-8: byte 0xff"),
+    (b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "lone \\ud800"}\n', 2, "text", "unpaired surrogate \\ud800"),
+    (b"", 1, "<file>", "holds no records"),
+])
+def test_bad_corpus_is_one_line_naming_file_line_and_field_and_exit_2(model_dir, tmp_path, capsys, content, where,
+                                                                      field, words):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_bytes(content)
+    args = ["--corpus", str(corpus), "--model", str(model_dir), "--table-uri", str(tmp_path / "db")]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"clara index: {corpus}:{where}: field {field!r}: ") and words in err
+    with pytest.raises(DocumentError, match=f"{corpus.name}:{where}: field"):  # the traceback, on request
+        main([*args, "--debug"])
+    with pytest.raises(IndexNotFoundError):  # nothing was created
+        ChunkStore.open(tmp_path / "db", None, create=False)
+
+
+def test_truncated_corpus_with_delete_missing_is_refused_unless_allowed(ray_session, model_dir, scp_sample_path,
+                                                                         tmp_path, capsys):
+    """The incident: a scheduled reindex with --delete-missing met a truncated corpus and emptied the index."""
+    texts = load_scp_chunks(scp_sample_path)[:40]
+    corpus, table = tmp_path / "corpus.jsonl", tmp_path / "db"
+
+    def write(n: int) -> None:
+        lines = [json.dumps({"id": f"doc-{i:02d}", "text": t}) + "\n" for i, t in enumerate(texts[:n])]
+        corpus.write_text("".join(lines))
+
+    write(40)
+    first = run_index(_settings(corpus, model_dir, table, actors=1, commit_rows=32))
+    assert first.rows > 80 and first.commits >= 3 and first.tag == f"index-v{first.version}"
+    capsys.readouterr()  # Ray Data's progress lines
+    rows = _rows(table)
+    kept = sum(1 for r in rows.values() if r["doc_id"] in {"doc-00", "doc-01", "doc-02"})
+
+    write(3)  # the truncated export
+    args = ["--corpus", str(corpus), "--model", str(model_dir), "--table-uri", str(table), "--delete-missing"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"clara index: refusing to delete {first.rows - kept} of the "
+                                               f"table's {first.rows} rows (")
+    assert "more than --max-delete-fraction 0.1 allows" in err[0]
+    assert "37 documents that are not in the corpus" in err[0]
+    assert re.search(r"rerun with --max-delete-fraction 0\.\d+ \(or 1\)$", err[0])
+    store = ChunkStore.open(table, None, create=False)
+    assert store.count() == first.rows and store.version == first.version and _rows(table) == rows
+
+    assert main([*args, "--max-delete-fraction", "1", "--json"]) == 0  # the override
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["deleted"], summary["rows"], summary["compressed"]) == (first.rows - kept, kept, 0)
+    assert summary["tag"] == f"index-v{summary['version']}"
+
+    # every run's last version is tagged; cleanup drops the untagged commits between them, keeps the rest
+    listed = {v["version"]: v["tags"] for v in list_versions(str(table))}
+    assert listed[first.version] == [first.tag] and listed[summary["version"]] == [summary["tag"]]
+    assert len(listed) > 3
+    assert main(["cleanup", "--table-uri", str(table), "--older-than-days", "0"]) == 0
+    assert "versions left: [" in capsys.readouterr().out
+    assert [v["version"] for v in list_versions(str(table))] == [first.version, summary["version"]]
+    assert main(["rollback", str(first.version), "--table-uri", str(table)]) == 0  # a kept version restores
+    assert f"tagged rollback-v{summary['version'] + 1}" in capsys.readouterr().out and _rows(table) == rows
+    assert main(["rollback", "2", "--table-uri", str(table)]) == 2  # removed by the cleanup
+    assert "version 2 is not in the table's history" in capsys.readouterr().err
 
 
 @pytest.fixture
