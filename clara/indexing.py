@@ -223,8 +223,10 @@ def source_chunks(
     ``format="auto"``: JSONL, Parquet, ``.txt`` files or a directory of them (see
     :func:`clara.corpus.read_documents`), split into windows of ``chunk_tokens`` tokens sharing
     ``overlap``; with a ``title_field`` each chunk's text is ``title + "\\n" + window`` so the compressor
-    sees which document it belongs to. ``format="scp"``: the chunks of a stage-1 file, one per unique
-    ``docs[0]``, not re-split, ``doc_id`` from :func:`scp_doc_id`, position 0.
+    sees which document it belongs to, and the window is narrower by the title line's tokens so the whole
+    chunk stays within ``chunk_tokens`` (see :func:`clara.corpus.chunk_documents`). ``format="scp"``: the
+    chunks of a stage-1 file, one per unique ``docs[0]``, not re-split, ``doc_id`` from :func:`scp_doc_id`,
+    position 0.
     Malformed input raises :class:`~clara.corpus.DocumentError` naming file, line and field.
     """
     if chunking.format == "scp":

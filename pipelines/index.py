@@ -6,6 +6,8 @@
     python -m pipelines.index versions --table-uri ./index
     python -m pipelines.index rollback 3 --table-uri ./index
     python -m pipelines.index cleanup --table-uri ./index --older-than-days 7 --keep-tags 30
+    python -m pipelines.index --corpus docs.jsonl --model runs/model --table-uri ./index --delete-missing \\
+        --cleanup-older-than-days 7 --keep-tags 30      # a scheduled reindex that also bounds storage
     ray job submit --working-dir . -- python -m pipelines.index --corpus /mnt/corpus/docs.parquet \\
         --model /mnt/models/stage3 --table-uri s3://bucket/clara/index --actors 8 --num-gpus-per-actor 1
 
@@ -28,8 +30,8 @@ directory or an object-store URI.
 Rerunning is always safe: a run that crashes part-way leaves only whole commits, whose chunks the
 rerun skips, so the table ends with exactly one row per chunk. The summary reports the table version
 the run ended on; ``versions`` lists every version with its tags, ``rollback VERSION`` restores one
-(tagged ``rollback-v<N>``), and ``cleanup`` removes old untagged versions (each commit is a version;
-LanceDB keeps them all until then).
+(tagged ``rollback-v<N>``), and ``cleanup`` (or ``--cleanup-older-than-days`` on a run) removes old
+untagged versions (each commit is a version; LanceDB keeps them all until then).
 
 Errors in the input or the settings print one line, ``clara index: <file>:<line>: field '<f>': <problem>``,
 and exit with status 2; ``--debug`` shows the traceback instead.
@@ -108,7 +110,8 @@ class IndexSettings:
     format: str = "auto"
     id_field: str = "id"
     text_field: str = "text"
-    #: Prepended to each chunk's text (``title + "\n" + chunk``) when given.
+    #: Prepended to each chunk's text (``title + "\n" + chunk``) when given; the title's tokens come out of
+    #: the chunk's ``chunk_tokens`` (the compressor reads no more than that).
     title_field: str | None = None
     #: Tokens per chunk; ``None``: the model's ``doc_max_tokens`` (longer chunks would be truncated).
     chunk_tokens: int | None = None
@@ -134,6 +137,10 @@ class IndexSettings:
     #: Refuse the run, before anything is written, if it would delete more than this fraction of the
     #: table's rows (1.0: any deletion is allowed).
     max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION
+    #: After the run, remove untagged versions older than this many days (``None``: keep every version).
+    cleanup_older_than_days: float | None = None
+    #: With that cleanup, keep only the newest ``keep_tags`` of the job's tags (``None``: keep all).
+    keep_tags: int | None = None
     #: Build (or refresh) an ANN index of this kind on ``key`` at the end; ``None``: none.
     ann_index: str | None = None
     #: Fewer rows than this: no ANN index is built (searches scan, exact).
@@ -181,6 +188,12 @@ class IndexSettings:
         if isinstance(self.max_delete_fraction, bool) or not 0.0 <= self.max_delete_fraction <= 1.0:
             raise ValueError(f"IndexSettings.max_delete_fraction must be within [0, 1], "
                              f"got {self.max_delete_fraction!r}")
+        for name in ("cleanup_older_than_days", "keep_tags"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 0):
+                raise ValueError(f"IndexSettings.{name} must be >= 0, got {value!r}")
+        if self.keep_tags is not None and self.cleanup_older_than_days is None:
+            raise ValueError("IndexSettings.keep_tags applies to the cleanup: give cleanup_older_than_days too")
         if self.delete_missing and self.limit is not None:
             raise ValueError("IndexSettings: delete_missing with limit would delete every document past the limit")
         if not self.table_name:
@@ -212,6 +225,8 @@ class IndexSummary:
     ann: str = ""
     #: The tag put on ``version`` (``index-v<N>``); empty when it was tagged already.
     tag: str = ""
+    #: What the cleanup of old versions did (empty without ``cleanup_older_than_days``).
+    cleanup: str = ""
 
     def format(self) -> str:
         return (
@@ -220,7 +235,7 @@ class IndexSummary:
             f"changed), {self.deleted} deleted; {self.rows} rows; {self.bytes_written / 2**20:.1f} MiB written in "
             f"{self.commits} commits; {self.seconds:.1f}s, {self.chunks_per_second:.1f} chunks/s; "
             f"version {self.start_version} -> {self.version}" + (f" (tagged {self.tag})" if self.tag else "")
-            + (f"; ANN: {self.ann}" if self.ann else "")
+            + (f"; ANN: {self.ann}" if self.ann else "") + (f"; cleanup: {self.cleanup}" if self.cleanup else "")
         )
 
 
@@ -301,13 +316,17 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
         ann = refresh_ann_index(store, s.ann_index, min_rows=s.ann_min_rows)
         say(f"[index] ANN index: {ann}")
     tag = tag_version(store, "index") or ""
+    cleaned = ""
+    if s.cleanup_older_than_days is not None:
+        cleaned = cleanup_index(store, dt.timedelta(days=s.cleanup_older_than_days), s.keep_tags).format()
+        say(f"[index] cleanup: {cleaned}")
     seconds = time.perf_counter() - t0
     summary = IndexSummary(
         table_uri=s.table_uri, table_name=s.table_name, docs=plan.docs, chunks_read=plan.read, skipped=plan.skipped,
         compressed=writer.stats.rows, new=plan.new, changed=plan.changed, deleted=deleted, rows=store.count(),
         bytes_written=writer.stats.bytes, commits=writer.stats.commits, seconds=seconds,
         chunks_per_second=writer.stats.rows / seconds if seconds > 0 else 0.0, version=store.version,
-        start_version=start_version, ann=ann, tag=tag,
+        start_version=start_version, ann=ann, tag=tag, cleanup=cleaned,
     )
     say("[index] " + summary.format())
     return summary
@@ -448,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "chunk is a new document and --delete-missing drops the old one) (default: auto)")
     src.add_argument("--id-field", default="id", help="record field holding the document id (default: id)")
     src.add_argument("--text-field", default="text", help="record field holding the text (default: text)")
-    src.add_argument("--title-field", help="record field with a title, prepended to each chunk's text")
+    src.add_argument("--title-field", help="record field with a title, prepended to each chunk's text; its tokens "
+                                           "count against --chunk-tokens (the text window is that much shorter)")
     src.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: the model's doc_max_tokens)")
     src.add_argument("--overlap", type=int, default=0, help="tokens shared by neighbouring chunks (default: 0)")
     src.add_argument("--limit", type=int, help="index only the first N documents")
@@ -484,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(any case; skipped below --ann-min-rows)")
     t.add_argument("--ann-min-rows", type=int, default=256, help="no ANN index below this many rows (default: 256)")
     t.add_argument("--commit-rows", type=int, default=8192, help="rows per upsert commit / version (default: 8192)")
+    t.add_argument("--cleanup-older-than-days", type=_non_negative(float), metavar="DAYS",
+                   help="after the run, remove untagged versions older than this many days, as the cleanup "
+                        "subcommand does (default: keep every version)")
+    _keep_tags_arg(t)
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     _debug_arg(p)
     return p
@@ -519,12 +543,16 @@ def _cleanup_parser() -> argparse.ArgumentParser:
     _table_args(p)
     p.add_argument("--older-than-days", type=_non_negative(float), default=7.0, metavar="DAYS",
                    help="retention: remove untagged versions older than this many days (default: 7)")
-    p.add_argument("--keep-tags", type=_non_negative(int), metavar="N",
-                   help="also drop this job's tags (index-v<N>, rollback-v<N>) except the newest N, so their "
-                        "versions go too once older than --older-than-days; tags made by hand are kept "
-                        "(default: keep every tag)")
+    _keep_tags_arg(p)
     _debug_arg(p)
     return p
+
+
+def _keep_tags_arg(p) -> None:
+    p.add_argument("--keep-tags", type=_non_negative(int), metavar="N",
+                   help="with the cleanup, also drop this job's tags (index-v<N>, rollback-v<N>) except the newest "
+                        "N, so that their versions go too and storage stays bounded; tags made by hand are kept "
+                        "(default: keep every tag)")
 
 
 def _settings_from_args(a: argparse.Namespace) -> IndexSettings:
@@ -534,7 +562,8 @@ def _settings_from_args(a: argparse.Namespace) -> IndexSettings:
         overlap=a.overlap, batch_size=a.batch_size, actors=a.actors, num_cpus_per_actor=a.num_cpus_per_actor,
         num_gpus_per_actor=a.num_gpus_per_actor, threads_per_actor=a.threads_per_actor, device=a.device,
         dtype=a.dtype, key_dim=a.key_dim, key_seed=a.key_seed, delete_missing=a.delete_missing,
-        max_delete_fraction=a.max_delete_fraction, ann_index=a.ann_index, ann_min_rows=a.ann_min_rows,
+        max_delete_fraction=a.max_delete_fraction, cleanup_older_than_days=a.cleanup_older_than_days,
+        keep_tags=a.keep_tags, ann_index=a.ann_index, ann_min_rows=a.ann_min_rows,
         limit=a.limit, commit_rows=a.commit_rows, storage_options=dict(a.storage_option), ray_address=a.ray_address,
         fail_after_batches=a.fail_after_batches, crash_after_commits=a.crash_after_commits,
     )

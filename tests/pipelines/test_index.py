@@ -248,8 +248,11 @@ def test_help_explains_the_flags(capsys):
     cleanup = subprocess.run([sys.executable, "-m", "pipelines.index", "cleanup", "--help"], capture_output=True,
                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert "--older-than-days" in cleanup.stdout and "--keep-tags" in cleanup.stdout
+    assert "--cleanup-older-than-days" in out.stdout
     assert main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--delete-missing", "--limit", "3"]) == 2
     assert "delete_missing with limit" in capsys.readouterr().err
+    assert main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--keep-tags", "3"]) == 2
+    assert "keep_tags applies to the cleanup" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: out of range
         main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--max-delete-fraction", "1.5"])
 
@@ -319,6 +322,13 @@ def test_truncated_corpus_with_delete_missing_is_refused_unless_allowed(ray_sess
     assert f"tagged rollback-v{summary['version'] + 1}" in capsys.readouterr().out and _rows(table) == rows
     assert main(["rollback", "2", "--table-uri", str(table)]) == 2  # removed by the cleanup
     assert "version 2 is not in the table's history" in capsys.readouterr().err
+
+    # a scheduled run can clean up too; --keep-tags 1 drops the older job tags, so only the newest run stays
+    assert main([*args, "--max-delete-fraction", "1", "--cleanup-older-than-days", "0", "--keep-tags", "1",
+                 "--json"]) == 0
+    last = json.loads(capsys.readouterr().out)
+    assert last["compressed"] == 0 and last["rows"] == kept and "dropped tags index-v" in last["cleanup"]
+    assert [(v["version"], v["tags"]) for v in list_versions(str(table))] == [(last["version"], [last["tag"]])]
 
 
 @pytest.fixture
