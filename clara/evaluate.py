@@ -58,23 +58,6 @@ class EvalSettings:
             raise ValueError("top_k, batch_size and recall_ks must be positive")
 
 
-def clara_ranker(model) -> Ranker:
-    """Rank candidates as the served retriever does: query reasoner vs compressor memory."""
-
-    def rank(questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
-        unique = list(dict.fromkeys(c for cands in candidates for c in cands))
-        memory = model.compress(unique)  # (U, M, D)
-        pos = {c: i for i, c in enumerate(unique)}
-        query = model.encode_query(list(questions))  # (B, M, D)
-        out = []
-        for i, cands in enumerate(candidates):
-            rows = memory[[pos[c] for c in cands]]
-            out.append(model.score(query[i:i + 1], rows)[0].tolist())
-        return out
-
-    return rank
-
-
 def _topk(scores: Sequence[float], k: int) -> list[int]:
     return sorted(range(len(scores)), key=lambda j: (-scores[j], j))[:k]
 

@@ -412,15 +412,6 @@ class ClaraModel(nn.Module):
         logits, target, _ = self._answer_logits(batch.to(self.device), memory)
         return F.cross_entropy(logits.float(), target), int(target.numel())
 
-    @torch.no_grad()
-    def answer_token_accuracy(self, questions: Sequence[str], memory: torch.Tensor, answers: Sequence[str]):
-        """Teacher-forced accuracy ``[B]`` of the answer tokens given memory ``[B, k, M, D]``."""
-        batch = self.build_generator_batch(questions, memory.shape[1], answers).to(self.device)
-        logits, target, keep = self._answer_logits(batch, memory)
-        hit = torch.zeros(keep.shape, device=self.device)
-        hit[keep] = (logits.argmax(-1) == target).float()
-        return hit.sum(1) / keep.sum(1).clamp(min=1)
-
     @property
     def context_length(self) -> int | None:
         """Positions the base model was trained for (``max_position_embeddings``), if it says."""

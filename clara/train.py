@@ -75,10 +75,6 @@ def configure_stage(model, stage: str) -> list[torch.nn.Parameter]:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_TRAINABLE)}")
     adapters, mem = STAGE_TRAINABLE[stage]
     model.set_trainable(adapters, base=model.config.train_base and stage != "e2e", memory_embeddings=mem)
-    # Touch every adapter once so PEFT's per-adapter requires_grad flips settle before we collect.
-    for a in adapters:
-        with model.adapter(a):
-            pass
     return [p for p in model.parameters() if p.requires_grad]
 
 
