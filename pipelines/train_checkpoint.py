@@ -31,6 +31,7 @@ from typing import Any
 
 FORMAT = 1
 STATE_FILE = "train_state.json"
+_STATE_KEYS = {"layout", "client", "lr_scheduler", "counters"}
 WEIGHTS_FILE = "trainable.safetensors"
 #: Entries of a DeepSpeed optimizer's state that are objects, not data; a resume keeps the live
 #: optimizer's own: the loss scaler (fp16 is not offered, so it is the static scale 1 of every fresh
@@ -38,6 +39,8 @@ WEIGHTS_FILE = "trainable.safetensors"
 _LIVE_ENTRIES = ("loss_scaler", "param_slice_mappings")
 #: The keys the JSON encoding marks tensors, tuples and dicts with non-string keys by.
 _TAGS = ("__tensor__", "__tuple__", "__items__")
+#: DeepSpeed's step counters (the engine's, not the optimizer's), restored as DeepSpeed's own load does.
+_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
 class CheckpointError(RuntimeError):
@@ -56,7 +59,7 @@ def rng_file(rank: int) -> str:
 def save(engine, directory: str | Path, *, rank: int, world: int, client_state: dict[str, Any]) -> None:
     """Write this rank's share of the training state of a DeepSpeed ``engine`` to ``directory``.
 
-    Every rank calls it (each writes its own optimizer partition); no collective runs.
+    Every rank calls it: each writes its own optimizer partition (and ZeRO-3 gathers with the others).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -69,14 +72,14 @@ def save(engine, directory: str | Path, *, rank: int, world: int, client_state: 
         _write_tree(directory / WEIGHTS_FILE, {n: p.detach() for n, p in _trainable(engine.module).items()})
     state = {"format": FORMAT, "layout": _layout(engine, world), "client": client_state,
              "lr_scheduler": engine.lr_scheduler.state_dict(),
-             "counters": {k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps")}}
+             "counters": {k: getattr(engine, k) for k in _COUNTERS}}
     (directory / STATE_FILE).write_text(json.dumps(_encode(state, None, STATE_FILE), indent=1) + "\n")
 
 
 def _layout(engine, world: int) -> dict[str, Any]:
-    """What the optimizer files depend on: the partitions follow the world size, ZeRO stage and optimizer."""
+    """What the files depend on: the partitions follow the world size and ZeRO stage, the dtypes the precision."""
     return {"world_size": world, "zero_stage": int(engine.zero_optimization_stage()),
-            "optimizer": type(engine.optimizer).__name__}
+            "precision": "bf16" if engine.bfloat16_enabled() else "fp32", "optimizer": type(engine.optimizer).__name__}
 
 
 def _trainable(module) -> dict[str, Any]:
@@ -129,8 +132,8 @@ def load(engine, directory: str | Path, *, rank: int, world: int) -> dict[str, A
     with _checkpoint_event(engine.optimizer):
         _restore_optimizer(engine.optimizer, _read_tree(directory / optimizer_file(rank)), rank, world)
     engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    for k, v in state["counters"].items():
-        setattr(engine, k, v)
+    for k in _COUNTERS:
+        setattr(engine, k, int(state["counters"][k]))
     rng = _read_tree(directory / rng_file(rank))
     torch.set_rng_state(rng["cpu"])
     if "accelerator" in rng:
@@ -152,9 +155,9 @@ def _read_state(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: no {STATE_FILE}; not a checkpoint of this job")
     try:
         state = _decode(json.loads(path.read_text(encoding="utf-8")), {}, path)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, TypeError) as e:  # not UTF-8, not JSON, or not this encoding
         raise CheckpointError(f"{path}: not a JSON training state ({e}); refusing to load it") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not _STATE_KEYS <= state.keys():
         raise CheckpointError(f"{path}: not a format-{FORMAT} training state of this job")
     return state
 
@@ -208,9 +211,9 @@ def _read_tree(path: Path) -> Any:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             skeleton = json.loads((f.metadata() or {})["clara"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+        return _decode(skeleton, tensors, path)
+    except (SafetensorError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a safetensors file of this job ({e!r}); refusing to load it") from None
-    return _decode(skeleton, tensors, path)
 
 
 def _encode(obj: Any, tensors: dict[str, Any] | None, where: str) -> Any:

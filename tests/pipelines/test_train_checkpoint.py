@@ -5,6 +5,7 @@ model with dropout under every ZeRO stage and precision the job can configure, s
 an engine built afresh and restored from the files must continue exactly as the original did. Then
 each file of such a checkpoint in turn is replaced by a pickle whose unpickling would create a
 marker file, and so is an old DeepSpeed checkpoint: every one is refused, and no marker appears.
+A checkpoint of another ZeRO stage is refused too (the optimizer files hold each rank's partition).
 """
 
 from __future__ import annotations
@@ -100,9 +101,14 @@ def _attempt(engine, directory: Path, rank: int) -> str | None:
 
 
 def _plant(src: Path, dest: Path, name: str, marker: Path) -> None:
+    """A copy of the checkpoint ``src`` whose file ``name`` is a pickle."""
     shutil.copytree(src, dest)
-    (dest / name).parent.mkdir(parents=True, exist_ok=True)
-    (dest / name).write_bytes(pickle.dumps(Payload(marker)))
+    _plant_file(dest / name, marker)
+
+
+def _plant_file(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(Payload(marker)))
 
 
 def _rank_main(out: Path) -> None:
@@ -114,7 +120,7 @@ def _rank_main(out: Path) -> None:
     rank = dist.get_rank()
     from pipelines import train_checkpoint
 
-    report: dict = {"resume": {}, "refused": {}}
+    report: dict = {"resume": {}, "tampered": {}}
     for zero, precision in CONFIGS:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         g = torch.Generator().manual_seed(rank)  # each rank its own data
@@ -134,19 +140,20 @@ def _rank_main(out: Path) -> None:
     zero, precision = TAMPERED_CONFIG
     good = out / f"ckpt-{zero}-{precision}"
     engine = _engine(zero, precision)
-    for name in sorted(p.name for p in good.iterdir()) + ["old"]:
-        tampered = out / f"tampered-{name}"
-        if rank == 0 and name == "old":
-            tampered.mkdir()
-            (tampered / "latest").write_text("deepspeed")
-            for old in OLD_FILES:
-                (tampered / old).parent.mkdir(exist_ok=True)
-                (tampered / old).write_bytes(pickle.dumps(Payload(out / f"marker-{Path(old).name}")))
-        elif rank == 0:
-            _plant(good, tampered, name, out / f"marker-{name}")
+    for name in sorted(p.name for p in good.iterdir()):
+        if rank == 0:
+            _plant(good, out / f"tampered-{name}", name, out / f"marker-{name}")
         dist.barrier()
-        report["refused"][name] = _attempt(engine, tampered, rank)
+        report["tampered"][name] = _attempt(engine, out / f"tampered-{name}", rank)
         dist.barrier()
+    if rank == 0:
+        (out / "old").mkdir()
+        (out / "old" / "latest").write_text("deepspeed")
+        for old in OLD_FILES:
+            _plant_file(out / "old" / old, out / f"marker-{Path(old).name}")
+    dist.barrier()
+    report["old"] = _attempt(engine, out / "old", rank)
+    report["other_layout"] = _attempt(_engine(1, precision), good, rank)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
@@ -159,15 +166,21 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(WORLD):
+    procs, logs = [], [out / f"rank{rank}.log" for rank in range(WORLD)]
+    for rank, log in enumerate(logs):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+        with log.open("w") as f:  # a file, not a pipe: a rank blocked on a full pipe would hang the other
+            procs.append(subprocess.Popen([sys.executable, __file__, str(out)], cwd=ROOT, env=env, stdout=f,
+                                          stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, code in enumerate(codes):
+        assert code == 0, f"rank {rank} failed:\n{logs[rank].read_text()[-4000:]}"
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -188,13 +201,13 @@ def test_the_payload_runs_when_unpickled(tmp_path):
 
 def test_every_checkpoint_file_holding_a_pickle_is_refused_and_nothing_runs(ranks):
     out, reports = ranks
-    files = [name for name in reports[0]["refused"] if name != "old"]
+    files = list(reports[0]["tampered"])
     assert sorted(files) == sorted(["train_state.json", "trainable.safetensors", "optimizer-rank0.safetensors",
                                     "optimizer-rank1.safetensors", "rng-rank0.safetensors", "rng-rank1.safetensors"])
     for name in files:
         readers = [r for r in range(WORLD) if "rank" not in name or name.endswith(f"rank{r}.safetensors")]
         for rank in readers:
-            error = reports[rank]["refused"][name]
+            error = reports[rank]["tampered"][name]
             assert error and name in error and "refusing to load" in error, (rank, name, error)
         assert not (out / f"marker-{name}").exists()
 
@@ -202,9 +215,14 @@ def test_every_checkpoint_file_holding_a_pickle_is_refused_and_nothing_runs(rank
 def test_an_old_deepspeed_checkpoint_is_refused_and_not_unpickled(ranks):
     out, reports = ranks
     for report in reports:
-        assert "DeepSpeed's pickle format" in report["refused"]["old"]
-        assert "start the run again under a new name" in report["refused"]["old"]
+        assert "DeepSpeed's pickle format" in report["old"]
+        assert "start the run again under a new name" in report["old"]
     assert not list(out.glob("marker-*.pt"))
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused(ranks):
+    for report in ranks[1]:
+        assert "'zero_stage': 2" in report["other_layout"] and "resume with the num_workers" in report["other_layout"]
 
 
 if __name__ == "__main__":
