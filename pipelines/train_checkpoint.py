@@ -244,6 +244,7 @@ def _encode(obj: Any, tensors: dict[str, Any] | None, where: str) -> Any:
 
 
 def _decode(obj: Any, tensors: dict[str, Any], where: Path) -> Any:
+    """The inverse of :func:`_encode`: it builds only dicts, lists, tuples, scalars and the file's tensors."""
     if isinstance(obj, list):
         return [_decode(v, tensors, where) for v in obj]
     if not isinstance(obj, dict):
