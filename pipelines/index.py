@@ -43,6 +43,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -429,8 +430,8 @@ def _non_negative(kind: type) -> Callable[[str], float | int]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"expected a non-negative {kind.__name__}, got {text!r}")
+        if not 0 <= value < math.inf:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"expected a finite, non-negative {kind.__name__}, got {text!r}")
         return value
 
     return parse
