@@ -60,6 +60,8 @@ class Retrieved:
     #: Wall time of this question's batch in the retriever (encode + search), in milliseconds.
     seconds: float = 0.0
     batch_size: int = 1
+    #: Tokens of the chunks' text (what ``memory`` stands in for in the generator's context).
+    text_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.chunk_ids)
@@ -223,8 +225,10 @@ class Retriever:
             results = self._read(lambda: self.store.search(query, k=limit,
                                                            candidates=max(candidates or self.candidates, limit)))
             version = self.store.version
-        if results and not len(results[0].chunk_ids):
-            raise IndexEmptyError(f"the index table {self.store.name!r} holds no chunks")
+            if results and not len(results[0].chunk_ids):
+                raise IndexEmptyError(f"the index table {self.store.name!r} holds no chunks")
+            # under the lock: a fast tokenizer shared between threads can fail ("Already borrowed")
+            counts = self._token_counts([t for res, kk in zip(results, ks) for t in res.texts[:kk]])
         seconds = time.perf_counter() - t0
         out = []
         for res, kk, mem in zip(results, ks, mems):
@@ -233,8 +237,17 @@ class Retriever:
                 scores=[float(s) for s in res.scores[:kk]],
                 memory=self._memory_out(res.memory[:kk]) if mem else None,
                 index_version=version, seconds=seconds, batch_size=n,
+                text_tokens=sum(counts[:len(res.texts[:kk])]),
             ))
+            counts = counts[len(res.texts[:kk]):]
         return out
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        limit = self.model.config.doc_max_tokens  # what the compressor read of each chunk
+        if not texts:
+            return []
+        ids = self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [min(len(x), limit) for x in ids]
 
     def memory_of(self, chunk_ids: Sequence[str]) -> torch.Tensor:
         """Stored memory ``[n, n_mem, d]`` of these chunks (KeyError names the missing ones)."""

@@ -61,6 +61,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -156,6 +157,28 @@ def _chunks(r, include_text: bool) -> list[ChunkOut]:
             for c, d, s, t in zip(r.chunk_ids, r.doc_ids, r.scores, r.texts)]
 
 
+def request_id(request: Request) -> str:
+    """Serve's id of this request (its proxy takes the client's ``X-Request-ID`` or makes one, puts it in
+    every replica log line and returns it as the response's ``X-Request-ID``), so an error body, the
+    logs and the client all name the same request. Outside Serve (tests): the header, else a new id."""
+    rid = request.headers.get("x-request-id", "")
+    if not rid:
+        try:
+            from ray.serve.context import _get_serve_request_context  # private, but the id Serve logs with
+
+            rid = _get_serve_request_context().request_id
+        except Exception:  # noqa: BLE001 - no Serve context: not behind Serve
+            rid = ""
+    if not rid:
+        rid = getattr(request.state, "fallback_rid", "") or uuid.uuid4().hex[:12]
+        request.state.fallback_rid = rid
+    return _short(rid, 64)
+
+
+#: ``observe(route, mode, status, seconds)``: one call per finished request (the ingress's metrics).
+Observer = Callable[[str, str, int, float], None]
+
+
 def _short(text: str, n: int = 80) -> str:
     """``text`` cut for an error message: a request must not be able to make the server echo megabytes."""
     return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
@@ -238,12 +261,14 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = None) -> FastAPI:
+def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = None,
+               observe: Observer | None = None) -> FastAPI:
     """The FastAPI app over ``backend``, an object with the async methods ``retrieve(question, k,
     with_memory)``, ``generate(question, background)``, ``memory_of(chunk_id)``, ``compress(text)``,
     ``decode(memory, max_new_tokens)``, ``reload()`` and ``ready()`` (the ingress deployment; tests
     pass a fake). Validation against ``settings``' limits and authentication (``tokens``; default: none,
-    every route but the admin ones open) happen here, before the backend is called.
+    every route but the admin ones open) happen here, before the backend is called. ``observe`` is told
+    about every finished request (route, mode, status, seconds); error bodies carry the request id.
     """
     s = settings
     tokens = tokens or Tokens()
@@ -274,32 +299,52 @@ def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = No
     )
     api.add_middleware(BodyLimit, limit=s.max_body_bytes)
 
+    @api.middleware("http")
+    async def _observe(request: Request, call_next):
+        t0, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            if observe is not None:
+                route = request.scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                observe(path, getattr(request.state, "mode", ""), status, time.perf_counter() - t0)
+
+    def error(request: Request, status: int, detail: str, **extra: Any) -> JSONResponse:
+        headers = extra.pop("headers", None)
+        return JSONResponse(status_code=status, headers=headers,
+                            content={"detail": detail, "request_id": request_id(request), **extra})
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(request, exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
     @api.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         text = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
-        return JSONResponse(status_code=422, content={"detail": text, "errors": errors})
+        return error(request, 422, text, errors=errors)
 
     @api.exception_handler(Unavailable)
-    async def _unavailable(_: Request, exc: Unavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"detail": str(exc)}, headers={"Retry-After": "1"})
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return error(request, 503, str(exc), headers={"Retry-After": "1"})
 
     @api.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
+    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return error(request, 404, str(exc))
 
     @api.exception_handler(asyncio.TimeoutError)
-    async def _timeout(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(status_code=504, content={"detail": f"the request took longer than "
-                                                                f"{s.request_timeout_s:g} s"})
+    async def _timeout(request: Request, exc: Exception) -> JSONResponse:
+        return error(request, 504, f"the request took longer than {s.request_timeout_s:g} s")
 
     @api.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        rid = uuid.uuid4().hex[:12]
-        logger.error("request %s %s failed (id %s)", request.method, request.url.path, rid, exc_info=exc)
-        return JSONResponse(status_code=500, content={"detail": f"internal error (request id {rid}); "
-                                                                f"the server log has the details"})
+        rid = request_id(request)
+        logger.error("request %s %s failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
+        return error(request, 500, f"internal error (request id {rid}); the server log has the details")
 
     def question_of(q: str) -> str:
         q = valid_text("question", q).strip()
@@ -321,12 +366,13 @@ def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = No
 
     @api.post("/v1/answer", response_model=AnswerResponse, response_model_exclude_none=True,
               summary="Answer a question from the top-k retrieved chunks", dependencies=[Depends(authorised)])
-    async def answer(req: AnswerRequest) -> AnswerResponse:
+    async def answer(req: AnswerRequest, request: Request) -> AnswerResponse:
         t0 = time.perf_counter()
         question, k = question_of(req.question), top_k_of(req.top_k)
         if req.mode is not None and req.mode != s.mode and not s.allow_mode_override:
             raise HTTPException(422, f"mode is fixed to {s.mode!r} by the server configuration")
         mode = req.mode or s.mode
+        request.state.mode = mode
 
         async def run():
             r = await backend.retrieve(question, k, mode == "memory")
@@ -534,6 +580,49 @@ class GeneratorDeployment:
             close()
 
 
+class ServeMetrics:
+    """The application's metrics, exported by Ray's metrics agent (Prometheus names ``ray_clara_*``;
+    Serve adds the deployment, replica and application tags). Recorded in the ingress."""
+
+    LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+
+    def __init__(self) -> None:
+        from ray.serve import metrics as m
+
+        self.requests = m.Counter("clara_requests", description="HTTP requests by path, mode and status.",
+                                  tag_keys=("path", "mode", "status"))
+        self.latency = m.Histogram("clara_request_latency_ms", description="End-to-end latency in the ingress.",
+                                   boundaries=self.LATENCY_MS, tag_keys=("path",))
+        self.stage = m.Histogram("clara_stage_latency_ms", description="Latency of the retrieve and generate "
+                                 "batches a request ran in.", boundaries=self.LATENCY_MS, tag_keys=("stage",))
+        self.batch = m.Histogram("clara_batch_size", description="Requests in the batch a request ran in.",
+                                 boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("stage",))
+        self.memory_tokens = m.Histogram("clara_memory_tokens", description="Memory vectors the generator reads "
+                                         "per request (k x n_mem).", boundaries=[8, 16, 32, 64, 128, 256, 512, 1024])
+        self.text_tokens = m.Histogram("clara_text_tokens_replaced", description="Tokens of the retrieved chunks' "
+                                       "text those memory vectors stand for.",
+                                       boundaries=[64, 128, 256, 512, 1024, 2048, 4096, 8192])
+        self.index_version = m.Gauge("clara_index_version", description="Index version of the latest answer.")
+        self.index_errors = m.Counter("clara_index_errors", description="Requests refused because the index "
+                                      "could not be served (mismatch, unavailable, empty).", tag_keys=("kind",))
+
+    def request(self, path: str, mode: str, status: int, seconds: float) -> None:
+        self.requests.inc(tags={"path": path, "mode": mode or "-", "status": str(status)})
+        self.latency.observe(seconds * 1000.0, tags={"path": path})
+
+    def retrieved(self, r, with_memory: bool) -> None:
+        self.stage.observe(r.seconds * 1000.0, tags={"stage": "retrieve"})
+        self.batch.observe(r.batch_size, tags={"stage": "retrieve"})
+        self.index_version.set(r.index_version)
+        if with_memory and r.memory is not None:
+            self.memory_tokens.observe(int(r.memory.shape[0] * r.memory.shape[1]))
+            self.text_tokens.observe(int(getattr(r, "text_tokens", 0)))
+
+    def generated(self, g: dict[str, Any]) -> None:
+        self.stage.observe(g["seconds"] * 1000.0, tags={"stage": "generate"})
+        self.batch.observe(g["batch_size"], tags={"stage": "generate"})
+
+
 def _unavailable_types() -> tuple[type[BaseException], ...]:
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -565,13 +654,14 @@ class Ingress:
         self.retriever = retriever
         self.generator = generator
         self._unavailable = _unavailable_types()
+        self.metrics = ServeMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         tokens = Tokens.from_env(self.settings)
         if tokens.api is None:
             logger.warning("$%s is not set: /v1/answer and /v1/retrieve are open to anyone who reaches the port",
                            self.settings.api_token_env)
-        return create_api(self, self.settings, tokens)
+        return create_api(self, self.settings, tokens, observe=self.metrics.request)
 
     async def _call(self, what: str, response):
         """Await a handle call; failures of the deployment's replica become :class:`Unavailable`."""
@@ -582,16 +672,26 @@ class Ingress:
         except self._unavailable as exc:
             raise Unavailable(f"the {what} is unavailable ({type(exc).__name__}); retry shortly") from exc
         except RayTaskError as exc:
-            raise _index_unavailable(what, getattr(exc, "cause", None) or exc) or exc
+            raise self._index_error(what, getattr(exc, "cause", None) or exc) or exc
         if isinstance(result, BaseException):  # this request's item failed in its batch (run_isolated)
-            raise _index_unavailable(what, result) or result
+            raise self._index_error(what, result) or result
         return result
 
+    def _index_error(self, what: str, exc: BaseException) -> Unavailable | None:
+        mapped = _index_unavailable(what, exc)
+        if mapped is not None:
+            self.metrics.index_errors.inc(tags={"kind": type(exc).__name__})
+        return mapped
+
     async def retrieve(self, question: str, k: int, with_memory: bool):
-        return await self._call("retriever", self.retriever.retrieve.remote(question, k, with_memory))
+        r = await self._call("retriever", self.retriever.retrieve.remote(question, k, with_memory))
+        self.metrics.retrieved(r, with_memory)
+        return r
 
     async def generate(self, question: str, background):
-        return await self._call("generator", self.generator.generate.remote(question, background))
+        g = await self._call("generator", self.generator.generate.remote(question, background))
+        self.metrics.generated(g)
+        return g
 
     async def memory_of(self, chunk_id: str):
         return await self._call("retriever", self.retriever.memory_of.remote(chunk_id))

@@ -42,6 +42,9 @@ def test_retrieve_is_the_library_search(indexed, scp_records):
         # float16 storage: the half-precision tensor holds exactly what the store holds
         np.testing.assert_array_equal(g.memory.float().numpy(), w.memory)
         assert g.index_version == store.version and g.batch_size == 4
+        tokens = [min(len(model.tokenizer(t, add_special_tokens=False)["input_ids"]), model.config.doc_max_tokens)
+                  for t in w.texts]
+        assert g.text_tokens == sum(tokens) > 0
 
 
 def test_k_and_memory_per_question(indexed, scp_records):

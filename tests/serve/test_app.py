@@ -304,6 +304,26 @@ def test_settings_printed_with_secrets_redacted(capsys, tmp_path):
     assert settings["generator"]["env_vars"] == {"HF_TOKEN": "***", "OMP_NUM_THREADS": "2"}
 
 
+def test_api_observes_every_request_and_errors_name_the_request():
+    from fastapi.testclient import TestClient
+
+    from serve.app import Tokens, create_api
+
+    seen = []
+    app = create_api(FakeBackend(), ServeSettings(model="m", index_uri="i"), Tokens(),
+                     observe=lambda *a: seen.append(a))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/v1/answer", json={"question": "q", "mode": "text"}).status_code == 200
+        r = client.post("/v1/answer", json={"question": ""}, headers={"X-Request-ID": "req-123"})
+        assert r.status_code == 422 and r.json()["request_id"] == "req-123"
+        r = client.post("/v1/reload", headers={"X-Request-ID": "req-456"})
+        assert r.status_code == 403 and r.json()["request_id"] == "req-456"
+        assert client.get("/healthz").status_code == 200
+    assert [(p, m, st) for p, m, st, _ in seen] == [("/v1/answer", "text", 200), ("/v1/answer", "", 422),
+                                                     ("/v1/reload", "", 403), ("/healthz", "", 200)]
+    assert all(sec >= 0 for *_, sec in seen)
+
+
 def test_run_isolated_fails_only_the_poisoned_item():
     from serve.app import run_isolated
 
@@ -476,6 +496,34 @@ def test_served_routes_need_their_tokens(served):
         assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
         r = anonymous.post("/v1/answer", content=b'{"question": "' + b"q" * 70000 + b'"}', headers=user)
         assert r.status_code == 413
+
+
+@pytest.mark.ray
+def test_metrics_reach_the_prometheus_endpoint_and_errors_carry_serve_request_ids(served, scp_records):
+    """After real requests, Ray's metrics agent exports the application's metrics; an error body names
+    the id Serve returns in X-Request-ID (the id in the replicas' log lines)."""
+    import httpx
+    import ray
+
+    for mode in ("memory", "text"):
+        assert served.client.post("/v1/answer", json={"question": scp_records[2].question,
+                                                      "mode": mode}).status_code == 200
+    r = served.client.post("/v1/answer", json={"question": ""})
+    assert r.status_code == 422 and r.json()["request_id"] == r.headers["x-request-id"]
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    want = ('ray_clara_requests_total', 'ray_clara_request_latency_ms_bucket', 'ray_clara_memory_tokens_bucket',
+            'ray_clara_text_tokens_replaced_bucket', 'ray_clara_stage_latency_ms_bucket', 'ray_clara_index_version')
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:  # the agent exports every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in want) and 'status="422"' in text:
+            break
+        time.sleep(2)
+    missing = [w for w in want if w not in text]
+    assert not missing, missing
+    answered = [line for line in text.splitlines() if line.startswith("ray_clara_requests_total{")
+                and 'path="/v1/answer"' in line and 'status="200"' in line and 'mode="memory"' in line]
+    assert answered and float(answered[0].rsplit(" ", 1)[1]) >= 1
 
 
 @pytest.mark.ray
