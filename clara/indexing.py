@@ -46,6 +46,7 @@ from clara.corpus import (
     DocumentError,
     chunk_documents,
     content_hash,
+    make_chunk_id,
     parse_chunk_id,
     read_documents,
 )
@@ -237,7 +238,7 @@ def source_chunks(
         docs = itertools.islice(docs, limit)
     if chunking.format == "scp":
         for doc in docs:
-            yield Chunk(f"{doc.doc_id}::0", doc.doc_id, 0, doc.text, content_hash(doc.text, salt))
+            yield Chunk(make_chunk_id(doc.doc_id, 0), doc.doc_id, 0, doc.text, content_hash(doc.text, salt))
         return
     # documents are tokenised a few hundred at a time (one batched, multi-threaded call)
     yield from chunk_documents(docs, tokenizer, max_tokens=chunking.chunk_tokens, overlap=chunking.overlap,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from clara.corpus import content_hash  # the one formula: rows written here and by the index job compare alike
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +152,6 @@ def index_schema(settings: StoreSettings) -> pa.Schema:
         pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
     ]
     return pa.schema(fields, metadata=settings.to_metadata())
-
-
-def content_hash(text: str) -> str:
-    """The default ``content_hash`` of a chunk: SHA-256 of its UTF-8 text, hex."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
