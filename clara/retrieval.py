@@ -93,9 +93,9 @@ class Retriever:
     moving the open handle: a table that was dropped and rebuilt (re-indexing with a new compressor)
     is a new dataset the old handle cannot follow. The fresh handle replaces the served one when its
     version differs (or on a forced refresh, or after a failed read), so the ANN index caches survive
-    quiet refreshes. While the table cannot be
-    read, calls raise :class:`IndexUnavailableError` and every refresh tries again: a restored table is
-    served without a restart. :meth:`health` probes all of it for readiness checks.
+    quiet refreshes and health checks. While the table cannot be read, calls raise
+    :class:`IndexUnavailableError` and every refresh tries again: a restored table is served without a
+    restart. :meth:`health` probes all of it for readiness checks.
     """
 
     def __init__(self, model: ClaraModel, store: ChunkStore, *, candidates: int = 50,
@@ -192,7 +192,12 @@ class Retriever:
         :class:`IndexMismatchError` / :class:`IndexUnavailableError` / :class:`IndexEmptyError`, else
         returns :meth:`describe`. Serve's ``check_health`` and ``/readyz`` call it."""
         with self._lock:
-            self.refresh(force=True)
+            # a probe, not a forced refresh: the served handle (and its ANN caches) stays unless the
+            # version moved, since Serve calls this every few seconds on every replica
+            self._checked_at = self.clock()
+            self._reload(swap=False)
+            if self._broken is not None:
+                raise self._broken
             if self.store.count() == 0:
                 raise IndexEmptyError(f"the index table {self.store.name!r} holds no chunks")
             return self.describe()
