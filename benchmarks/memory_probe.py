@@ -56,7 +56,10 @@ def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
             answers["own"] += model.generate(qs[s:s + batch], own_mem[s:s + batch], max_new_tokens=32)
             answers["wrong"] += model.generate(qs[s:s + batch], wrong_mem[s:s + batch], max_new_tokens=32)
             answers["closed"] += model.generate_from_text(qs[s:s + batch], None, max_new_tokens=32)
+        from clara.prompts import NO_ANSWER
+
         for k, preds in answers.items():
+            out[f"qa_no_answer_{k}"] = sum(NO_ANSWER.lower().rstrip(".") in p.lower() for p in preds) / len(preds)
             out[f"qa_cover_em_{k}"] = sum(cover_em(p, g) for p, g in zip(preds, golds)) / len(golds)
             out[f"qa_f1_{k}"] = sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds)
         out["example_q"], out["example_gold"], out["example_answer"] = qs[0], golds[0], answers["own"][0]
@@ -82,6 +85,8 @@ def main(argv=None) -> dict:
     p.add_argument("--qa-mix", type=float, default=0.0, help="fraction of QA examples after the reconstruction warm-up")
     p.add_argument("--recon-warmup", type=float, default=0.5, help="fraction of steps on reconstruction only "
                                                                    "(with --qa-mix)")
+    p.add_argument("--negatives", type=float, default=0.0, help="fraction of QA examples made wrong-memory "
+                   "negatives (target: the no-answer sentence), in-batch")
     p.add_argument("--mse-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: --seed); keep it when "
@@ -135,7 +140,7 @@ def main(argv=None) -> dict:
         pool, warm = recon, None
     settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_ratio=0.05, seed=a.seed,
                              log_every=max(1, a.steps // 10), reconstruction_warmup=a.recon_warmup if warm else 0.0,
-                             autocast=a.autocast)
+                             autocast=a.autocast, wrong_memory_negatives=a.negatives)
 
     def progress(step, o, sec):
         print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f} "

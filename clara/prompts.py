@@ -12,6 +12,8 @@ CHUNK_SEPARATOR = "\n"
 QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
 #: The question of a paraphrase (and reconstruction) record: regenerate the chunk from its memory.
 PARAPHRASE_INSTRUCTION = "Paraphrase the background."
+#: The target of a wrong-memory negative: a question read with chunks that do not hold its answer.
+NO_ANSWER = "The background does not say."
 
 
 def question_text(question: str) -> str:

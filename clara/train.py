@@ -16,7 +16,7 @@ import torch
 
 from clara.config import autocast_dtype
 from clara.losses import LossOutput, compression_loss, e2e_loss, text_rag_loss
-from clara.records import Example
+from clara.records import Example, with_wrong_memory_negatives
 
 #: What each stage trains: (adapters, memory embeddings). The base follows ``config.train_base``.
 STAGE_TRAINABLE: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -48,6 +48,9 @@ class TrainSettings:
     #: ``dtype: auto`` already holds the base in bf16 and what trains in fp32, which was 3x faster
     #: on CPU than fp32 weights under autocast (16.5 vs ~5 s a step on SmolLM2).
     autocast: str = "off"
+    #: Stages 1-2: fraction of QA examples replaced in each batch by a wrong-memory negative
+    #: (:func:`clara.records.with_wrong_memory_negatives`); not during the reconstruction warm-up.
+    wrong_memory_negatives: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -55,7 +58,7 @@ class TrainSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("warmup_ratio", "min_lr_ratio", "reconstruction_warmup"):
+        for name in ("warmup_ratio", "min_lr_ratio", "reconstruction_warmup", "wrong_memory_negatives"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -90,10 +93,14 @@ def batches(examples: Sequence[Example], settings: TrainSettings,
             warmup_examples: Sequence[Example] | None = None) -> Iterator[list[Example]]:
     """Random batches; during the curriculum's warm-up, from ``warmup_examples`` only."""
     rng = random.Random(settings.seed)
+    neg_rng = random.Random(settings.seed + 1)
     warm_steps = int(settings.steps * settings.reconstruction_warmup) if warmup_examples else 0
     for step in range(settings.steps):
         pool = warmup_examples if step < warm_steps else examples
-        yield [pool[rng.randrange(len(pool))] for _ in range(settings.batch_size)]
+        batch = [pool[rng.randrange(len(pool))] for _ in range(settings.batch_size)]
+        if settings.wrong_memory_negatives and step >= warm_steps:
+            batch = with_wrong_memory_negatives(batch, settings.wrong_memory_negatives, neg_rng)
+        yield batch
 
 
 @dataclass

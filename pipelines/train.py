@@ -112,6 +112,10 @@ class TrainJobConfig:
     #: Stage 1 only: fraction of the first steps in which every example is replaced by the
     #: reconstruction of its chunk (teaches a small model to read memory before it memorises answers).
     reconstruction_warmup: float = 0.0
+    #: Stages 1-2: fraction of QA / instruction examples that each micro-batch pairs with another
+    #: example's chunks and the target "The background does not say." (in-batch wrong-memory
+    #: negatives, :func:`clara.records.with_wrong_memory_negatives`), so answers must come from memory.
+    wrong_memory_negatives: float = 0.0
     #: Apply the stage's adapter set-up on a fresh start: stage 2 re-initialises the generator
     #: adapter, stage 3 copies the compressor into the query reasoner.
     reinit_adapters: bool = True
@@ -173,9 +177,11 @@ class TrainJobConfig:
             raise ConfigError(f"precision: must be auto, fp32 or bf16 (fp16 is not supported), got {self.precision!r}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        for name in ("warmup_ratio", "min_lr_ratio", "reconstruction_warmup"):
+        for name in ("warmup_ratio", "min_lr_ratio", "reconstruction_warmup", "wrong_memory_negatives"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.wrong_memory_negatives and self.stage == "e2e":
+            raise ConfigError("wrong_memory_negatives: stage e2e picks its own chunks; only scp and instruct use it")
         if self.reconstruction_warmup and self.stage != "scp":
             raise ConfigError("reconstruction_warmup: only stage scp reads reconstruction examples")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.shuffle_buffer_size < 0:
@@ -575,7 +581,9 @@ def train_worker(job: dict) -> dict:
     import torch.distributed as dist
 
     from clara.deepspeed_config import deepspeed_config, resolve_precision
-    from clara.records import reconstruction_example
+    import random
+
+    from clara.records import reconstruction_example, with_wrong_memory_negatives
     from clara.stages import prepare_stage
     from clara.train import configure_stage, lr_factor
     from pipelines import compat, train_checkpoint
@@ -640,6 +648,9 @@ def train_worker(job: dict) -> dict:
             examples = _examples(batch)
             if state["step"] < warm_steps:
                 examples = [reconstruction_example(ex.chunks[0]) for ex in examples]
+            elif cfg.wrong_memory_negatives:  # seeded by (seed, rank, micro-batch): the same after a resume
+                rng = random.Random(f"{cfg.seed}:{rank}:{state['epoch']}:{state['micro_in_epoch']}")
+                examples = with_wrong_memory_negatives(examples, cfg.wrong_memory_negatives, rng)
             loss = engine(examples)
             engine.backward(loss)
             engine.step()

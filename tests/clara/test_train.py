@@ -24,6 +24,29 @@ def test_curriculum_draws_warmup_examples_first(scp_records):
     assert kinds[:5] == [{"reconstruction"}] * 5 and all("reconstruction" not in k for k in kinds[5:])
 
 
+def test_wrong_memory_negatives_pair_questions_with_other_chunks(scp_records):
+    import random
+
+    from clara.prompts import NO_ANSWER
+    from clara.records import reconstruction_example, with_wrong_memory_negatives
+
+    batch = scp_records[:31] + [reconstruction_example(scp_records[0].chunks[0])]
+    out = with_wrong_memory_negatives(batch, 0.5, random.Random(0))
+    assert len(out) == len(batch) and out[-1] == batch[-1]  # reconstruction is never a negative
+    neg = [(b, o) for b, o in zip(batch, out) if o.kind == "negative"]
+    assert 8 <= len(neg) <= 24, len(neg)  # about half of the 31 QA examples
+    for b, o in neg:
+        assert o.question == b.question and o.answer == NO_ANSWER
+        assert not set(o.chunks) & set(b.chunks) and o.chunks in {x.chunks for x in batch}
+    assert all(o == b for b, o in zip(batch, out) if o.kind != "negative")
+    assert with_wrong_memory_negatives(batch, 0.0, random.Random(0)) == batch
+    one_chunk = [ex for ex in scp_records if ex.chunks == scp_records[0].chunks]
+    assert with_wrong_memory_negatives(one_chunk, 1.0, random.Random(0)) == one_chunk  # nothing to swap in
+    s = TrainSettings(steps=4, batch_size=16, wrong_memory_negatives=0.5, reconstruction_warmup=0.5)
+    kinds = [{ex.kind for ex in b} for b in batches(scp_records[:40], s, [batch[-1]])]
+    assert kinds[:2] == [{"reconstruction"}] * 2 and all("negative" in k for k in kinds[2:])
+
+
 def test_information_flows_through_the_memory_tokens(tiny_base, scp_records):
     """A tiny model trained on 16 chunks reads its memory: own memory beats another chunk's.
 

@@ -264,6 +264,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         (dict(stage="scp", data=["x"], model={"base_model": "b"}, steps=3, epochs=1.0), "one or the other"),
         (dict(stage="instruct", data=["x"], init="m", model={"compression_rate": 4}), "only"),
         (dict(stage="instruct", data=["x"], init="m", reconstruction_warmup=0.5), "reconstruction_warmup"),
+        (dict(stage="e2e", data=["x"], init="m", wrong_memory_negatives=0.25), "wrong_memory_negatives"),
+        (dict(stage="scp", data=["x"], model={"base_model": "b"}, wrong_memory_negatives=1.5), "wrong_memory_neg"),
     ]
     for kwargs, msg in bad:
         with pytest.raises(ConfigError, match=msg):
