@@ -146,3 +146,28 @@ def resolve_base(name_or_path: str) -> str:
     if is_named(name_or_path):
         return str(materialise(name_or_path))
     return name_or_path
+
+
+# -- pretrained CLaRa models shipped inside the package ------------------------------------------
+#: Where packaged CLaRa model directories live (``clara/pretrained/<name>/``, each with a MODEL_CARD.md).
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def pretrained_names() -> list[str]:
+    """Names of the CLaRa model directories shipped with the package (see each one's MODEL_CARD.md)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(d.name for d in PRETRAINED_DIR.iterdir() if (d / "clara.json").is_file())
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A CLaRa model directory: an existing path as is, else a packaged pretrained model's name.
+
+    A local path wins over a name, so a user's own directory is never shadowed.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if str(name_or_path) in pretrained_names():
+        return PRETRAINED_DIR / str(name_or_path)
+    return path

@@ -6,11 +6,15 @@ Layout of a directory written by :func:`save_model`::
                                    "base": "reference" | "included"}
     adapters.safetensors          "<adapter>.<peft key>" -> LoRA tensor, for the three adapters
     memory_embeddings.safetensors "memory_embeddings" -> [n_mem, d]
-    tokenizer/                    the tokenizer
+    tokenizer/                    the tokenizer (optional for a referenced base: then the base's)
     base/                         only when the base weights were trained (config.train_base):
                                   config.json + base.safetensors (the full base model)
 
 A frozen base is referenced by ``config.base_model`` (a hub name or a path), not copied.
+A compact export (:func:`save_model` with ``adapters=`` a subset, ``storage_dtype=torch.bfloat16``,
+``tokenizer=False``; ``clara export``) keeps only what a later stage starts from; the manifest
+lists the adapters it holds and the others start fresh on load. Such a directory can be shipped
+inside the package and loaded by name (:func:`clara.bases.resolve_model_dir`).
 Writes are atomic: a temporary directory renamed into place, so a crash never leaves half a model.
 """
 
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from clara.bases import resolve_base
+from clara.bases import resolve_base, resolve_model_dir
 from clara.config import ADAPTERS, ClaraConfig, LoraSettings
 
 FORMAT = 1
@@ -45,24 +49,42 @@ def _base_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.peft.state_dict().items() if "lora_" not in k}
 
 
-def save_model(model, path: str | Path) -> Path:
-    """Save ``model`` (a :class:`~clara.model.ClaraModel`) to directory ``path``, atomically."""
+def save_model(model, path: str | Path, *, adapters: tuple[str, ...] | list[str] = ADAPTERS,
+               storage_dtype: torch.dtype | None = None, tokenizer: bool = True) -> Path:
+    """Save ``model`` (a :class:`~clara.model.ClaraModel`) to directory ``path``, atomically.
+
+    ``adapters``: the adapters to keep (default all three); ``storage_dtype``: cast the saved
+    adapter and memory tensors (``torch.bfloat16`` halves the size; the compressor version is
+    computed on bf16-rounded weights, so it is unchanged); ``tokenizer=False`` leaves the tokenizer
+    out (allowed for a referenced base, which has it).
+    """
     from safetensors.torch import save_file
+
+    bad = sorted(set(adapters) - set(ADAPTERS))
+    if bad or not adapters:
+        raise ValueError(f"adapters must be a non-empty subset of {ADAPTERS}, got {list(adapters)}")
+    if not tokenizer and model.config.train_base:
+        raise ValueError("tokenizer=False needs a referenced base (config.train_base is set: the base is included)")
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().contiguous().cpu()
+        return t.to(storage_dtype) if storage_dtype is not None and t.is_floating_point() else t
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        adapters = {}
-        for a in ADAPTERS:
+        saved = {}
+        for a in adapters:
             for k, v in _lora_state(model, a).items():
-                adapters[f"{a}.{k}"] = v.detach().contiguous().cpu()
-        save_file(adapters, str(tmp / "adapters.safetensors"))
-        save_file({"memory_embeddings": model.memory_embeddings.detach().contiguous().cpu(),
-                   "memory_center": model.memory_center.detach().contiguous().cpu(),
-                   "memory_scale": model.memory_scale.detach().reshape(1).contiguous().cpu()},
+                saved[f"{a}.{k}"] = cast(v)
+        save_file(saved, str(tmp / "adapters.safetensors"))
+        save_file({"memory_embeddings": cast(model.memory_embeddings),
+                   "memory_center": cast(model.memory_center),
+                   "memory_scale": cast(model.memory_scale.reshape(1))},
                   str(tmp / "memory_embeddings.safetensors"))
-        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if tokenizer:
+            model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if model.config.train_base:
             (tmp / "base").mkdir()
             model.base_model.config.save_pretrained(str(tmp / "base"))
@@ -79,6 +101,7 @@ def save_model(model, path: str | Path) -> Path:
             "config": model.config.to_dict(),
             "compressor_version": model.compressor_version(),
             "base": "included" if model.config.train_base else "reference",
+            "adapters": list(adapters),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if path.exists():
@@ -97,7 +120,7 @@ def save_model(model, path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
+    path = resolve_model_dir(path)
     f = path / MANIFEST
     if not f.is_file():
         hint = ""
@@ -117,7 +140,7 @@ def load_model(path: str | Path, device: str | None = None):
 
     from clara.model import ClaraModel
 
-    path = Path(path)
+    path = resolve_model_dir(path)
     manifest = read_manifest(path)
     # Directories written before memory normalisation existed read raw memory states.
     config = ClaraConfig.from_dict({"memory_norm": "none", **manifest["config"]})
@@ -125,7 +148,12 @@ def load_model(path: str | Path, device: str | None = None):
         config.device = device
     dev = config.resolve_device()
     dtype = config.resolve_dtype(dev)
-    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    if (path / "tokenizer").is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    elif manifest["base"] == "reference":
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(config.base_model))
+    else:
+        raise CheckpointError(f"{path}: tokenizer/ is missing")
     if manifest["base"] == "included":
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path / "base")), dtype=dtype)
     else:
@@ -139,7 +167,8 @@ def load_model(path: str | Path, device: str | None = None):
             raise CheckpointError(f"{path}/base: base weights do not match the model "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     adapters = load_file(str(path / "adapters.safetensors"))
-    for a in ADAPTERS:
+    # Older directories hold all three adapters; a compact export lists its own (the rest start fresh).
+    for a in manifest.get("adapters", ADAPTERS):
         prefix = f"{a}."
         _load_adapter(model, a, {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}, path)
     mem_state = load_file(str(path / "memory_embeddings.safetensors"))

@@ -225,7 +225,11 @@ class TrainJobConfig:
 
         out = TrainJobConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
         out.data = [absolute(p) for p in self.data]
-        out.init, out.storage_path = absolute(self.init), absolute(self.storage_path)
+        from clara.bases import pretrained_names
+
+        keep_name = self.init in pretrained_names() and not Path(self.init).exists()  # a packaged model
+        out.init = self.init if keep_name else absolute(self.init)
+        out.storage_path = absolute(self.storage_path)
         out.export_dir = absolute(self.model_dir)
         out.name = self.run_name
         out.resources_per_worker = dict(self.resources_per_worker) or {"CPU": 1.0}

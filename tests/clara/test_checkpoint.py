@@ -122,3 +122,40 @@ def test_loads_in_bf16_with_the_same_compressor_version(make_model, tmp_path, ch
     cos = torch.nn.functional.cosine_similarity(loaded.compress([chunk]).float().flatten(),
                                                 model.compress([chunk]).flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_compact_export_keeps_the_compressor_and_ships_by_name(make_model, tmp_path, chunk, monkeypatch, capsys):
+    """``clara export``: chosen adapters in bf16, no tokenizer; loads by path or as a packaged name."""
+    from clara import bases
+    from clara.cli import main
+
+    model = make_model()
+    _randomise_adapters(model)
+    full = model.save_pretrained(tmp_path / "full")
+    assert main(["export", str(full), str(tmp_path / "pkg" / "tiny-compressor")]) == 0
+    compact = tmp_path / "pkg" / "tiny-compressor"
+    assert "MiB" in capsys.readouterr().out
+    manifest = read_manifest(compact)
+    assert manifest["adapters"] == ["compressor", "generator"] and not (compact / "tokenizer").exists()
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*.safetensors"))  # noqa: E731
+    assert size(compact) < 0.4 * size(full)  # two of three adapters, half the bytes each
+
+    loaded = ClaraModel.from_pretrained(compact)
+    assert loaded.compressor_version() == model.compressor_version()  # the version is taken on bf16 weights
+    ref, got = model.compress([chunk]), loaded.compress([chunk])
+    assert torch.allclose(got, ref, atol=0.05 * float(ref.abs().max())) and not torch.equal(got, ref)
+    from clara.checkpoint import _lora_state
+
+    # The query reasoner was left out: it starts as a fresh adapter does (LoRA B = 0: the identity).
+    q = _lora_state(loaded, "query_reasoner")
+    assert q and all(not v.any() for k, v in q.items() if "lora_B" in k)
+    assert any(v.any() for k, v in _lora_state(model, "query_reasoner").items() if "lora_B" in k)
+
+    monkeypatch.setattr(bases, "PRETRAINED_DIR", tmp_path / "pkg")
+    monkeypatch.chdir(tmp_path)
+    assert bases.pretrained_names() == ["tiny-compressor"]
+    assert ClaraModel.from_pretrained("tiny-compressor").compressor_version() == model.compressor_version()
+    with pytest.raises(CheckpointError, match="not a CLaRa model directory"):
+        read_manifest("no-such-model")
+    assert main(["export", str(full), str(tmp_path / "x"), "--adapters", "decoder"]) == 2
+    assert "subset" in capsys.readouterr().err
