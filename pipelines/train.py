@@ -580,13 +580,13 @@ def _export(model, dest: str) -> None:
 
 def train_worker(job: dict) -> dict:
     """Ray Train's per-worker loop (``TorchTrainer(train_worker, train_loop_config=job)``)."""
+    import random
+
     import deepspeed
     import torch
     import torch.distributed as dist
 
     from clara.deepspeed_config import deepspeed_config, resolve_precision
-    import random
-
     from clara.records import reconstruction_example, with_wrong_memory_negatives
     from clara.stages import prepare_stage
     from clara.train import configure_stage, lr_factor

@@ -60,12 +60,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.config import Mode, ServeSettings, read_config_file
 
@@ -274,13 +274,13 @@ def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = No
     tokens = tokens or Tokens()
     bearer = HTTPBearer(auto_error=False, description="CLARA_API_TOKEN (or the admin token) as a bearer token")
 
-    def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         given = creds.credentials if creds is not None else None
         if tokens.api is not None and not (_matches(given, tokens.api) or _matches(given, tokens.admin)):
             raise HTTPException(401, "a valid bearer token is required (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if tokens.admin is None:
             raise HTTPException(403, f"admin routes are disabled: set ${tokens.admin_env or 'CLARA_ADMIN_TOKEN'} "
                                      f"in the ingress replicas' environment to enable them")
@@ -672,7 +672,7 @@ class Ingress:
         except self._unavailable as exc:
             raise Unavailable(f"the {what} is unavailable ({type(exc).__name__}); retry shortly") from exc
         except RayTaskError as exc:
-            raise self._index_error(what, getattr(exc, "cause", None) or exc) or exc
+            raise (self._index_error(what, getattr(exc, "cause", None) or exc) or exc) from exc
         if isinstance(result, BaseException):  # this request's item failed in its batch (run_isolated)
             raise self._index_error(what, result) or result
         return result
