@@ -111,6 +111,37 @@ def fit_torch_trainer(train_loop, **settings: Any):
     return ray.get(task.remote(train_loop, settings))
 
 
+def clear_stale_extension_locks(max_age_s: float = 900.0, out=print) -> list[str]:
+    """Remove torch JIT-extension build locks older than ``max_age_s``; returns what was removed.
+
+    DeepSpeed JIT-compiles ops on first use (on CPU, the shared-memory comm op in
+    ``deepspeed.initialize``) under ``<torch extensions dir>/<op>/lock``. A job killed mid-build
+    leaves the lock behind, and every later job then waits on it forever without a word (and, if
+    the lock is only deleted, loads a library that was never linked). A build takes about a
+    minute, so a lock this old belongs to nobody: it goes, and with it the half-built directory
+    when it holds no library, so the next job builds it again.
+    """
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    removed = []
+    for lock in root.glob("*/*/lock") if root.is_dir() else ():
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                if any(lock.parent.glob("*.so")):
+                    lock.unlink()
+                else:
+                    shutil.rmtree(lock.parent)
+                removed.append(str(lock))
+                out(f"removed a stale build lock left by a killed job: {lock}")
+        except OSError:
+            pass
+    return removed
+
+
 def worker_context() -> tuple[int, int, Any]:
     """Inside a training worker: ``(world_rank, world_size, torch device)``."""
     import ray.train

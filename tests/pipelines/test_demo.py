@@ -10,8 +10,8 @@ from pipelines.demo import MainSettings, run_main
 @pytest.mark.ray
 def test_main_job_end_to_end(ray_session, tmp_path):
     lines = []
-    result = run_main(MainSettings(workdir=tmp_path / "demo", docs=16, steps1=4, steps2=2, steps3=2, batch_size=8,
-                                   questions=1, eval_questions=4), out=lines.append)
+    result = run_main(MainSettings(workdir=tmp_path / "demo", base_model="tiny", docs=16, steps1=4, steps2=2,
+                                   steps3=2, batch_size=8, questions=1, eval_questions=4), out=lines.append)
     text = "\n".join(lines)
     for step in range(1, 9):
         assert f"[{step}/8]" in text

@@ -301,3 +301,26 @@ def test_derive_command_writes_records_split_by_chunk(scp_sample_path, tmp_path,
     assert "derive:" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="holdout-out"):
         derive(["--input", str(scp_sample_path), "--stage", "e2e", "--out", str(out), "--holdout", "0.1"])
+
+
+def test_stale_build_locks_are_cleared(tmp_path, monkeypatch):
+    """A lock left by a job killed mid-build would hang every later deepspeed.initialize."""
+    import os
+    import time
+
+    from pipelines.compat import clear_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other" / "lock"
+    built = tmp_path / "py311_cpu" / "built" / "lock"
+    for f in (old, fresh, built):
+        f.parent.mkdir(parents=True)
+        f.write_text("")
+    (built.parent / "built.so").write_text("")
+    (old.parent / "shm.o").write_text("")  # killed before linking: no library
+    for f in (old, built):
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    said = []
+    assert sorted(clear_stale_extension_locks(out=said.append)) == sorted([str(old), str(built)])
+    assert not old.parent.exists()  # the half-built op is rebuilt from scratch
+    assert not built.exists() and (built.parent / "built.so").exists() and fresh.exists() and "stale" in said[0]
