@@ -62,6 +62,8 @@ def test_the_packaged_compressor_carries_chunks_it_never_saw(scp_records):
     from clara.bases import PRETRAINED_DIR
 
     name = "clara-smollm2-135m-r4"
+    if not (PRETRAINED_DIR / name / "training.json").is_file():
+        pytest.skip(f"the packaged compressor {name} is not in this checkout yet")
     card = json.loads((PRETRAINED_DIR / name / "training.json").read_text())
     chunks = sorted({ex.chunks[0] for ex in scp_records})
     random.Random(card["split_seed"]).shuffle(chunks)
