@@ -153,8 +153,10 @@ def stage2(stage1, workdir, scp_file):
     path = workdir / "instruct.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in derive_records(
         examples, DeriveSettings(stage="instruct", candidates=2))))
+    # with in-batch wrong-memory negatives, so the job's path for them runs for real
     summary = run_train(TrainJobConfig(stage="instruct", data=[str(path)], init=stage1.model_dir, name="s2",
-                                       storage_path=str(workdir / "runs"), steps=4, **CPU_WORKERS), out=quiet)
+                                       storage_path=str(workdir / "runs"), steps=4, wrong_memory_negatives=0.25,
+                                       **CPU_WORKERS), out=quiet)
     return summary, ClaraModel.from_pretrained(stage1.model_dir, device="cpu"), ClaraModel.from_pretrained(
         summary.model_dir, device="cpu"), path
 
