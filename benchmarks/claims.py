@@ -39,10 +39,10 @@ import torch
 
 from clara.baselines import bm25_ranker, minilm_ranker
 from clara.config import ClaraConfig, LoraSettings
-from clara.derive import DeriveSettings, derive_records
+from clara.derive import DeriveSettings, derive_records, split_by_chunk
 from clara.evaluate import EvalSettings, aggregate, evaluate_examples, write_report
 from clara.model import ClaraModel
-from clara.records import Example, parse_record, read_records, reconstruction_example
+from clara.records import Example, chunks_of, parse_record, read_records, reconstruction_example
 from clara.tiny import TinyModelSpec, build_tiny_model
 from clara.train import TrainSettings, train
 
@@ -78,14 +78,6 @@ class ClaimsSettings:
     seed: int = 0
 
 
-def split_by_chunk(examples: list[Example], n_test: int, n_train: int, seed: int):
-    chunks = list(dict.fromkeys(ex.chunks[0] for ex in examples))
-    random.Random(seed).shuffle(chunks)
-    test, train_ = set(chunks[:n_test]), set(chunks[n_test:n_test + n_train])
-    return ([ex for ex in examples if ex.chunks[0] in train_], [ex for ex in examples if ex.chunks[0] in test],
-            [c for c in chunks if c in train_], [c for c in chunks if c in test])
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -115,7 +107,8 @@ def main(argv=None) -> int:
     s.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records = read_records(s.data, "scp")
-    train_qa, test_qa, train_chunks, test_chunks = split_by_chunk(records, s.test_chunks, s.train_chunks, s.seed)
+    train_qa, test_qa = split_by_chunk(records, s.test_chunks, s.seed, max_train_chunks=s.train_chunks)
+    train_chunks, test_chunks = chunks_of(train_qa), chunks_of(test_qa)
     log(f"split by chunk: {len(train_chunks)} train chunks ({len(train_qa)} QA), "
         f"{len(test_chunks)} held-out chunks ({len(test_qa)} QA)")
     rng = random.Random(s.seed)
@@ -153,7 +146,7 @@ def main(argv=None) -> int:
         model = ClaraModel.from_base(config(rate), seed=s.seed)
         st = TrainSettings(steps=s.steps1, batch_size=s.batch_size, lr=s.lr, warmup_ratio=0.05,
                            reconstruction_warmup=0.5, log_every=max(1, s.steps1 // 10), seed=s.seed)
-        train(model, "scp", train_qa + recon, st, warmup_examples=recon, progress=progress("stage1", s.steps1))
+        train(model, "scp", train_qa + recon, st, progress=progress("stage1", s.steps1))
         st = TrainSettings(steps=s.steps2, batch_size=max(4, s.batch_size // 4), lr=s.lr / 2, warmup_ratio=0.05,
                            log_every=max(1, s.steps2 // 5), seed=s.seed)
         train(model, "instruct", instruct, st, progress=progress("stage2", s.steps2))

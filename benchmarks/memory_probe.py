@@ -135,18 +135,18 @@ def main(argv=None) -> dict:
     if a.qa_mix > 0:
         n_qa = int(len(recon) * a.qa_mix / (1 - a.qa_mix)) if a.qa_mix < 1 else len(qa_train)
         pool = recon + [qa_train[i % len(qa_train)] for i in range(n_qa)]
-        warm = recon
     else:
-        pool, warm = recon, None
+        pool = recon
     settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_ratio=0.05, seed=a.seed,
-                             log_every=max(1, a.steps // 10), reconstruction_warmup=a.recon_warmup if warm else 0.0,
+                             log_every=max(1, a.steps // 10),
+                             reconstruction_warmup=a.recon_warmup if a.qa_mix > 0 else 0.0,
                              autocast=a.autocast, wrong_memory_negatives=a.negatives)
 
     def progress(step, o, sec):
         print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f} "
               f"{sec:.0f}s", flush=True)
 
-    log = train(model, "scp", pool, settings, warmup_examples=warm, progress=progress)
+    log = train(model, "scp", pool, settings, progress=progress)
     t_train = time.perf_counter() - t0
     res = {"label": a.label, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
            "loss_first": sum(log.losses[:5]) / 5, "loss_last": sum(log.losses[-5:]) / 5, "train_s": t_train,

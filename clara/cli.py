@@ -132,7 +132,7 @@ def run_demo(s: DemoSettings, out=print) -> dict:
         out(f"  step {step + 1:>5}/{s.steps}  loss {float(o.loss.detach()):.3f}  ce {o.ce:.3f}  mse {o.mse:.4f}  "
             f"{sec:.0f}s elapsed, eta {_eta(step + 1, s.steps, sec)}")
 
-    log = train(model, "scp", pool, settings, warmup_examples=recon if qa else None, progress=progress)
+    log = train(model, "scp", pool, settings, progress=progress)
     model_dir = model.save_pretrained(s.workdir / "model")
     n = min(5, len(log.losses))
     out(f"  loss {sum(log.losses[:n]) / n:.3f} -> {sum(log.losses[-n:]) / n:.3f}"
@@ -151,7 +151,7 @@ def run_demo(s: DemoSettings, out=print) -> dict:
     out(f"  reconstruction token F1: {f1_own:.2f} from the chunk's own memory, {f1_wrong:.2f} from another "
         f"chunk's memory (same prompt: only the memory differs)")
     result = {"reconstruction_f1_own": f1_own, "reconstruction_f1_wrong": f1_wrong, "loss_first": log.losses[0],
-              "loss_last": log.losses[-1], "seconds": time.perf_counter() - t0}
+              "loss_last": log.losses[-1], "seconds": time.perf_counter() - t0, "chunks": chunks}
     if qa:
         index = {c: i for i, c in enumerate(chunks)}
         questions = [ex.question for ex in qa]

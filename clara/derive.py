@@ -24,9 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from clara.records import Example, chunks_of
-
-#: Candidates per record when none is given: the paper's top-5 (stage 2) and ~20 (stage 3).
-DEFAULT_CANDIDATES: dict[str, int] = {"instruct": 5, "e2e": 20}
+from clara.stages import CLARA_STAGES, STAGES, get_stage
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -90,29 +88,39 @@ class DeriveSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.stage not in DEFAULT_CANDIDATES:
-            raise ValueError(f"stage must be one of {sorted(DEFAULT_CANDIDATES)}, got {self.stage!r}")
+        derived = [name for name in CLARA_STAGES if STAGES[name].candidates]
+        if self.stage not in derived:
+            raise ValueError(f"stage must be one of {derived}, got {self.stage!r}")
         if self.candidates is None:
-            self.candidates = DEFAULT_CANDIDATES[self.stage]
+            self.candidates = get_stage(self.stage).candidates
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
             raise ValueError(f"candidates must be a positive int, got {self.candidates!r}")
         if not 0 <= self.hard_fraction <= 1:
             raise ValueError(f"hard_fraction must be in [0, 1], got {self.hard_fraction}")
 
 
-def split_by_chunk(examples: Sequence[Example], holdout: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def split_by_chunk(examples: Sequence[Example], holdout: float | int, seed: int = 0,
+                   max_train_chunks: int | None = None) -> tuple[list[Example], list[Example]]:
     """Split examples into (train, held out) so that no chunk's questions are on both sides.
 
-    ``holdout`` is the fraction of *chunks* held out (at least one when it is > 0).
+    ``holdout`` is the fraction of *chunks* held out (a float, at least one chunk when it is > 0) or
+    their number (an int). ``max_train_chunks`` keeps the training side to that many chunks.
     """
-    if not 0 <= holdout < 1:
-        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     chunks = chunks_of(examples)
-    n_out = math.ceil(len(chunks) * holdout) if holdout > 0 else 0
-    if n_out >= len(chunks) and holdout > 0:
-        raise ValueError(f"holding out {holdout:.0%} of {len(chunks)} chunks leaves none to train on")
-    out = set(random.Random(seed).sample(chunks, n_out))
-    train = [ex for ex in examples if ex.chunks[0] not in out]
+    if isinstance(holdout, int) and not isinstance(holdout, bool):
+        if not 0 <= holdout < len(chunks):
+            raise ValueError(f"holding out {holdout} of {len(chunks)} chunks leaves none to train on")
+        n_out = holdout
+    else:
+        if not 0 <= holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+        n_out = math.ceil(len(chunks) * holdout) if holdout > 0 else 0
+        if n_out >= len(chunks) and holdout > 0:
+            raise ValueError(f"holding out {holdout:.0%} of {len(chunks)} chunks leaves none to train on")
+    order = random.Random(seed).sample(chunks, len(chunks))
+    out = set(order[:n_out])
+    keep = set(order[n_out:n_out + max_train_chunks] if max_train_chunks is not None else order[n_out:])
+    train = [ex for ex in examples if ex.chunks[0] in keep]
     held = [ex for ex in examples if ex.chunks[0] in out]
     return train, held
 

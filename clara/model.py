@@ -69,6 +69,22 @@ def _check_texts(texts: Sequence[str]) -> None:
             raise ValueError(f"text {i} is empty or not a string: {t!r}")
 
 
+class MemorySlots(nn.Module):
+    """The learned input embeddings of the memory tokens appended to every chunk, ``(M, D)``.
+
+    Kept in fp32 whatever the base's dtype, like PEFT keeps LoRA weights: trained parameters are
+    their own master copy, so AdamW's small updates are not rounded away in bf16. A module of its
+    own so that ZeRO-3 gathers the partitioned weight when it is used, like any other layer's.
+    """
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init)  # (M, D) float32
+
+    def forward(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype).unsqueeze(0).expand(batch_size, -1, -1)  # (B, M, D)
+
+
 class ClaraModel(nn.Module):
     """A base causal LM with the compressor, query-reasoner and generator LoRA adapters.
 
@@ -101,9 +117,7 @@ class ClaraModel(nn.Module):
         # Memory slots start as random vectors with the statistics of real token embeddings.
         init = emb.detach().float().mean(0) + emb.detach().float().std(0) * torch.randn(
             config.n_mem, emb.shape[1], generator=g)
-        # Kept in fp32 whatever the base's dtype, like PEFT keeps LoRA weights: trained parameters
-        # are their own master copy, so AdamW's small updates are not rounded away in bf16.
-        self.memory_embeddings = nn.Parameter(init)  # (M, D) float32
+        self.memory = MemorySlots(init)
         # Memory normalisation (config.memory_norm == "center"): the per-slot mean of the raw
         # memory states, a running statistic updated while the compressor trains, and the norm
         # each memory vector is rescaled to (the token embeddings' mean norm, fixed at build time).
@@ -154,11 +168,16 @@ class ClaraModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.memory_embeddings.device
+        return self.memory.weight.device
+
+    @property
+    def memory_embeddings(self) -> nn.Parameter:
+        """The memory slots' embeddings ``(M, D)`` (:class:`MemorySlots`)."""
+        return self.memory.weight
 
     @property
     def hidden_size(self) -> int:
-        return self.memory_embeddings.shape[1]
+        return self.input_embeddings.embedding_dim
 
     def _decoder(self) -> nn.Module:
         base = self.base_model
@@ -196,6 +215,15 @@ class ClaraModel(nn.Module):
             self._active = name
             self._apply_trainable()
         yield
+
+    def forward(self, batch: Sequence, stage: str = "scp"):
+        """The training loss of one batch of examples in ``stage`` (a :class:`clara.losses.LossOutput`).
+
+        What both training loops call, and what DeepSpeed wraps: ``engine(batch, stage=...)``.
+        """
+        from clara.stages import get_stage
+
+        return get_stage(stage).loss(self, batch)
 
     def copy_adapter(self, src: str, dst: str) -> int:
         """Overwrite adapter ``dst`` with ``src``'s weights (stage 3 starts the query reasoner as a
@@ -240,7 +268,7 @@ class ClaraModel(nn.Module):
         input_ids, mask, text_mask = input_ids.to(self.device), mask.to(self.device), text_mask.to(self.device)
         with self.adapter(adapter):
             emb = self.input_embeddings(input_ids[:, :-m])  # (B, T-M, D)
-            mem = self.memory_embeddings.unsqueeze(0).expand(len(rows), -1, -1).to(emb.dtype)  # (B, M, D)
+            mem = self.memory(len(rows), emb.dtype)  # (B, M, D)
             embeds = torch.cat([emb, mem], dim=1)  # (B, T, D)
             hidden = self._decoder()(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=False

@@ -21,8 +21,10 @@ from typing import Any
 
 from clara.jsonl import read_jsonl, unicode_problem
 from clara.prompts import NO_ANSWER, PARAPHRASE_INSTRUCTION
+from clara.stages import CLARA_STAGES
 
-STAGES: tuple[str, ...] = ("scp", "instruct", "e2e")
+#: The record formats: one per CLaRa stage (:data:`clara.stages.CLARA_STAGES`).
+STAGES: tuple[str, ...] = CLARA_STAGES
 
 
 class RecordError(ValueError):

@@ -15,17 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from clara.config import autocast_dtype
-from clara.losses import LossOutput, compression_loss, e2e_loss, text_rag_loss
-from clara.records import Example, with_wrong_memory_negatives
-
-#: What each stage trains: (adapters, memory embeddings). The base follows ``config.train_base``.
-STAGE_TRAINABLE: dict[str, tuple[tuple[str, ...], bool]] = {
-    "scp": (("compressor", "generator"), True),
-    "instruct": (("compressor", "generator"), True),
-    "e2e": (("query_reasoner", "generator"), False),
-    # The plain-text RAG baseline on the same backbone: the generator reads chunk text.
-    "text": (("generator",), False),
-}
+from clara.losses import LossOutput
+from clara.records import Example
+from clara.stages import Stage, get_stage
 
 
 @dataclass
@@ -40,14 +32,19 @@ class TrainSettings:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
-    #: Fraction of steps at the start that draw only from ``warmup_examples`` (the reconstruction
-    #: curriculum that teaches the generator to read memory before it can memorise answers).
+    #: Stage 1: fraction of steps at the start in which every example is replaced by the
+    #: reconstruction of its chunk (the curriculum that teaches the generator to read memory before it
+    #: can memorise answers); the Ray Train job's ``reconstruction_warmup`` means the same.
     reconstruction_warmup: float = 0.0
     #: bf16 autocast of the forward and backward passes (:func:`clara.config.autocast_dtype`), for a
     #: model whose weights are fp32 (a trained base). ``off`` by default: with a frozen base,
     #: ``dtype: auto`` already holds the base in bf16 and what trains in fp32, which was 3x faster
     #: on CPU than fp32 weights under autocast (16.5 vs ~5 s a step on SmolLM2).
     autocast: str = "off"
+    #: Apply the stage's adapter set-up first (:meth:`clara.stages.Stage.prepare`: stage 2 starts a
+    #: fresh generator, stage 3 the query reasoner as a copy of the compressor), as the Ray Train job
+    #: does on a fresh start.
+    reinit_adapters: bool = True
     #: Stages 1-2: fraction of QA examples replaced in each batch by a wrong-memory negative
     #: (:func:`clara.records.with_wrong_memory_negatives`); not during the reconstruction warm-up.
     wrong_memory_negatives: float = 0.0
@@ -72,35 +69,15 @@ def lr_factor(step: int, total: int, warmup_ratio: float, min_lr_ratio: float) -
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def configure_stage(model, stage: str) -> list[torch.nn.Parameter]:
-    """Set what trains in ``stage``; returns the trainable parameters."""
-    if stage not in STAGE_TRAINABLE:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_TRAINABLE)}")
-    adapters, mem = STAGE_TRAINABLE[stage]
-    model.set_trainable(adapters, base=model.config.train_base and stage != "e2e", memory_embeddings=mem)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def stage_loss(model, stage: str, batch: Sequence[Example]) -> LossOutput:
-    if stage == "e2e":
-        return e2e_loss(model, batch)
-    if stage == "text":
-        return text_rag_loss(model, batch)
-    return compression_loss(model, batch)
-
-
-def batches(examples: Sequence[Example], settings: TrainSettings,
-            warmup_examples: Sequence[Example] | None = None) -> Iterator[list[Example]]:
-    """Random batches; during the curriculum's warm-up, from ``warmup_examples`` only."""
+def batches(examples: Sequence[Example], settings: TrainSettings, stage: Stage) -> Iterator[list[Example]]:
+    """Random batches of ``examples`` as ``stage`` trains on them (:meth:`~clara.stages.Stage.examples`:
+    reconstructions of their chunks during the warm-up, then wrong-memory negatives if asked)."""
     rng = random.Random(settings.seed)
     neg_rng = random.Random(settings.seed + 1)
-    warm_steps = int(settings.steps * settings.reconstruction_warmup) if warmup_examples else 0
+    warm_steps = int(settings.steps * settings.reconstruction_warmup)
     for step in range(settings.steps):
-        pool = warmup_examples if step < warm_steps else examples
-        batch = [pool[rng.randrange(len(pool))] for _ in range(settings.batch_size)]
-        if settings.wrong_memory_negatives and step >= warm_steps:
-            batch = with_wrong_memory_negatives(batch, settings.wrong_memory_negatives, neg_rng)
-        yield batch
+        batch = [examples[rng.randrange(len(examples))] for _ in range(settings.batch_size)]
+        yield stage.examples(batch, warm=step < warm_steps, negatives=settings.wrong_memory_negatives, rng=neg_rng)
 
 
 @dataclass
@@ -111,22 +88,28 @@ class TrainLog:
 
 
 def train(model, stage: str, examples: Sequence[Example], settings: TrainSettings,
-          warmup_examples: Sequence[Example] | None = None,
           progress: Callable[[int, LossOutput, float], None] | None = None) -> TrainLog:
     """Train ``model`` in place for ``settings.steps`` steps of ``stage``; returns per-step losses."""
     if not examples:
         raise ValueError("no training examples")
+    spec = get_stage(stage)
+    if settings.reconstruction_warmup and not spec.reconstruction_warmup:
+        raise ValueError(f"reconstruction_warmup: stage {stage!r} has no reconstruction warm-up (only scp)")
+    if settings.wrong_memory_negatives and not spec.wrong_memory_negatives:
+        raise ValueError(f"wrong_memory_negatives: stage {stage!r} does not use them (only scp and instruct)")
+    if settings.reinit_adapters:
+        spec.prepare(model, seed=settings.seed)
     torch.manual_seed(settings.seed)
-    params = configure_stage(model, stage)
+    params = spec.configure(model)
     amp = autocast_dtype(settings.autocast, model.device)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     log, t0 = TrainLog(), time.perf_counter()
-    for step, batch in enumerate(batches(examples, settings, warmup_examples)):
+    for step, batch in enumerate(batches(examples, settings, spec)):
         for g in opt.param_groups:
             g["lr"] = settings.lr * lr_factor(step, settings.steps, settings.warmup_ratio, settings.min_lr_ratio)
         with torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = stage_loss(model, stage, batch)
+            out = model(batch, stage=stage)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if settings.grad_clip:

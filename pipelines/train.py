@@ -45,14 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from clara.config import ClaraConfig, ConfigError
-from clara.records import STAGES, Example, RecordError, parse_record
+from clara.records import Example, RecordError, parse_record
+from clara.stages import CLARA_STAGES, get_stage
 
-#: The paper's settings per stage (all overridable): stages 1-2 lr 1e-4, batch 128; stage 3 lr 5e-6, batch 32.
-STAGE_DEFAULTS: dict[str, dict[str, float]] = {
-    "scp": {"lr": 1e-4, "global_batch_size": 128},
-    "instruct": {"lr": 1e-4, "global_batch_size": 128},
-    "e2e": {"lr": 5e-6, "global_batch_size": 32},
-}
 #: Fields of a saved model that a job may change when it starts from ``init`` (they do not touch weights).
 INIT_OVERRIDES: tuple[str, ...] = ("top_k", "topk_temperature", "mse_weight", "max_new_tokens")
 DATA_SUFFIXES: tuple[str, ...] = ("jsonl", "json", "parquet")
@@ -146,8 +141,8 @@ class TrainJobConfig:
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
         _validate_types(self)
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage: must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage not in CLARA_STAGES:
+            raise ConfigError(f"stage: must be one of {', '.join(CLARA_STAGES)}, got {self.stage!r}")
         if not self.data or not all(self.data):
             raise ConfigError("data: give at least one record file, directory, glob or URI")
         if self.stage != "scp" and not self.init:
@@ -180,9 +175,11 @@ class TrainJobConfig:
         for name in ("warmup_ratio", "min_lr_ratio", "reconstruction_warmup", "wrong_memory_negatives"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        if self.wrong_memory_negatives and self.stage == "e2e":
-            raise ConfigError("wrong_memory_negatives: stage e2e picks its own chunks; only scp and instruct use it")
-        if self.reconstruction_warmup and self.stage != "scp":
+        stage = get_stage(self.stage)
+        if self.wrong_memory_negatives and not stage.wrong_memory_negatives:
+            raise ConfigError(f"wrong_memory_negatives: stage {self.stage} picks its own chunks; "
+                              "only scp and instruct use it")
+        if self.reconstruction_warmup and not stage.reconstruction_warmup:
             raise ConfigError("reconstruction_warmup: only stage scp reads reconstruction examples")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.shuffle_buffer_size < 0:
             raise ConfigError("weight_decay, grad_clip, shuffle_buffer_size: must be >= 0")
@@ -203,12 +200,12 @@ class TrainJobConfig:
 
     @property
     def batch_size(self) -> int:
-        gbs = self.global_batch_size or int(STAGE_DEFAULTS[self.stage]["global_batch_size"])
+        gbs = self.global_batch_size or get_stage(self.stage).global_batch_size
         return max(gbs, self.micro_batch_size * self.num_workers)
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else STAGE_DEFAULTS[self.stage]["lr"]
+        return self.lr if self.lr is not None else get_stage(self.stage).lr
 
     @property
     def run_dir(self) -> str:
@@ -511,26 +508,6 @@ def _claim_run_dir(cfg: TrainJobConfig) -> dict | None:
 
 
 # -- the training loop, on every worker --------------------------------------------------------------------
-def _stage_module(model, stage: str):
-    import torch
-
-    from clara.train import stage_loss
-
-    class StageStep(torch.nn.Module):
-        """The module DeepSpeed wraps: ``forward(examples)`` is the stage's loss on one micro-batch."""
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.last = None
-
-        def forward(self, examples: list[Example]):
-            self.last = stage_loss(self.model, stage, examples)
-            return self.last.loss
-
-    return StageStep()
-
-
 def _build_model(cfg: TrainJobConfig, device, tmp: str):
     """The stage's starting model on ``device``; its saved ``device`` setting is kept for the export."""
     from clara.model import ClaraModel
@@ -587,9 +564,7 @@ def train_worker(job: dict) -> dict:
     import torch.distributed as dist
 
     from clara.deepspeed_config import deepspeed_config, resolve_precision
-    from clara.records import reconstruction_example, with_wrong_memory_negatives
-    from clara.stages import prepare_stage
-    from clara.train import configure_stage, lr_factor
+    from clara.train import lr_factor
     from pipelines import compat, train_checkpoint
 
     cfg, plan = TrainJobConfig(**job["config"]), TrainPlan(**job["plan"])
@@ -601,15 +576,13 @@ def train_worker(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = _build_model(cfg, device, tmp)
     restored = compat.restored_checkpoint()
+    stage = get_stage(cfg.stage)
     if restored is None and cfg.reinit_adapters:
-        note = prepare_stage(model, cfg.stage, seed=cfg.seed)
+        note = stage.prepare(model, seed=cfg.seed)
         if note:
             say(f"[{cfg.stage}] {note}", flush=True)
-    params = configure_stage(model, cfg.stage)
+    params = stage.configure(model)
     n_params = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
-    module = _stage_module(model, cfg.stage)
-    if cfg.zero_stage == 3:  # used outside any submodule's forward: ZeRO-3 must gather it for ours
-        deepspeed.zero.register_external_parameter(module, model.memory_embeddings)
     precision = resolve_precision(cfg.precision, device.type)
     ds_config = deepspeed_config(micro_batch_size=cfg.micro_batch_size, grad_accum=plan.grad_accum, world_size=world,
                                  lr=plan.lr, zero_stage=cfg.zero_stage, precision=precision,
@@ -620,7 +593,7 @@ def train_worker(job: dict) -> dict:
             optimizer, lambda s: lr_factor(s, plan.steps, cfg.warmup_ratio, cfg.min_lr_ratio))
 
     compat.clear_stale_extension_locks(out=lambda m: print(f"[{cfg.stage}] {m}", flush=True))  # per node
-    engine, _, _, scheduler = deepspeed.initialize(model=module, model_parameters=params, config=ds_config,
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                                    lr_scheduler=schedule)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "starts": []}
     if restored is not None:
@@ -650,22 +623,19 @@ def train_worker(job: dict) -> dict:
                 continue
             if micro == 0:
                 _maybe_fail(cfg, state["step"] + 1, rank, world)
-            examples = _examples(batch)
-            if state["step"] < warm_steps:
-                examples = [reconstruction_example(ex.chunks[0]) for ex in examples]
-            elif cfg.wrong_memory_negatives:  # seeded by (seed, rank, micro-batch): the same after a resume
-                rng = random.Random(f"{cfg.seed}:{rank}:{state['epoch']}:{state['micro_in_epoch']}")
-                examples = with_wrong_memory_negatives(examples, cfg.wrong_memory_negatives, rng)
-            loss = engine(examples)
-            engine.backward(loss)
+            # negatives seeded by (seed, rank, micro-batch): the same after a resume
+            rng = random.Random(f"{cfg.seed}:{rank}:{state['epoch']}:{state['micro_in_epoch']}")
+            examples = stage.examples(_examples(batch), warm=state["step"] < warm_steps,
+                                      negatives=cfg.wrong_memory_negatives, rng=rng)
+            out = engine(examples, stage=cfg.stage)
+            engine.backward(out.loss)
             engine.step()
-            out = module.last
             state["micro_in_epoch"] += 1
             micro += 1
             recall = next(((k, v) for k, v in out.metrics.items() if k.startswith("recall@")), None)
             if recall:
                 recall_key = recall[0]
-            sums += torch.tensor([float(loss.detach()), out.ce, out.mse, 1, out.tokens, len(examples),
+            sums += torch.tensor([float(out.loss.detach()), out.ce, out.mse, 1, out.tokens, len(examples),
                                   recall[1] if recall else 0.0], dtype=torch.float64, device=device)
             if micro < plan.grad_accum:
                 continue

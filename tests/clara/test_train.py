@@ -7,6 +7,7 @@ from clara.config import ClaraConfig, LoraSettings
 from clara.metrics import cover_em, token_f1
 from clara.model import ClaraModel
 from clara.records import reconstruction_example
+from clara.stages import get_stage
 from clara.train import TrainSettings, batches, lr_factor, train
 
 
@@ -17,11 +18,15 @@ def test_lr_schedule_warms_up_then_decays_to_the_minimum():
     assert f[-1] == pytest.approx(0.1, abs=0.01)
 
 
-def test_curriculum_draws_warmup_examples_first(scp_records):
-    recon = [reconstruction_example(scp_records[0].chunks[0])]
+def test_curriculum_reconstructs_each_examples_chunk_first(scp_records):
     s = TrainSettings(steps=10, batch_size=4, reconstruction_warmup=0.5)
-    kinds = [{ex.kind for ex in b} for b in batches(scp_records[:20], s, recon)]
-    assert kinds[:5] == [{"reconstruction"}] * 5 and all("reconstruction" not in k for k in kinds[5:])
+    drawn = list(batches(scp_records[:20], s, get_stage("scp")))
+    plain = list(batches(scp_records[:20], TrainSettings(steps=10, batch_size=4), get_stage("scp")))
+    assert [{ex.kind for ex in b} for b in drawn[:5]] == [{"reconstruction"}] * 5
+    assert all("reconstruction" not in {ex.kind for ex in b} for b in drawn[5:])
+    # the warm-up replaces each drawn example by its own chunk's reconstruction, as the Ray job does
+    assert [[ex.chunks for ex in b] for b in drawn] == [[ex.chunks for ex in b] for b in plain]
+    assert all(ex.answer == ex.chunks[0] for b in drawn[:5] for ex in b)
 
 
 def test_wrong_memory_negatives_pair_questions_with_other_chunks(scp_records):
@@ -43,7 +48,7 @@ def test_wrong_memory_negatives_pair_questions_with_other_chunks(scp_records):
     one_chunk = [ex for ex in scp_records if ex.chunks == scp_records[0].chunks]
     assert with_wrong_memory_negatives(one_chunk, 1.0, random.Random(0)) == one_chunk  # nothing to swap in
     s = TrainSettings(steps=4, batch_size=16, wrong_memory_negatives=0.5, reconstruction_warmup=0.5)
-    kinds = [{ex.kind for ex in b} for b in batches(scp_records[:40], s, [batch[-1]])]
+    kinds = [{ex.kind for ex in b} for b in batches(scp_records[:40], s, get_stage("scp"))]
     assert kinds[:2] == [{"reconstruction"}] * 2 and all("negative" in k for k in kinds[2:])
 
 
@@ -61,7 +66,7 @@ def test_information_flows_through_the_memory_tokens(tiny_base, scp_records):
     model = ClaraModel.from_base(config)
     recon = [reconstruction_example(c) for c in chunks]
     settings = TrainSettings(steps=300, batch_size=32, lr=2e-3, warmup_ratio=0.05, reconstruction_warmup=0.5)
-    log = train(model, "scp", qa + recon * 3, settings, warmup_examples=recon)
+    log = train(model, "scp", qa + recon * 3, settings)
     first, last = sum(log.losses[:10]) / 10, sum(log.losses[-10:]) / 10
     assert last <= first / 2, (first, last)
 

@@ -61,11 +61,9 @@ def same(a: dict, b: dict) -> bool:
 
 def data_loss(model, stage: str, path: Path) -> float:
     """The stage's cross-entropy over a whole record file, deterministic (eval mode, no dropout)."""
-    from clara.train import stage_loss
-
     model.eval()
     with torch.no_grad():
-        return stage_loss(model, stage, read_records(path, stage)).ce
+        return model(read_records(path, stage), stage=stage).ce
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +162,11 @@ def stage2(stage1, workdir, scp_file):
 @pytest.mark.ray
 def test_stage2_starts_a_fresh_generator_and_learns(stage2, stage1):
     from clara.model import ClaraModel
-    from clara.stages import prepare_stage
+    from clara.stages import get_stage
 
     summary, before, after, path = stage2
     start = ClaraModel.from_pretrained(stage1.model_dir, device="cpu")
-    prepare_stage(start, "instruct", seed=0)  # as the workers do: a fresh generator adapter
+    get_stage("instruct").prepare(start, seed=0)  # as the workers do: a fresh generator adapter
     assert summary.steps == 4 and data_loss(after, "instruct", path) < data_loss(start, "instruct", path)
     assert not same(tensors(before, adapter="generator"), tensors(after, adapter="generator"))
     assert not same(tensors(before, adapter="compressor"), tensors(after, adapter="compressor"))
@@ -193,12 +191,12 @@ def stage3(stage2, workdir, scp_file):
 @pytest.mark.ray
 def test_stage3_trains_query_reasoner_and_generator_and_leaves_the_compressor_bit_for_bit(stage3, stage2):
     from clara.model import ClaraModel
-    from clara.stages import prepare_stage
+    from clara.stages import get_stage
 
     summary, before, after, path = stage3
     start = ClaraModel.from_pretrained(stage2[0].model_dir, device="cpu")
     start.config.top_k = 2
-    prepare_stage(start, "e2e")  # as the workers do: the query reasoner starts as the compressor
+    get_stage("e2e").prepare(start)  # as the workers do: the query reasoner starts as the compressor
     assert summary.steps == 4 and data_loss(after, "e2e", path) < data_loss(start, "e2e", path)
     assert all("recall@2" in h and 0 <= h["recall@2"] <= 1 for h in summary.history)
     assert same(tensors(before, adapter="compressor"), tensors(after, adapter="compressor"))
