@@ -12,7 +12,7 @@ The callers pass their own error class: any ``error(where, field, message)`` exc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,29 +50,42 @@ def _line_utf8_problem(line: str) -> str | None:
 
 
 def read_jsonl(path: str | Path, error: ErrorFactory) -> Iterator[tuple[str, Any]]:
-    """``("file:line", object)`` for each non-blank line of a JSON Lines file.
+    """``("file:line", object)`` for each non-blank line of a JSON Lines file (see :func:`parse_jsonl`).
+
+    The file is decoded with ``surrogateescape`` so that a bad byte stops the reader at its own
+    line, not at the next read-ahead buffer.
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+        yield from parse_jsonl(f, str(path), error)
+
+
+def jsonl_lines(data: bytes) -> Iterator[str]:
+    """The lines of a JSON Lines file read whole (a Ray Data binary file), decoded as :func:`read_jsonl` does."""
+    for raw in data.split(b"\n"):
+        yield raw.decode("utf-8", errors="surrogateescape")
+
+
+def parse_jsonl(lines: Iterable[str], name: str, error: ErrorFactory) -> Iterator[tuple[str, Any]]:
+    """``("name:line", object)`` for each non-blank line of ``lines`` (decoded with ``surrogateescape``).
 
     Raises ``error(where, field, message)``, with ``field`` one of ``<line>`` (a byte that is not
     UTF-8), ``<json>`` (not valid JSON) and ``<file>`` (no records at all: an empty or blank file,
-    reported at line 1, where the first record should be). The file is decoded with
-    ``surrogateescape`` so that a bad byte stops the reader at its own line, not at the next
-    read-ahead buffer.
+    reported at line 1, where the first record should be).
     """
-    path = Path(path)
     records = 0
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            problem = _line_utf8_problem(line)
-            if problem:
-                raise error(where, "<line>", problem)
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
-            records += 1
-            yield where, obj
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}"
+        problem = _line_utf8_problem(line)
+        if problem:
+            raise error(where, "<line>", problem)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
+        records += 1
+        yield where, obj
     if not records:
-        raise error(f"{path}:1", "<file>", "holds no records (the file is empty or blank)")
+        raise error(f"{name}:1", "<file>", "holds no records (the file is empty or blank)")

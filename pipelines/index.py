@@ -153,10 +153,6 @@ class IndexSettings:
     storage_options: dict[str, str] = field(default_factory=dict)
     #: Ray address (``None``: the running Ray, $RAY_ADDRESS, or a new local one).
     ray_address: str | None = None
-    #: Test hook: each actor raises after compressing this many batches (a worker failing part-way).
-    fail_after_batches: int | None = None
-    #: Test hook: the job raises right after this many commits (the driver dying part-way).
-    crash_after_commits: int | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, value, kind=int) -> None:
@@ -178,8 +174,7 @@ class IndexSettings:
                 raise ValueError(f"IndexSettings.ann_index must be one of {ANN_KINDS} or none, got {self.ann_index!r}")
         for name in ("batch_size", "actors", "commit_rows"):
             positive(name, getattr(self, name))
-        for name in ("chunk_tokens", "key_dim", "limit", "threads_per_actor", "fail_after_batches",
-                     "crash_after_commits"):
+        for name in ("chunk_tokens", "key_dim", "limit", "threads_per_actor"):
             if getattr(self, name) is not None:
                 positive(name, getattr(self, name))
         if self.num_cpus_per_actor <= 0 or self.num_gpus_per_actor < 0:
@@ -238,19 +233,6 @@ class IndexSummary:
             f"version {self.start_version} -> {self.version}" + (f" (tagged {self.tag})" if self.tag else "")
             + (f"; ANN: {self.ann}" if self.ann else "") + (f"; cleanup: {self.cleanup}" if self.cleanup else "")
         )
-
-
-class _CompressActor(ChunkCompressor):
-    """The Ray Data actor: :class:`~clara.indexing.ChunkCompressor` plus the crash-injection test hook."""
-
-    def __init__(self, *args, fail_after_batches: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.fail_after_batches = fail_after_batches
-
-    def __call__(self, batch):
-        if self.fail_after_batches is not None and self.batches >= self.fail_after_batches:
-            raise RuntimeError(f"injected failure after {self.batches} batches (fail_after_batches test hook)")
-        return super().__call__(batch)
 
 
 def _open_store(s: IndexSettings, settings=None, create: bool = False) -> ChunkStore:
@@ -336,13 +318,17 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
 def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter) -> None:
     import ray
 
-    from pipelines import compat
+    from pipelines import compat, faults
 
     compat.ensure_ray(s.ray_address)
+    fault = faults.injected("index")
+    actor = ChunkCompressor
+    if "fail_after_batches" in fault:
+        actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
     blocks = work_blocks(chunks, s.batch_size, s.actors)
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
     ds = ray.data.from_arrow(blocks).map_batches(
-        _CompressActor,
+        actor,
         batch_size=s.batch_size,
         batch_format="pyarrow",
         fn_constructor_args=(s.model, settings),
@@ -350,17 +336,15 @@ def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter)
             "device": device,
             "batch_size": s.batch_size,
             "threads": s.threads_per_actor or max(1, int(s.num_cpus_per_actor)),
-            "fail_after_batches": s.fail_after_batches,
         },
         **compat.actor_pool(s.actors, num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor),
     )
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             writer.add(batch)
-            if s.crash_after_commits is not None and writer.stats.commits >= s.crash_after_commits:
-                raise RuntimeError(
-                    f"injected crash after {writer.stats.commits} commits (crash_after_commits test hook)"
-                )
+            if writer.stats.commits >= fault.get("crash_after_commits", 1 << 62):
+                raise faults.InjectedFault(
+                    f"injected crash after {writer.stats.commits} commits (index.crash_after_commits)")
         writer.flush()
     except Exception as exc:
         # What was committed is whole (each commit is one merge_insert); a rerun skips it.
@@ -490,8 +474,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads-per-actor", type=int, help="torch threads per actor (default: int(cpus per actor))")
     m.add_argument("--device", help="actor device (default: cuda with GPUs, else cpu; e.g. mps)")
     m.add_argument("--ray-address", help="Ray cluster address (default: running Ray, $RAY_ADDRESS or a local one)")
-    m.add_argument("--fail-after-batches", type=int, help="test hook: each actor fails after N batches")
-    m.add_argument("--crash-after-commits", type=int, help="test hook: the job fails right after N commits")
 
     t = p.add_argument_group("table")
     _table_args(t)
@@ -566,7 +548,6 @@ def _settings_from_args(a: argparse.Namespace) -> IndexSettings:
         max_delete_fraction=a.max_delete_fraction, cleanup_older_than_days=a.cleanup_older_than_days,
         keep_tags=a.keep_tags, ann_index=a.ann_index, ann_min_rows=a.ann_min_rows,
         limit=a.limit, commit_rows=a.commit_rows, storage_options=dict(a.storage_option), ray_address=a.ray_address,
-        fail_after_batches=a.fail_after_batches, crash_after_commits=a.crash_after_commits,
     )
 
 

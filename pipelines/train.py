@@ -54,10 +54,6 @@ DATA_SUFFIXES: tuple[str, ...] = ("jsonl", "json", "parquet")
 _JOB_FILE = "clara_job.json"
 
 
-class InjectedFault(RuntimeError):
-    """Raised by the fault-injection test hook (``fail_at_step``)."""
-
-
 def _is_uri(path: str) -> bool:
     return "://" in path
 
@@ -127,9 +123,6 @@ class TrainJobConfig:
     torch_threads: int | None = None
     #: Ray address (default: the running Ray, $RAY_ADDRESS, or a new local one).
     ray_address: str | None = None
-    #: Test hook: worker ``fail_rank`` (-1: the last) raises once when it is about to run this step.
-    fail_at_step: int | None = None
-    fail_rank: int = -1
 
     def __post_init__(self) -> None:
         import os
@@ -159,7 +152,7 @@ class TrainJobConfig:
             ClaraConfig.from_dict(self.model)
         for name in ("num_workers", "micro_batch_size", "report_every", "checkpoint_every", "keep_checkpoints"):
             _positive(name, getattr(self, name))
-        for name in ("global_batch_size", "steps", "torch_threads", "fail_at_step"):
+        for name in ("global_batch_size", "steps", "torch_threads"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.epochs is not None and self.epochs <= 0:
@@ -377,18 +370,9 @@ def _parse_file(path: str, data: bytes, stage: str) -> Iterator[Example]:
             # Parquet has a column for every field of every row: null means absent.
             yield from parse_record({k: v for k, v in row.items() if v is not None}, stage, f"{path}:row {i}")
     else:
-        for lineno, raw in enumerate(data.split(b"\n"), 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise RecordError(where, "<line>", "is not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(where, "<json>", f"not valid JSON ({e.msg} at column {e.colno})") from None
+        from clara.jsonl import jsonl_lines, parse_jsonl
+
+        for where, obj in parse_jsonl(jsonl_lines(data), path, RecordError):
             n += 1
             yield from parse_record(obj, stage, where)
     if n == 0:
@@ -528,15 +512,17 @@ def _build_model(cfg: TrainJobConfig, device, tmp: str):
     return model
 
 
-def _maybe_fail(cfg: TrainJobConfig, next_step: int, rank: int, world: int) -> None:
-    """The fault-injection hook: fail once (a marker in the run directory remembers it)."""
-    if cfg.fail_at_step != next_step or rank != cfg.fail_rank % world:
+def _maybe_fail(cfg: TrainJobConfig, fault: dict[str, int], next_step: int, rank: int, world: int) -> None:
+    """An injected fault (:mod:`pipelines.faults`): fail once (a marker in the run directory remembers it)."""
+    if fault.get("fail_at_step") != next_step or rank != fault.get("fail_rank", -1) % world:
         return
     marker = f"{cfg.run_dir}/fault_injected_at_step_{next_step}"
     if _read_text(marker) is not None:
         return
     _write_text(marker, f"rank {rank} failed before step {next_step}\n")
-    raise InjectedFault(f"injected fault: rank {rank} fails before step {next_step} (fail_at_step)")
+    from pipelines.faults import InjectedFault
+
+    raise InjectedFault(f"injected fault: rank {rank} fails before step {next_step} (train.fail_at_step)")
 
 
 def _fmt_time(s: float) -> str:
@@ -622,7 +608,7 @@ def train_worker(job: dict) -> dict:
                 skip -= 1
                 continue
             if micro == 0:
-                _maybe_fail(cfg, state["step"] + 1, rank, world)
+                _maybe_fail(cfg, job.get("faults") or {}, state["step"] + 1, rank, world)
             # negatives seeded by (seed, rank, micro-batch): the same after a resume
             rng = random.Random(f"{cfg.seed}:{rank}:{state['epoch']}:{state['micro_in_epoch']}")
             examples = stage.examples(_examples(batch), warm=state["step"] < warm_steps,
@@ -721,10 +707,11 @@ def run_train(cfg: TrainJobConfig, out: Callable[[str], None] = print,
 
     With ``dry_run`` only the data is read and validated and the plan returned.
     """
-    from pipelines import compat
+    from pipelines import compat, faults
 
     t0 = time.perf_counter()
     cfg = cfg.resolved()
+    fault = faults.injected("train")
     compat.ensure_ray(cfg.ray_address)
     ds, n = read_examples(cfg.data, cfg.stage)
     plan = plan_run(cfg, n)
@@ -736,7 +723,8 @@ def run_train(cfg: TrainJobConfig, out: Callable[[str], None] = print,
     if _claim_run_dir(cfg) is not None:
         out(f"[{cfg.stage}] run {cfg.run_name!r} exists in {cfg.storage_path}: continuing from its latest checkpoint")
     result = compat.fit_torch_trainer(
-        train_worker, loop_config={"config": asdict(cfg), "plan": asdict(plan)}, datasets={"train": ds},
+        train_worker, loop_config={"config": asdict(cfg), "plan": asdict(plan), "faults": fault},
+        datasets={"train": ds},
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=cfg.resources_per_worker,
         storage_path=cfg.storage_path, name=cfg.run_name, max_failures=cfg.max_failures,
         keep_checkpoints=cfg.keep_checkpoints)

@@ -198,18 +198,24 @@ def test_changed_and_deleted_documents_touch_exactly_their_rows(ray_session, mod
     assert _rows(s.table_uri) == after  # the deleted documents are back
 
 
-def test_crash_part_way_then_rerun_gives_one_row_per_chunk(ray_session, model_dir, scp_sample_path, tmp_path):
+def test_crash_part_way_then_rerun_gives_one_row_per_chunk(ray_session, model_dir, scp_sample_path, tmp_path,
+                                                           monkeypatch):
+    from pipelines.faults import ENV
+
     s = _settings(scp_sample_path, model_dir, tmp_path / "db", format="scp", commit_rows=64)
     # the driver dies right after its third commit: exactly those rows are in the table
+    monkeypatch.setenv(ENV, "index.crash_after_commits=3")
     with pytest.raises(IndexJobError, match="injected crash after 3 commits") as crash:
-        run_index(IndexSettings(**{**s.__dict__, "crash_after_commits": 3}))
+        run_index(s)
     store = ChunkStore.open(s.table_uri, None, create=False)
     assert 3 * 64 <= crash.value.written < 900
     assert store.count() == crash.value.written and store.version == crash.value.version
 
     # a worker fails part-way: the job stops with a clear error, what was committed stays
+    monkeypatch.setenv(ENV, "index.fail_after_batches=2")
     with pytest.raises(IndexJobError, match="injected failure after 2 batches"):
-        run_index(IndexSettings(**{**s.__dict__, "fail_after_batches": 2, "actors": 1}))
+        run_index(IndexSettings(**{**s.__dict__, "actors": 1}))
+    monkeypatch.delenv(ENV)
     store.refresh()
     partial = store.count()
     assert crash.value.written <= partial < 900
@@ -378,3 +384,22 @@ def test_index_into_an_object_store_table(ray_session, model_dir, scp_sample_pat
     ids = sorted(store.table.to_arrow().column("chunk_id").to_pylist())[:3]
     found = store.search(store.get_memory(ids), k=1)
     assert [r.chunk_ids[0] for r in found] == ids  # each chunk's own memory finds it
+
+
+def test_fault_injection_is_read_from_the_environment_only(monkeypatch):
+    from pipelines import faults
+    from pipelines.index import build_parser
+
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.injected("index") == {} and faults.injected("train") == {}
+    monkeypatch.setenv(faults.ENV, "index.crash_after_commits=3, train.fail_at_step=5")
+    assert faults.injected("index") == {"crash_after_commits": 3}
+    assert faults.injected("train") == {"fail_at_step": 5, "fail_rank": -1}
+    for bad, msg in (("index.crash_after_commit=3", "is not one of"), ("train.fail_at_step=x", "integer")):
+        monkeypatch.setenv(faults.ENV, bad)
+        with pytest.raises(ValueError, match=msg):
+            faults.injected("index")
+    # no product flag or setting carries a fault
+    help_text = build_parser().format_help()
+    assert "--fail-after-batches" not in help_text and "--crash-after-commits" not in help_text
+    assert not {"fail_after_batches", "crash_after_commits"} & set(IndexSettings.__dataclass_fields__)

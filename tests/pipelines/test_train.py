@@ -88,10 +88,15 @@ def stage1_settings(workdir: Path, scp_file: Path, tiny_base: Path) -> dict:
 def stage1(ray_session, workdir, scp_file, tiny_base):
     """An interrupted stage-1 run (a worker fails at step 3, no retries), then the same run
     started again: it resumes at step 2, survives a worker fault before step 5 and finishes."""
+    from pipelines.faults import ENV
+
     base = stage1_settings(workdir, scp_file, tiny_base)
-    with pytest.raises(Exception, match="injected fault"):
-        run_train(TrainJobConfig(**base, fail_at_step=3, max_failures=0), out=quiet)
-    summary = run_train(TrainJobConfig(**base, fail_at_step=5, max_failures=1), out=quiet)
+    with pytest.MonkeyPatch.context() as mp:  # the module-scoped fixture cannot take monkeypatch
+        mp.setenv(ENV, "train.fail_at_step=3")
+        with pytest.raises(Exception, match="injected fault"):
+            run_train(TrainJobConfig(**base, max_failures=0), out=quiet)
+        mp.setenv(ENV, "train.fail_at_step=5")
+        summary = run_train(TrainJobConfig(**base, max_failures=1), out=quiet)
     return summary
 
 
