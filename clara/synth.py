@@ -48,6 +48,9 @@ from clara.records import RecordError, parse_record
 #: Bumped whenever a prompt or a verification rule changes, so unit keys (and reruns) follow.
 PROMPT_VERSION = "synth-v1"
 TASK_KINDS: tuple[str, ...] = ("qa", "multihop", "paraphrase")
+#: How simple QA is asked for: ``rules`` suits instruct models that follow instructions and write JSON
+#: (7B and up); ``answer_first`` suits small ones (SmolLM2-135M), which copy a few-shot pattern well.
+QA_STYLES: tuple[str, ...] = ("rules", "answer_first")
 JUDGE_KIND = "judge"
 
 # =============================================================================================
@@ -212,8 +215,13 @@ class Task:
     focus: tuple[str, ...] = ()
     item: Mapping[str, Any] | None = None
     parent: str = ""
+    #: ``qa`` only: ``rules`` (the instructions and JSON reply of :func:`task_messages`) or ``answer_first``
+    #: (:func:`answer_first_prompt`: a span of the chunk is the answer, the model writes its question).
+    style: str = "rules"
 
     def __post_init__(self) -> None:
+        if self.style not in QA_STYLES:
+            raise ValueError(f"task style must be one of {QA_STYLES}, got {self.style!r}")
         if self.kind not in TASK_KINDS + (JUDGE_KIND,):
             raise ValueError(f"task kind must be one of {TASK_KINDS + (JUDGE_KIND,)}, got {self.kind!r}")
         if len(self.chunk_ids) != len(self.chunks) or not self.chunks:
@@ -391,6 +399,62 @@ def task_messages(task: Task, min_qa: int = 3, max_qa: int = 15) -> list[dict[st
             parts = [_JUDGE_QA.format(passages=passages, question=item.get("question", ""),
                                       answer=item.get("answer", ""))]
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+#: The worked examples of the ``answer_first`` prompt (written for this project).
+_ANSWER_FIRST_SHOTS: tuple[tuple[str, str, str], ...] = (
+    ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris.", "1889",
+     "When was the Eiffel Tower completed?"),
+    ("Marie Curie was born in Warsaw and later moved to France.", "Warsaw", "Where was Marie Curie born?"),
+    ("The Amazon River flows through Brazil, Peru and Colombia.", "Brazil, Peru and Colombia",
+     "Which countries does the Amazon River flow through?"),
+    ("Hamlet is a tragedy written by William Shakespeare.", "William Shakespeare",
+     "Who wrote the tragedy Hamlet?"),
+)
+
+
+def answer_first_target(task: Task) -> tuple[str, str] | None:
+    """The ``(sentence, answer)`` an ``answer_first`` task asks a question for, or None if the chunk has none.
+
+    Answers are the spans the cloze engine masks (dates, numbers, named entities), best span of every
+    sentence first; round ``r`` takes the ``r``-th, or the first one in a sentence no question covers yet.
+    """
+    def pairs(sentences: Sequence[str]) -> list[tuple[str, str]]:
+        per = [(s, ClozeEngine.candidates(s)) for s in sentences if len(s.split()) >= 5]
+        out = []
+        for depth in range(2):
+            for s, cands in per:
+                if depth < len(cands):
+                    span = s[cands[depth][1]:cands[depth][2]].strip()
+                    if len(span.split()) * 2 <= len(s.split()):
+                        out.append((s, span))
+        return out
+
+    focus = pairs(task.focus) if task.focus else []
+    if focus:
+        return focus[0]
+    every = pairs(fact_sentences(task.chunks[0]))
+    return every[task.round % len(every)] if every else None
+
+
+def answer_first_prompt(task: Task) -> str:
+    """A plain completion prompt (no chat template): worked examples, then the chunk's sentence and
+    answer, ending in ``Question:``. The reply's first line is the question."""
+    target = answer_first_target(task)
+    if target is None:
+        return ""
+    shots = "".join(f"Text: {t}\nAnswer: {a}\nQuestion: {q}\n\n" for t, a, q in _ANSWER_FIRST_SHOTS)
+    return shots + f"Text: {target[0]}\nAnswer: {target[1]}\nQuestion:"
+
+
+_TEMPORAL_WORDS = frozenset("when year years date century decade month day period era age".split())
+
+
+def question_fits_answer(question: str, answer: str) -> bool:
+    """A date or year must be asked for with a temporal question ("When ...", "In which year ..."): the
+    mismatch a small question writer makes most often ("What is the Qing dynasty?" -> "1636")."""
+    is_date = any(rx.fullmatch(answer.strip()) for rx in _DATE_RES)
+    return not is_date or bool(_TEMPORAL_WORDS & set(word_tokens(question)))
 
 
 def json_schema(kind: str, max_items: int | None = None) -> dict[str, Any]:
@@ -908,6 +972,8 @@ def process_generation(task: Task, gen: Generation, v: VerifySettings = DEFAULT_
     if gen.error:
         out.rejects.append({"reason": "engine_error", "detail": _excerpt(str(gen.error), 300)})
         return out
+    if task.kind == "qa" and task.style == "answer_first":
+        return _answer_first_outcome(task, gen, out, v)
     expect = {"qa": ("qa",), "multihop": ("qa",), "paraphrase": ("paraphrases",), JUDGE_KIND: ("supported",)}
     value, how = extract_json(gen.text, expect[task.kind])
     out.parsed = how
@@ -951,6 +1017,27 @@ def process_generation(task: Task, gen: Generation, v: VerifySettings = DEFAULT_
             out.rejects.append({"reason": reason, "item": it})
         else:
             out.items.append(it)
+    return out
+
+
+def _answer_first_outcome(task: Task, gen: Generation, out: Outcome, v: VerifySettings) -> Outcome:
+    target = answer_first_target(task)
+    lines = [ln.strip() for ln in (gen.text or "").strip().splitlines() if ln.strip()]
+    out.parsed = "plain_text"
+    if target is None:
+        out.declined = True  # nothing in the chunk to ask about
+        return out
+    if not lines:
+        out.rejects.append({"reason": "no_items", "raw": _excerpt(gen.text)})
+        return out
+    item = {"question": lines[0], "answer": target[1]}
+    reason = verify_qa(item["question"], item["answer"], task.chunks, v)
+    if reason is None and not question_fits_answer(item["question"], item["answer"]):
+        reason = "question_does_not_fit_answer"
+    if reason:
+        out.rejects.append({"reason": reason, "item": item})
+    else:
+        out.items.append(item)
     return out
 
 
@@ -1037,6 +1124,8 @@ class TaskState:
         return self.declined or len(self.items) >= s.multihop_per_pair
 
     def needs_round(self, s: RoundSettings) -> bool:
+        if self.task.style == "answer_first" and (self.declined or answer_first_target(self.next_task(s)) is None):
+            return False
         return self.rounds < s.max_rounds and not self.satisfied(s)
 
     def next_task(self, s: RoundSettings) -> Task:
@@ -1050,7 +1139,7 @@ class TaskState:
         else:
             n = t.n_items
         focus = tuple(self.missing(s)) if t.kind == "qa" else ()
-        return Task(t.kind, t.chunk_ids, t.chunks, t.unit, self.rounds, n, known, focus)
+        return Task(t.kind, t.chunk_ids, t.chunks, t.unit, self.rounds, n, known, focus, style=t.style)
 
 
 def request_for(task: Task, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int,

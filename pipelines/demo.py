@@ -45,9 +45,9 @@ PRETRAIN_WIKI_DOCS = 4000
 #: model (fast tests) trains its whole base from scratch, which needs many more, cheaper steps.
 PROFILES: dict[str, dict] = {
     "smollm2-135m": dict(docs=40, chunk_tokens=64, steps1=40, steps2=16, steps3=16, batch_size=8, lr=1e-3,
-                         eval_questions=24, negatives=0.25),
+                         eval_questions=24, negatives=0.25, qa_style="answer_first", synth_rounds=4),
     "tiny": dict(docs=64, chunk_tokens=128, steps1=300, steps2=60, steps3=40, batch_size=32, lr=2e-3,
-                 eval_questions=40, negatives=0.0),
+                 eval_questions=40, negatives=0.0, qa_style="rules", synth_rounds=1),
 }
 
 
@@ -65,6 +65,11 @@ class MainSettings:
     synth_engine: str = "auto"
     #: The instruct model that writes the QA pairs (default: the base).
     synth_model: str | None = None
+    #: How QA is asked for (``pipelines.synth``): ``answer_first`` for SmolLM2-135M (it cannot follow
+    #: the ``rules`` prompt: 5 accepted pairs of 476 on 85 chunks), ``rules`` for larger instruct models.
+    qa_style: str | None = None
+    #: Generation rounds per chunk (an ``answer_first`` round writes one question per chunk).
+    synth_rounds: int | None = None
     #: Wikipedia summaries in the corpus (each about 90 words: one to three chunks). Default per base.
     docs: int | None = None
     #: Fraction of chunks held out of training, for the evaluation and the served questions.
@@ -94,7 +99,7 @@ class MainSettings:
         if self.synth_engine not in ("auto", "vllm", "transformers", "cloze"):
             raise SystemExit("--synth-engine must be auto, vllm, transformers or cloze")
         for name in ("docs", "compression_rate", "chunk_tokens", "steps1", "steps2", "steps3", "batch_size",
-                     "eval_questions"):
+                     "eval_questions", "synth_rounds"):
             if getattr(self, name) <= 0:
                 raise SystemExit(f"--{name.replace('_', '-')} must be positive")
         if not 0 < self.holdout < 1:
@@ -190,7 +195,8 @@ def run_main(s: MainSettings, out: Callable[[str], None] = print) -> dict:
         import importlib.util
 
         engine = "cloze" if tiny else ("vllm" if importlib.util.find_spec("vllm") else "transformers")
-    llm = dict(model=s.synth_model or base, max_rounds=2, min_qa=2, max_qa=4, max_tokens=256, max_model_len=1024,
+    llm = dict(model=s.synth_model or base, max_rounds=s.synth_rounds, qa_style=s.qa_style, min_qa=2, max_qa=4,
+               max_tokens=256, max_model_len=1024,
                cpu_kv_cache_gib=1.0, engine_kwargs={"enforce_eager": True, "dtype": "bfloat16"})
     synth = run_synth(SynthSettings(corpus=corpus, out=w / "synth", engine=engine, chunk_tokenizer=base,
                                     chunk_tokens=s.chunk_tokens, kinds=("qa",), seed=s.seed,
@@ -317,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synth-engine", default=d.synth_engine, choices=["auto", "vllm", "transformers", "cloze"],
                    help="auto: the base writes the QA pairs (vLLM if installed, else transformers); cloze for tiny")
     p.add_argument("--synth-model", help="the instruct model that writes QA pairs (default: the base)")
+    p.add_argument("--qa-style", choices=["rules", "answer_first"],
+                   help="how QA is asked for: answer_first (default for smollm2-135m: the model writes the question "
+                        "of a span of the chunk) or rules (instructions and JSON, for larger instruct models)")
+    p.add_argument("--synth-rounds", type=int, help="generation rounds per chunk (default per base)")
     p.add_argument("--docs", type=int, help="Wikipedia summaries in the corpus (default per base: "
                                              f"{PROFILES['smollm2-135m']['docs']} / tiny {PROFILES['tiny']['docs']})")
     p.add_argument("--holdout", type=float, default=d.holdout, help="fraction of chunks held out (default %(default)s)")

