@@ -470,6 +470,34 @@ def run_isolated(call: Callable[..., list], *columns: list) -> list:
     return out
 
 
+class EngineHealth:
+    """A replica's health as its own calls show it: unhealthy after ``limit`` consecutive calls that
+    failed for a reason other than their input (a ``RuntimeError`` from torch or the vLLM engine, out of
+    memory, a dead engine process), so that Serve replaces the replica. A request the model refuses
+    (``TypeError`` / ``ValueError``: text the tokenizer cannot take, a tensor of the wrong shape) fails
+    alone and says nothing about the replica."""
+
+    INPUT_ERRORS = (TypeError, ValueError)
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = limit
+        self.failures = 0
+        self.last: BaseException | None = None
+
+    def observe(self, results: Sequence[Any]) -> None:
+        for r in results:
+            if not isinstance(r, BaseException):
+                self.failures = 0
+            elif not isinstance(r, self.INPUT_ERRORS):
+                self.failures += 1
+                self.last = r
+
+    def check(self) -> None:
+        if self.failures >= self.limit:
+            raise RuntimeError(f"the last {self.failures} calls failed in the engine "
+                               f"({type(self.last).__name__}: {str(self.last)[:200]})")
+
+
 def _set_threads(n: int) -> None:
     import torch
 
@@ -542,6 +570,7 @@ class GeneratorDeployment:
         else:
             self.engine = self.model
         self._lock = threading.Lock()  # one model call at a time: adapters are switched in place
+        self.health = EngineHealth()
         self.generate.set_max_batch_size(s.generator.max_batch_size)
         self.generate.set_batch_wait_timeout_s(s.generator.batch_wait_timeout_s)
 
@@ -556,14 +585,22 @@ class GeneratorDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def generate(self, questions: list[str], backgrounds: list) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(run_isolated, self._generate, questions, backgrounds)
+        results = await asyncio.to_thread(run_isolated, self._generate, questions, backgrounds)
+        self.health.observe(results)
+        return results
 
     def _decode(self, memory, max_new_tokens: int | None) -> str:
         with self._lock:
             return self.engine.decode_memory(memory.to(self.model.device), max_new_tokens=max_new_tokens)[0]
 
     async def decode(self, memory, max_new_tokens: int | None = None) -> str:
-        return await asyncio.to_thread(self._decode, memory, max_new_tokens)
+        try:
+            text = await asyncio.to_thread(self._decode, memory, max_new_tokens)
+        except Exception as exc:
+            self.health.observe([exc])
+            raise
+        self.health.observe([text])
+        return text
 
     async def ready(self) -> dict[str, Any]:
         c = self.model.config
@@ -571,8 +608,8 @@ class GeneratorDeployment:
                 "compression_rate": c.compression_rate, "device": str(self.model.device)}
 
     def check_health(self) -> None:
-        if self.engine is None:  # the model is held in memory: nothing else can go stale
-            raise RuntimeError("the generator is not loaded")
+        """Serve calls this periodically: a replica whose engine keeps failing is replaced."""
+        self.health.check()
 
     def __del__(self) -> None:
         close = getattr(getattr(self, "engine", None), "close", None)

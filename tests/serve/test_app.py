@@ -342,6 +342,21 @@ def test_run_isolated_fails_only_the_poisoned_item():
     assert isinstance(run_isolated(tokenise, ["\ud800"], [1])[0], TypeError)
 
 
+def test_generator_health_fails_after_consecutive_engine_errors_only():
+    from serve.app import EngineHealth
+
+    h = EngineHealth(limit=3)
+    h.observe([TypeError("the tokenizer refuses it")] * 5 + [ValueError("bad tensor")])  # input errors
+    h.check()
+    h.observe([RuntimeError("engine died"), {"answer": "ok"}, RuntimeError("engine died")] * 2)
+    h.check()  # a success in between: the engine still answers
+    h.observe([RuntimeError("CUDA error: an illegal memory access"), MemoryError()])
+    with pytest.raises(RuntimeError, match="last 3 calls failed in the engine .MemoryError"):
+        h.check()
+    h.observe(["decoded text"])
+    h.check()
+
+
 def test_api_slow_backend_is_a_504():
     import asyncio
 
