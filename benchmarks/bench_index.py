@@ -108,8 +108,8 @@ def main() -> None:
     import ray
 
     from clara.config import ClaraConfig, LoraSettings
-    from clara.corpus import load_wiki_summaries
-    from clara.indexing import ChunkingSettings, chunking_salt, load_tokenizer, read_compressor_info, source_chunks
+    from clara.data.corpus import load_wiki_summaries
+    from clara.index.build import ChunkingSettings, chunking_salt, load_tokenizer, read_compressor_info, source_chunks
     from clara.model import ClaraModel
     from clara.tiny import TinyModelSpec, build_tiny_model
     from pipelines.index import IndexSettings, run_index

@@ -7,7 +7,7 @@ that lies in a low-dimensional subspace (a random linear image of a ``--latent-d
 so similarities are graded, as between real chunks) and a chunk-specific noise part. A query is a
 row's latent moved by ``--query-shift`` (a question about that chunk) with fresh noise; ground truth
 is the exact top-10 by the CLaRa score over all rows. Both searches go through
-``clara.store.ChunkStore`` (``exact_search``: batched brute-force scan of every memory; ``search``:
+``clara.index.store.ChunkStore`` (``exact_search``: batched brute-force scan of every memory; ``search``:
 ANN on ``key`` for ``candidates`` rows, then exact re-scoring). Latency is per single query, as a retriever serves them.
 
     python benchmarks/bench_search.py --ram-gib 9         # 1,000,000 rows: ~30 minutes on 2 cores, 8 GiB on disk
@@ -101,8 +101,8 @@ def main() -> None:
     p.add_argument("--key-dim", type=int, default=1024)
     p.add_argument("--dtype", default="float16", choices=("float32", "float16", "int8"))
     p.add_argument("--kind", nargs="+", default=["IVF_HNSW_SQ"],
-                   help="ANN index kind(s) on the key (clara.store.ANN_KINDS); each is built and timed in turn")
-    p.add_argument("--num-partitions", type=int, help="IVF partitions (default: clara.store's choice)")
+                   help="ANN index kind(s) on the key (clara.index.store.ANN_KINDS); each is built and timed in turn")
+    p.add_argument("--num-partitions", type=int, help="IVF partitions (default: clara.index.store's choice)")
     p.add_argument("--nprobes", type=int, help="IVF partitions searched per query (default: LanceDB's)")
     p.add_argument("--ef", type=int, help="HNSW search beam (default: LanceDB's)")
     p.add_argument("--refine-factor", type=int, help="re-rank refine_factor x candidates on the raw key")
@@ -121,7 +121,9 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     a = p.parse_args()
 
-    from clara.store import ChunkStore, StoreSettings, dequantize_int8, encode_batch, quantize_int8
+    from clara.index.codec import dequantize_int8, encode_batch, quantize_int8
+    from clara.index.schema import StoreSettings
+    from clara.index.store import ChunkStore
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-search-"))
     try:

@@ -58,8 +58,8 @@ def build_model(workdir: Path, corpus: Path, hidden: int, layers: int, rate: int
                 max_new_tokens: int) -> Path:
     """A random-weight Llama (64-wide heads) with a tokenizer trained on the corpus, as a CLaRa model."""
     from clara.config import ClaraConfig, LoraSettings
+    from clara.data.records import read_records
     from clara.model import ClaraModel
-    from clara.records import read_records
     from clara.tiny import TinyModelSpec, build_tiny_model
 
     records = read_records(corpus, "scp")
@@ -142,8 +142,8 @@ def main(argv=None) -> dict:
     import ray
     from ray import serve
 
+    from clara.data.records import read_records
     from clara.model import ClaraModel
-    from clara.records import read_records
     from pipelines.index import IndexSettings, run_index
     from serve.app import build_app
     from serve.config import ServeSettings

@@ -75,7 +75,9 @@ def main() -> None:
     import torch
 
     from clara.config import ClaraConfig, LoraSettings
-    from clara.indexing import (
+    from clara.data.records import read_records
+    from clara.eval.metrics import cover_em
+    from clara.index.build import (
         ChunkCompressor,
         ChunkingSettings,
         IndexWriter,
@@ -86,10 +88,9 @@ def main() -> None:
         store_settings_for,
         work_blocks,
     )
-    from clara.metrics import cover_em
+    from clara.index.codec import flat_cosine
+    from clara.index.store import ChunkStore
     from clara.model import ClaraModel
-    from clara.records import read_records
-    from clara.store import ChunkStore, flat_cosine
     from clara.tiny import TinyModelSpec, build_tiny_model
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-storage-"))

@@ -1,7 +1,7 @@
 """Time per training sample: the Ray Train + DeepSpeed job against a plain single-process loop,
 on the same model, the same batch and the same cores.
 
-* plain: ``clara.train.train`` (torch AdamW) in this process, one torch thread per core.
+* plain: ``clara.training.loop.train`` (torch AdamW) in this process, one torch thread per core.
 * job:   ``pipelines.train.run_train`` on a local Ray: ``TorchTrainer`` workers, DeepSpeed engine,
   records read from JSONL and streamed by Ray Data, metrics reported every ``--report-every`` steps.
   Two layouts over the same cores: one worker with every core (ZeRO-0) and one single-threaded
@@ -68,9 +68,9 @@ def plain_loop(args, base: Path, records: Path) -> float:
     import torch
 
     from clara.config import ClaraConfig, LoraSettings
+    from clara.data.records import read_records
     from clara.model import ClaraModel
-    from clara.records import read_records
-    from clara.train import TrainSettings, train
+    from clara.training.loop import TrainSettings, train
 
     torch.set_num_threads(args.cores)
     torch.manual_seed(0)
@@ -116,7 +116,7 @@ def main() -> None:
 
     import ray
 
-    from clara.records import read_records
+    from clara.data.records import read_records
     from clara.tiny import TinyModelSpec, build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:

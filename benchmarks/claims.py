@@ -37,14 +37,14 @@ from pathlib import Path
 
 import torch
 
-from clara.baselines import bm25_ranker, minilm_ranker
 from clara.config import ClaraConfig, LoraSettings
-from clara.derive import DeriveSettings, derive_records, split_by_chunk
-from clara.evaluate import EvalSettings, aggregate, evaluate_examples, write_report
+from clara.data.derive import DeriveSettings, derive_records, split_by_chunk
+from clara.data.records import Example, chunks_of, parse_record, read_records, reconstruction_example
+from clara.eval.baselines import bm25_ranker, minilm_ranker
+from clara.eval.evaluate import EvalSettings, aggregate, evaluate_examples, write_report
 from clara.model import ClaraModel
-from clara.records import Example, chunks_of, parse_record, read_records, reconstruction_example
 from clara.tiny import TinyModelSpec, build_tiny_model
-from clara.train import TrainSettings, train
+from clara.training.loop import TrainSettings, train
 
 PRESETS = {
     "quick": dict(test_chunks=30, train_chunks=60, steps1=120, steps2=40, steps3=30, steps_text=120,

@@ -29,7 +29,7 @@ def truncate(tok, text: str, n: int) -> str:
 
 def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
     """Reconstruction F1 own / wrong memory on ``chunks``; QA cover-EM / F1 own / wrong / closed-book."""
-    from clara.metrics import cover_em, token_f1
+    from clara.eval.metrics import cover_em, token_f1
 
     tok = model.tokenizer
     n = model.config.doc_max_tokens
@@ -100,10 +100,10 @@ def main(argv=None) -> dict:
     import torch
 
     from clara.config import ClaraConfig, LoraSettings
-    from clara.corpus import chunk_document, load_wiki_summaries
+    from clara.data.corpus import chunk_document, load_wiki_summaries
+    from clara.data.records import read_records, reconstruction_example
     from clara.model import ClaraModel
-    from clara.records import read_records, reconstruction_example
-    from clara.train import TrainSettings, train
+    from clara.training.loop import TrainSettings, train
 
     torch.manual_seed(a.seed)
     records = read_records(a.data, "scp")

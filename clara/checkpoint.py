@@ -125,7 +125,7 @@ def read_manifest(path: str | Path) -> dict:
     if not f.is_file():
         hint = ""
         if (path / "adapters.pth").exists():
-            hint = " (it looks like Apple's CLaRa layout: use import_apple_checkpoint)"
+            hint = " (it looks like Apple's CLaRa layout: use ClaraModel.from_apple)"
         raise CheckpointError(f"{path} is not a CLaRa model directory: {MANIFEST} is missing{hint}")
     manifest = json.loads(f.read_text())
     if manifest.get("format") != FORMAT:
@@ -133,12 +133,11 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def load_model(path: str | Path, device: str | None = None):
-    """Load a directory written by :func:`save_model`. ``device`` overrides the saved setting."""
+def load_model(model_cls, path: str | Path, device: str | None = None):
+    """Load a directory written by :func:`save_model` as a ``model_cls`` (:class:`~clara.model.ClaraModel`,
+    whose ``from_pretrained`` calls this). ``device`` overrides the saved setting."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from clara.model import ClaraModel
 
     path = resolve_model_dir(path)
     manifest = read_manifest(path)
@@ -158,7 +157,7 @@ def load_model(path: str | Path, device: str | None = None):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path / "base")), dtype=dtype)
     else:
         lm = AutoModelForCausalLM.from_pretrained(resolve_base(config.base_model), dtype=dtype)
-    model = ClaraModel(lm, tokenizer, config)
+    model = model_cls(lm, tokenizer, config)
     if manifest["base"] == "included":
         state = load_file(str(path / "base" / "base.safetensors"))
         missing, unexpected = model.peft.load_state_dict(state, strict=False)
@@ -221,9 +220,10 @@ APPLE_ADAPTERS = {"encoder_adapter": "compressor", "decoder_adapter": "generator
                   "query_reasoner_adapter": "query_reasoner"}
 
 
-def import_apple_checkpoint(path: str | Path, base_model: str | None = None, device: str | None = None,
+def import_apple_checkpoint(model_cls, path: str | Path, base_model: str | None = None, device: str | None = None,
                             dtype: str = "auto"):
-    """Load a checkpoint in apple/ml-clara's layout into a :class:`~clara.model.ClaraModel`.
+    """Load a checkpoint in apple/ml-clara's layout as a ``model_cls`` (:meth:`ClaraModel.from_apple
+    <clara.model.ClaraModel.from_apple>` calls this).
 
     That layout is ``config.json`` (``decoder_model_name``, ``compr_rate``, ``doc_max_length``,
     ``lora_r``), ``adapters.pth`` (``{"encoder_adapter" | "decoder_adapter" |
@@ -238,8 +238,6 @@ def import_apple_checkpoint(path: str | Path, base_model: str | None = None, dev
     :attr:`ClaraConfig.dtype` of the imported model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from clara.model import ClaraModel
 
     path = Path(path)
     for name in ("config.json", "adapters.pth"):
@@ -263,7 +261,7 @@ def import_apple_checkpoint(path: str | Path, base_model: str | None = None, dev
     dev = config.resolve_device()
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(config.base_model))
     lm = AutoModelForCausalLM.from_pretrained(resolve_base(config.base_model), dtype=config.resolve_dtype(dev))
-    model = ClaraModel(lm, tokenizer, config)
+    model = model_cls(lm, tokenizer, config)
     adapters = torch.load(path / "adapters.pth", map_location="cpu", weights_only=True)
     if "encoder_adapter" not in adapters or "decoder_adapter" not in adapters:
         raise CheckpointError(f"{path}/adapters.pth: needs 'encoder_adapter' and 'decoder_adapter', "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clara.records import Example
+from clara.data.records import Example
 from clara.topk import differentiable_topk, select
 
 

@@ -149,7 +149,15 @@ class ClaraModel(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | None = None) -> ClaraModel:
         from clara.checkpoint import load_model
 
-        return load_model(path, device=device)
+        return load_model(cls, path, device=device)
+
+    @classmethod
+    def from_apple(cls, path: str | Path, base_model: str | None = None, device: str | None = None,
+                   dtype: str = "auto") -> ClaraModel:
+        """A checkpoint in apple/ml-clara's layout (see :func:`clara.checkpoint.import_apple_checkpoint`)."""
+        from clara.checkpoint import import_apple_checkpoint
+
+        return import_apple_checkpoint(cls, path, base_model=base_model, device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from clara.checkpoint import save_model
@@ -221,21 +229,21 @@ class ClaraModel(nn.Module):
 
         What both training loops call, and what DeepSpeed wraps: ``engine(batch, stage=...)``.
         """
-        from clara.stages import get_stage
+        from clara.training.stages import get_stage
 
         return get_stage(stage).loss(self, batch)
 
     def copy_adapter(self, src: str, dst: str) -> int:
         """Overwrite adapter ``dst`` with ``src``'s weights (stage 3 starts the query reasoner as a
         copy of the compressor). Returns the tensors copied."""
-        from clara.stages import copy_adapter
+        from clara.training.stages import copy_adapter
 
         return copy_adapter(self, src, dst)
 
     def reset_adapter(self, name: str, seed: int = 0) -> int:
         """Re-initialise adapter ``name`` as PEFT does for a fresh one (A random, B zero: a no-op
         adapter); stage 2 starts from a fresh generator. Returns the LoRA layers reset."""
-        from clara.stages import reset_adapter
+        from clara.training.stages import reset_adapter
 
         return reset_adapter(self, name, seed)
 

@@ -52,7 +52,7 @@ PROFILES: dict[str, dict] = {
 
 
 @dataclass
-class MainSettings:
+class DemoSettings:
     workdir: Path = Path("clara-demo")
     #: ``smollm2-135m`` (the real pretrained base from the package registry), ``tiny`` (a random
     #: 2-layer model built on the spot: fast, for tests; it cannot read), or any base a config accepts.
@@ -124,13 +124,13 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
         return json.loads(r.read())
 
 
-def run_main(s: MainSettings, out: Callable[[str], None] = print) -> dict:
+def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
     """Run the whole loop; returns where everything is and the evaluation figures."""
     import ray
 
-    from clara.corpus import load_wiki_summaries
-    from clara.derive import DeriveSettings, derive_records, split_by_chunk
-    from clara.records import chunks_of, iter_jsonl, parse_record
+    from clara.data.corpus import load_wiki_summaries
+    from clara.data.derive import DeriveSettings, derive_records, split_by_chunk
+    from clara.data.records import chunks_of, iter_jsonl, parse_record
     from clara.tiny import build_tiny_model
     from pipelines.compat import ensure_ray
     from pipelines.evaluate import EvaluateJobSettings, run_evaluate
@@ -290,7 +290,7 @@ def run_main(s: MainSettings, out: Callable[[str], None] = print) -> dict:
         serve.shutdown()
 
     # 8. evaluate on the held-out chunks ---------------------------------------------------
-    from clara.evaluate import EvalSettings
+    from clara.eval.evaluate import EvalSettings
 
     reports = run_evaluate(EvaluateJobSettings(models=[str(model_dir)], data=str(data / "heldout_e2e.jsonl"),
                                                out=str(w / "eval"), eval=EvalSettings(top_k=3, max_new_tokens=24)),
@@ -312,7 +312,7 @@ def run_main(s: MainSettings, out: Callable[[str], None] = print) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clara demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = MainSettings()
+    d = DemoSettings()
     p.add_argument("--workdir", type=Path, default=d.workdir, help="where everything is written (default %(default)s)")
     p.add_argument("--base-model", default=d.base_model,
                    help="smollm2-135m (the real base, default), tiny (random weights: fast, cannot read), or a "
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    run_main(MainSettings(**{k: v for k, v in vars(a).items()}))
+    run_demo(DemoSettings(**{k: v for k, v in vars(a).items()}))
     return 0
 
 

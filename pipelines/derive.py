@@ -28,8 +28,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from clara.derive import DeriveSettings, derive_records, split_by_chunk
-from clara.records import RecordError, chunks_of, read_records
+from clara.data.derive import DeriveSettings, derive_records, split_by_chunk
+from clara.data.records import RecordError, chunks_of, read_records
 
 
 def _write_jsonl(records: list[dict], path: Path) -> None:

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clara.evaluate import MODES, SETTINGS, EvalReport, EvalSettings, aggregate, evaluate_examples, write_report
-from clara.records import Example, read_records
+from clara.data.records import Example, read_records
+from clara.eval.evaluate import MODES, SETTINGS, EvalReport, EvalSettings, aggregate, evaluate_examples, write_report
 
 
 @dataclass

@@ -51,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clara.checkpoint import CheckpointError
-from clara.corpus import DocumentError
-from clara.indexing import (
+from clara.data.corpus import DocumentError
+from clara.index.build import (
     SOURCE_FORMATS,
     ChunkCompressor,
     ChunkingSettings,
@@ -72,7 +72,8 @@ from clara.indexing import (
     tag_version,
     work_blocks,
 )
-from clara.store import ANN_KINDS, DEFAULT_TABLE, DTYPES, ChunkStore, IndexMismatchError, IndexNotFoundError
+from clara.index.schema import ANN_KINDS, DEFAULT_TABLE, DTYPES, IndexMismatchError, IndexNotFoundError
+from clara.index.store import ChunkStore
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +244,9 @@ def _open_store(s: IndexSettings, settings=None, create: bool = False) -> ChunkS
 def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummary:
     """Run one incremental index pass (see the module docstring); returns its :class:`IndexSummary`.
 
-    Raises :class:`~clara.store.IndexMismatchError` (the table was built by another compressor or with
-    other storage settings), :class:`~clara.corpus.DocumentError` (bad input) and
-    :class:`~clara.indexing.DeletionGuardError` (more than ``max_delete_fraction`` of the table would be
+    Raises :class:`~clara.index.store.IndexMismatchError` (the table was built by another compressor or with
+    other storage settings), :class:`~clara.data.corpus.DocumentError` (bad input) and
+    :class:`~clara.index.build.DeletionGuardError` (more than ``max_delete_fraction`` of the table would be
     deleted) before writing anything, and :class:`IndexJobError` when compression fails part-way
     (committed rows stay; rerun to resume).
     """
@@ -383,7 +384,7 @@ def rollback(table_uri: str, version: int, table_name: str = DEFAULT_TABLE, stor
 
 def cleanup(table_uri: str, older_than: dt.timedelta, keep_tags: int | None = None, table_name: str = DEFAULT_TABLE,
             storage_options: dict | None = None) -> CleanupSummary:
-    """Remove the table's untagged versions older than ``older_than`` (see :func:`clara.indexing.cleanup_index`)."""
+    """Remove the table's untagged versions older than ``older_than`` (see :func:`clara.index.build.cleanup_index`)."""
     return cleanup_index(_existing_store(table_uri, table_name, storage_options), older_than, keep_tags)
 
 

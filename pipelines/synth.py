@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clara.corpus import DocumentError
+from clara.data.corpus import DocumentError
 from clara.synth import (
     JUDGE_KIND,
     PROMPT_VERSION,
@@ -265,7 +265,7 @@ def _load_tokenizer(path: str):
 
     p = Path(path)
     if (p / "tokenizer").is_dir():  # a CLaRa model directory: chunk as the index job does
-        from clara.indexing import load_tokenizer
+        from clara.index.build import load_tokenizer
 
         return load_tokenizer(p)
     return AutoTokenizer.from_pretrained(path)
@@ -273,7 +273,7 @@ def _load_tokenizer(path: str):
 
 def load_chunks(s: SynthSettings) -> list[UnitChunk]:
     """The corpus's chunks, cut exactly as the index job cuts them (same ids and windows)."""
-    from clara.indexing import ChunkingSettings, chunking_salt, source_chunks
+    from clara.index.build import ChunkingSettings, chunking_salt, source_chunks
 
     chunking = ChunkingSettings(chunk_tokens=s.chunk_tokens, overlap=s.overlap, format=s.format,
                                 title_field=s.title_field)

@@ -16,7 +16,7 @@ One run:
    Ray Data reads the JSONL / Parquet records (local paths or object-store URIs) and validates
    every one before anything trains: a bad record fails the job naming file and line.
 2. workers (``TorchTrainer``): each builds the model, applies the stage's adapter set-up
-   (:mod:`clara.stages`), wraps the trainable parameters in DeepSpeed (ZeRO 0-3, bf16 on GPU,
+   (:mod:`clara.training.stages`), wraps the trainable parameters in DeepSpeed (ZeRO 0-3, bf16 on GPU,
    fp32 on CPU, gradient accumulation up to the global batch, AdamW, warm-up + cosine-to-minimum)
    and trains on its shard of the data. Every ``report_every`` steps it reports loss, CE, MSE,
    tokens/s, lr (and Recall@k in stage 3); every ``checkpoint_every`` steps and at the end every
@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from clara.config import ClaraConfig, ConfigError
-from clara.records import Example, RecordError, parse_record
-from clara.stages import CLARA_STAGES, get_stage
+from clara.data.records import Example, RecordError, parse_record
+from clara.training.stages import CLARA_STAGES, get_stage
 
 #: Fields of a saved model that a job may change when it starts from ``init`` (they do not touch weights).
 INIT_OVERRIDES: tuple[str, ...] = ("top_k", "topk_temperature", "mse_weight", "max_new_tokens")
@@ -105,7 +105,7 @@ class TrainJobConfig:
     reconstruction_warmup: float = 0.0
     #: Stages 1-2: fraction of QA / instruction examples that each micro-batch pairs with another
     #: example's chunks and the target "The background does not say." (in-batch wrong-memory
-    #: negatives, :func:`clara.records.with_wrong_memory_negatives`), so answers must come from memory.
+    #: negatives, :func:`clara.data.records.with_wrong_memory_negatives`), so answers must come from memory.
     wrong_memory_negatives: float = 0.0
     #: Apply the stage's adapter set-up on a fresh start: stage 2 re-initialises the generator
     #: adapter, stage 3 copies the compressor into the query reasoner.
@@ -370,7 +370,7 @@ def _parse_file(path: str, data: bytes, stage: str) -> Iterator[Example]:
             # Parquet has a column for every field of every row: null means absent.
             yield from parse_record({k: v for k, v in row.items() if v is not None}, stage, f"{path}:row {i}")
     else:
-        from clara.jsonl import jsonl_lines, parse_jsonl
+        from clara.data.jsonl import jsonl_lines, parse_jsonl
 
         for where, obj in parse_jsonl(jsonl_lines(data), path, RecordError):
             n += 1
@@ -407,7 +407,7 @@ def _rows_where_error(batch, bad: bool):
 def read_examples(paths: Sequence[str], stage: str):
     """Read and validate every record with Ray Data; returns ``(dataset of example rows, count)``.
 
-    All or nothing: any bad record raises :class:`~clara.records.RecordError` naming its file and
+    All or nothing: any bad record raises :class:`~clara.data.records.RecordError` naming its file and
     line (``file:row N`` for Parquet), before any training starts.
     """
     import ray.data
@@ -549,8 +549,8 @@ def train_worker(job: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from clara.deepspeed_config import deepspeed_config, resolve_precision
-    from clara.train import lr_factor
+    from clara.training.deepspeed import deepspeed_config, resolve_precision
+    from clara.training.loop import lr_factor
     from pipelines import compat, train_checkpoint
 
     cfg, plan = TrainJobConfig(**job["config"]), TrainPlan(**job["plan"])

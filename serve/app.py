@@ -10,7 +10,7 @@ Three deployments, each with its own resources and autoscaling (see :mod:`serve.
   through deployment handles. The OpenAPI page is ``/docs``.
 * ``Retriever``: the query reasoner encodes a batch of questions (``@serve.batch``); the LanceDB index
   proposes candidates by ANN search on the low-dimensional key and re-scores them exactly on their
-  full memory (:class:`clara.retrieval.Retriever`). Returns each question's top-k ids, scores, texts
+  full memory (:class:`clara.index.retrieve.Retriever`). Returns each question's top-k ids, scores, texts
   and memory tokens as a tensor ``[k, n_mem, d]``. A new index version is picked up within
   ``index_refresh_s`` (or at once by ``POST /v1/reload``), without a restart.
 * ``Generator``: a batch of (question, background) pairs (``@serve.batch``) -> answers. The
@@ -506,10 +506,10 @@ def _set_threads(n: int) -> None:
 
 @serve.deployment(name="Retriever")
 class RetrieverDeployment:
-    """Query reasoner + LanceDB index (:class:`clara.retrieval.Retriever`), batched."""
+    """Query reasoner + LanceDB index (:class:`clara.index.retrieve.Retriever`), batched."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from clara.retrieval import Retriever
+        from clara.index.retrieve import Retriever
 
         self.settings = ServeSettings.model_validate(settings)
         s = self.settings
@@ -575,7 +575,7 @@ class GeneratorDeployment:
         self.generate.set_batch_wait_timeout_s(s.generator.batch_wait_timeout_s)
 
     def _generate(self, questions: list[str], backgrounds: list) -> list[dict[str, Any]]:
-        from clara.retrieval import generate_answers
+        from clara.index.retrieve import generate_answers
 
         with self._lock:
             t0 = time.perf_counter()
@@ -669,8 +669,8 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
 
 def _index_unavailable(what: str, exc: BaseException) -> Unavailable | None:
     """The 503 for an index the retriever cannot serve now, else None."""
-    from clara.retrieval import IndexEmptyError, IndexUnavailableError
-    from clara.store import IndexMismatchError
+    from clara.index.retrieve import IndexEmptyError, IndexUnavailableError
+    from clara.index.schema import IndexMismatchError
 
     if isinstance(exc, IndexMismatchError):
         return Unavailable(f"the {what} cannot serve its index: it was built by another compressor")

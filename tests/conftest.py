@@ -39,7 +39,7 @@ def scp_sample_path(shared_data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def scp_records(scp_sample_path: Path):
     """The sample's examples (one per QA pair), read and validated once."""
-    from clara.records import read_records
+    from clara.data.records import read_records
 
     return read_records(scp_sample_path, "scp")
 

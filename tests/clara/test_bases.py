@@ -41,7 +41,7 @@ def test_unknown_name_and_missing_package_say_what_to_do(monkeypatch):
 @needs_smollm2
 def test_smollm2_converts_once_and_completes(monkeypatch, tmp_path):
     """The GGUF in the wheel becomes a plain HF folder that answers greedily; reuse does not reconvert."""
-    from clara.cli import greedy_chat
+    from pipelines.cli import greedy_chat
 
     monkeypatch.setenv("CLARA_BASES_DIR", str(tmp_path))
     folder = materialise("smollm2-135m")

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from clara.checkpoint import CheckpointError, import_apple_checkpoint, read_manifest
+from clara.checkpoint import CheckpointError, read_manifest
 from clara.model import ClaraModel
 
 
@@ -85,7 +85,7 @@ def test_apple_layout_imports(make_model, tiny_base, tmp_path, chunk):
                 "lm_head.weight": torch.cat([head, torch.randn(source.config.n_mem + 3, emb.shape[1])])},
                out / "decoder_first_last_layers.pth")
 
-    imported = import_apple_checkpoint(out, device="cpu", dtype="float32")
+    imported = ClaraModel.from_apple(out, device="cpu", dtype="float32")
     assert imported.config.n_mem == 16 and imported.config.lora.r == 4
     assert torch.equal(imported.memory_embeddings, source.memory_embeddings)
     assert torch.equal(imported.compress([chunk]), source.compress([chunk]))
@@ -105,7 +105,7 @@ def test_apple_layout_mismatch_is_a_clear_error(tiny_base, tmp_path):
     torch.save({"encoder_adapter": {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
                                     torch.zeros(4, 128)}, "decoder_adapter": {}}, tmp_path / "adapters.pth")
     with pytest.raises(CheckpointError, match="encoder_adapter.*does not fit"):
-        import_apple_checkpoint(tmp_path, device="cpu")
+        ClaraModel.from_apple(tmp_path, device="cpu")
 
 
 def test_loads_in_bf16_with_the_same_compressor_version(make_model, tmp_path, chunk):
@@ -127,7 +127,7 @@ def test_loads_in_bf16_with_the_same_compressor_version(make_model, tmp_path, ch
 def test_compact_export_keeps_the_compressor_and_ships_by_name(make_model, tmp_path, chunk, monkeypatch, capsys):
     """``clara export``: chosen adapters in bf16, no tokenizer; loads by path or as a packaged name."""
     from clara import bases
-    from clara.cli import main
+    from pipelines.cli import main
 
     model = make_model()
     _randomise_adapters(model)

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clara import corpus
-from clara.corpus import (
+from clara.data import corpus
+from clara.data.corpus import (
     Chunk,
     Document,
     DocumentError,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from clara.derive import BM25, DeriveSettings, derive_records, split_by_chunk, tokenize
-from clara.records import Example, parse_record
+from clara.data.derive import BM25, DeriveSettings, derive_records, split_by_chunk, tokenize
+from clara.data.records import Example, parse_record
 
 
 def test_bm25_ranks_the_document_that_shares_rare_terms_first():

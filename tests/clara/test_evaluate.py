@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from clara.evaluate import EvalSettings, aggregate, evaluate_examples, write_report
-from clara.metrics import cover_em, exact_match, token_f1
-from clara.records import Example
+from clara.data.records import Example
+from clara.eval.evaluate import EvalSettings, aggregate, evaluate_examples, write_report
+from clara.eval.metrics import cover_em, exact_match, token_f1
 
 
 def test_metrics_on_hand_checked_cases():

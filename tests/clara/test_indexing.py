@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from clara.corpus import Chunk, load_scp_chunks
-from clara.indexing import (
+from clara.data.corpus import Chunk, load_scp_chunks
+from clara.index.build import (
     ChunkCompressor,
     ChunkingSettings,
     DeletionGuardError,
@@ -27,7 +27,9 @@ from clara.indexing import (
     tag_version,
     work_blocks,
 )
-from clara.store import ChunkStore, IndexMismatchError, StoreSettings, encode_batch
+from clara.index.codec import encode_batch
+from clara.index.schema import IndexMismatchError, StoreSettings
+from clara.index.store import ChunkStore
 
 
 @pytest.fixture

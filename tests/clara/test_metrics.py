@@ -1,6 +1,6 @@
 import pytest
 
-from clara.metrics import cover_em, exact_match, normalize_answer, recall_at_k, summarize, token_f1
+from clara.eval.metrics import cover_em, exact_match, normalize_answer, recall_at_k, summarize, token_f1
 
 
 def test_normalize_answer():

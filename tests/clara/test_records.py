@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from clara.records import RecordError, parse_record, read_records, reconstruction_example
+from clara.data.records import RecordError, parse_record, read_records, reconstruction_example
 
 
 def test_sample_reads(scp_records):

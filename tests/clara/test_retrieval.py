@@ -1,4 +1,4 @@
-"""clara.retrieval without Ray: the served retriever against the library's search, index refresh,
+"""clara.index.retrieve without Ray: the served retriever against the library's search, index refresh,
 compressor checks, and batched answering of mixed backgrounds."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from clara.retrieval import Retrieved, Retriever, check_index, generate_answers
-from clara.store import ChunkStore, IndexMismatchError, StoreSettings
+from clara.index.retrieve import Retrieved, Retriever, check_index, generate_answers
+from clara.index.schema import IndexMismatchError, StoreSettings
+from clara.index.store import ChunkStore
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def _rebuild(uri, model, texts) -> ChunkStore:
 def test_rebuilt_dropped_and_restored_tables_are_followed(indexed, corpus, make_model, scp_records):
     """The table is dropped and rebuilt under a running retriever (a re-index with a new compressor),
     then restored: every state is served or refused with the right error, never a stale handle."""
-    from clara.retrieval import IndexEmptyError, IndexUnavailableError
+    from clara.index.retrieve import IndexEmptyError, IndexUnavailableError
 
     model, store = indexed
     retriever = Retriever.open(model, store.uri, refresh_interval_s=0)

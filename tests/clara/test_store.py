@@ -8,19 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clara.store import (
-    ChunkStore,
-    IndexMismatchError,
-    IndexNotFoundError,
-    StoreSettings,
-    dequantize_int8,
-    encode_batch,
-    flat_cosine,
-    index_schema,
-    key_projection,
-    project_keys,
-    quantize_int8,
-)
+from clara.index.codec import dequantize_int8, encode_batch, flat_cosine, key_projection, project_keys, quantize_int8
+from clara.index.schema import IndexMismatchError, IndexNotFoundError, StoreSettings, index_schema
+from clara.index.store import ChunkStore
 
 N_MEM, D, KEY_DIM = 4, 16, 16
 
@@ -243,7 +233,7 @@ def test_default_content_hash_and_arrow_table_input(store):
     )
     assert store.upsert(raw).inserted == 3
     hashes = store.existing_hashes()
-    from clara.corpus import content_hash  # one formula for the store's default and the corpus reader's
+    from clara.data.corpus import content_hash  # one formula for the store's default and the corpus reader's
 
     assert hashes == {r["chunk_id"]: content_hash(r["text"]) for r in rs} and len(set(hashes.values())) == 3
     encoded = store.encode(rows(5, prefix="e"), np.stack([r["memory"] for r in rows(5)]))

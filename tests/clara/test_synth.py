@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from clara.records import parse_record
+from clara.data.records import parse_record
 from clara.synth import (
     ClozeEngine,
     Generation,

@@ -1,7 +1,7 @@
 import torch
 
+from clara.data.records import Example
 from clara.losses import e2e_loss
-from clara.records import Example
 from clara.topk import differentiable_topk, select
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from clara.config import ClaraConfig, LoraSettings
-from clara.metrics import cover_em, token_f1
+from clara.data.records import reconstruction_example
+from clara.eval.metrics import cover_em, token_f1
 from clara.model import ClaraModel
-from clara.records import reconstruction_example
-from clara.stages import get_stage
-from clara.train import TrainSettings, batches, lr_factor, train
+from clara.training.loop import TrainSettings, batches, lr_factor, train
+from clara.training.stages import get_stage
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_minimum():
@@ -32,8 +32,8 @@ def test_curriculum_reconstructs_each_examples_chunk_first(scp_records):
 def test_wrong_memory_negatives_pair_questions_with_other_chunks(scp_records):
     import random
 
+    from clara.data.records import reconstruction_example, with_wrong_memory_negatives
     from clara.prompts import NO_ANSWER
-    from clara.records import reconstruction_example, with_wrong_memory_negatives
 
     batch = scp_records[:31] + [reconstruction_example(scp_records[0].chunks[0])]
     out = with_wrong_memory_negatives(batch, 0.5, random.Random(0))

@@ -257,8 +257,8 @@ def model_dir(tmp_path_factory, tiny_base) -> Path:
 
 
 def test_index_job_runs_on_both_nodes_and_writes_one_row_per_chunk(cluster, model_dir, scp_sample_path, tmp_path):
-    from clara.corpus import load_scp_chunks
-    from clara.store import ChunkStore
+    from clara.data.corpus import load_scp_chunks
+    from clara.index.store import ChunkStore
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(scp_sample_path.read_text().splitlines(keepends=True)[:40]))

@@ -4,21 +4,21 @@ import json
 
 import pytest
 
-from pipelines.demo import MainSettings, run_main
+from pipelines.demo import DemoSettings, run_demo
 
 
 @pytest.mark.ray
 def test_main_job_end_to_end(ray_session, tmp_path):
     lines = []
-    result = run_main(MainSettings(workdir=tmp_path / "demo", base_model="tiny", docs=16, steps1=4, steps2=2,
+    result = run_demo(DemoSettings(workdir=tmp_path / "demo", base_model="tiny", docs=16, steps1=4, steps2=2,
                                    steps3=2, batch_size=8, questions=1, eval_questions=4), out=lines.append)
     text = "\n".join(lines)
     for step in range(1, 9):
         assert f"[{step}/8]" in text
     assert len(result["answers"]) == 1 and isinstance(result["answers"][0]["memory"], str)
     assert result["answers"][0]["chunks"], "the served answer names its retrieved chunks"
+    from clara.index.store import ChunkStore
     from clara.model import ClaraModel
-    from clara.store import ChunkStore
 
     model = ClaraModel.from_pretrained(result["model"], device="cpu")
     store = ChunkStore.open(result["index"], create=False)

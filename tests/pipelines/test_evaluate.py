@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from clara.evaluate import EvalSettings
+from clara.eval.evaluate import EvalSettings
 from pipelines.evaluate import EvaluateJobSettings, main, run_evaluate
 
 
@@ -41,7 +41,7 @@ def test_cli_local_and_bad_records(make_model, e2e_file, tmp_path, capsys):
     assert "| compressed | oracle |" in (tmp_path / "o" / "results.md").read_text()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "docs": ["a"], "answer": "x"}) + "\n")
-    from clara.records import RecordError
+    from clara.data.records import RecordError
 
     with pytest.raises(RecordError, match=r"bad\.jsonl:1: field 'pos_index'"):
         main(["--model", model, "--data", str(bad), "--local"])

@@ -16,14 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clara.corpus import DocumentError, load_scp_chunks
-from clara.indexing import IndexWriter, scp_doc_id
-from clara.store import ChunkStore, IndexMismatchError, IndexNotFoundError
+from clara.data.corpus import DocumentError, load_scp_chunks
+from clara.index.build import IndexWriter, scp_doc_id
+from clara.index.schema import IndexMismatchError, IndexNotFoundError
+from clara.index.store import ChunkStore
 from pipelines.index import IndexJobError, IndexSettings, list_versions, main, run_index
 
 pytestmark = pytest.mark.ray
 
-# Bounds of the storage round trip, per element x of a memory token t (see clara.store):
+# Bounds of the storage round trip, per element x of a memory token t (see clara.index.store):
 #   float16: |x - x16| <= 2**-11 |x| (+ 2**-24 for subnormals)
 #   int8:    |x - x8| <= scale_t / 2 with scale_t = max|t| / 127
 # plus float32 noise from batching differently in the actors than in the reference (1e-5 of max|t|).
@@ -191,7 +192,7 @@ def test_changed_and_deleted_documents_touch_exactly_their_rows(ray_session, mod
     assert main(["versions", "--table-uri", str(s.table_uri)]) == 0
     listed = [int(line.split()[0]) for line in capsys.readouterr().out.splitlines()]
     assert third.version in listed and second.version in listed
-    from clara.cli import main as clara_main
+    from pipelines.cli import main as clara_main
 
     assert clara_main(["index", "rollback", str(second.version), "--table-uri", str(s.table_uri)]) == 0
     assert f"restored version {second.version}" in capsys.readouterr().out

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from clara.corpus import load_scp_chunks
-from clara.records import parse_record
+from clara.data.corpus import load_scp_chunks
+from clara.data.records import parse_record
 from pipelines.synth import SynthJobError, SynthSettings, main, run_synth
 
 pytestmark = pytest.mark.ray

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from clara.config import ConfigError
-from clara.derive import DeriveSettings, derive_records
-from clara.records import RecordError, read_records
+from clara.data.derive import DeriveSettings, derive_records
+from clara.data.records import RecordError, read_records
 from pipelines.train import TrainJobConfig, apply_override, main, plan_run, run_train
 
 RECIPES = Path(__file__).resolve().parents[2] / "pipelines" / "recipes"
@@ -167,7 +167,7 @@ def stage2(stage1, workdir, scp_file):
 @pytest.mark.ray
 def test_stage2_starts_a_fresh_generator_and_learns(stage2, stage1):
     from clara.model import ClaraModel
-    from clara.stages import get_stage
+    from clara.training.stages import get_stage
 
     summary, before, after, path = stage2
     start = ClaraModel.from_pretrained(stage1.model_dir, device="cpu")
@@ -196,7 +196,7 @@ def stage3(stage2, workdir, scp_file):
 @pytest.mark.ray
 def test_stage3_trains_query_reasoner_and_generator_and_leaves_the_compressor_bit_for_bit(stage3, stage2):
     from clara.model import ClaraModel
-    from clara.stages import get_stage
+    from clara.training.stages import get_stage
 
     summary, before, after, path = stage3
     start = ClaraModel.from_pretrained(stage2[0].model_dir, device="cpu")

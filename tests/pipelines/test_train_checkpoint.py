@@ -44,7 +44,7 @@ def _engine(zero: int, precision: str):
     import deepspeed
     import torch
 
-    from clara.deepspeed_config import deepspeed_config
+    from clara.training.deepspeed import deepspeed_config
 
     torch.manual_seed(0)  # the same initial weights for the original and the restored engine
     net = _net()

@@ -60,7 +60,7 @@ def test_config_file_is_a_valid_serve_config_and_settings():
 def test_cli_check_and_help(capsys, tmp_path):
     import json
 
-    from clara.cli import main as clara_main
+    from pipelines.cli import main as clara_main
     from serve.app import main
 
     assert main(["--check", "--model", "runs/m", "--index-uri", str(tmp_path), "--port", "9123"]) == 0
@@ -436,7 +436,7 @@ def local(model_dir):
 
 
 def _store(served):
-    from clara.store import ChunkStore
+    from clara.index.store import ChunkStore
 
     return ChunkStore.open(served.table, None, create=False)
 
@@ -579,8 +579,8 @@ def test_index_rebuilt_emptied_and_restored_under_a_running_app(served, model_di
     import lancedb
     from ray import serve
 
+    from clara.index.store import ChunkStore
     from clara.model import ClaraModel
-    from clara.store import ChunkStore
     from serve.app import build_app
 
     work = tmp_path_factory.mktemp("rebuild")
@@ -655,7 +655,7 @@ def test_bounded_concurrent_load(served, scp_records):
 
 @pytest.mark.ray
 def test_new_index_version_is_served_without_restart(served, local):
-    from clara.store import ChunkStore
+    from clara.index.store import ChunkStore
 
     store = ChunkStore.open(served.table, None, create=False)
     before = served.client.post("/v1/retrieve", json={"question": "lighthouse"}).json()["index_version"]
@@ -726,8 +726,9 @@ def test_vllm_generator_served_matches_transformers(served, tmp_path_factory, sc
     from ray import serve
 
     from clara.config import ClaraConfig, LoraSettings
+    from clara.index.schema import StoreSettings
+    from clara.index.store import ChunkStore
     from clara.model import ClaraModel
-    from clara.store import ChunkStore, StoreSettings
     from clara.tiny import TinyModelSpec, build_tiny_model
     from serve.app import build_app
 

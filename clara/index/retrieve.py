@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from clara.index.schema import DEFAULT_TABLE, IndexMismatchError, IndexNotFoundError, StoreSettings
+from clara.index.store import ChunkStore
 from clara.model import ClaraModel
-from clara.store import DEFAULT_TABLE, ChunkStore, IndexMismatchError, IndexNotFoundError, StoreSettings
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Retriever:
              device: str | None = None, storage_options: dict[str, str] | None = None, **kwargs: Any) -> Retriever:
         """Load the model (a directory, or an already loaded :class:`ClaraModel`) and open its index.
 
-        Raises :class:`~clara.store.IndexNotFoundError` when the table does not exist and
+        Raises :class:`~clara.index.store.IndexNotFoundError` when the table does not exist and
         :class:`IndexMismatchError` when another compressor built it.
         """
         if not isinstance(model, ClaraModel):

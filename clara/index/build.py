@@ -4,7 +4,7 @@ The Ray job (:mod:`pipelines.index`) is a thin shell over this module:
 
 1. :func:`read_compressor_info` reads the model directory's manifest (no weights loaded) for the
    memory shape ``[n_mem, d]`` and the ``compressor_version``; :func:`store_settings_for` turns that
-   into the table's :class:`~clara.store.StoreSettings`.
+   into the table's :class:`~clara.index.store.StoreSettings`.
 2. :func:`source_chunks` reads the corpus and chunks it by tokens of the compressor's tokenizer. Each
    ``content_hash`` is salted with :func:`chunking_salt` (chunking settings + compressor version), so
    changing either re-compresses everything.
@@ -40,7 +40,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from clara.corpus import (
+from clara.data.corpus import (
     Chunk,
     Document,
     DocumentError,
@@ -50,7 +50,9 @@ from clara.corpus import (
     parse_chunk_id,
     read_documents,
 )
-from clara.store import ANN_KINDS, ChunkStore, CleanupReport, IndexMismatchError, StoreSettings, encode_batch
+from clara.index.codec import encode_batch
+from clara.index.schema import ANN_KINDS, IndexMismatchError, StoreSettings
+from clara.index.store import ChunkStore, CleanupReport
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ def store_settings_for(
     (benchmarks/bench_search.py) a 256-d key needs ~2,000 candidates for 0.99 recall, a 1024-d key 200.
     The key costs ``4 * key_dim`` bytes a row: 4 KiB at 1024-d against 128 KiB of float16 memory at 7B.
 
-    Raises :class:`~clara.store.IndexMismatchError` when ``existing`` was built by another compressor or
+    Raises :class:`~clara.index.store.IndexMismatchError` when ``existing`` was built by another compressor or
     for another memory shape, before anything is compressed or written.
     """
     settings = StoreSettings(
@@ -203,7 +205,7 @@ def scp_doc_id(text: str) -> str:
 
 def scp_documents(path: str | Path) -> Iterator[Document]:
     """The unique chunks (``docs[0]``) of a stage-1 (SCP) JSONL file as documents, in file order."""
-    from clara.corpus import load_scp_chunks
+    from clara.data.corpus import load_scp_chunks
 
     for text in load_scp_chunks(path):
         yield Document(doc_id=scp_doc_id(text), text=text)
@@ -222,13 +224,13 @@ def source_chunks(
     """Chunks of the first ``limit`` documents of ``corpus`` (all when ``None``), in source order.
 
     ``format="auto"``: JSONL, Parquet, ``.txt`` files or a directory of them (see
-    :func:`clara.corpus.read_documents`), split into windows of ``chunk_tokens`` tokens sharing
+    :func:`clara.data.corpus.read_documents`), split into windows of ``chunk_tokens`` tokens sharing
     ``overlap``; with a ``title_field`` each chunk's text is ``title + "\\n" + window`` so the compressor
     sees which document it belongs to, and the window is narrower by the title line's tokens so the whole
-    chunk stays within ``chunk_tokens`` (see :func:`clara.corpus.chunk_documents`). ``format="scp"``: the
+    chunk stays within ``chunk_tokens`` (see :func:`clara.data.corpus.chunk_documents`). ``format="scp"``: the
     chunks of a stage-1 file, one per unique ``docs[0]``, not re-split, ``doc_id`` from :func:`scp_doc_id`,
     position 0.
-    Malformed input raises :class:`~clara.corpus.DocumentError` naming file, line and field.
+    Malformed input raises :class:`~clara.data.corpus.DocumentError` naming file, line and field.
     """
     if chunking.format == "scp":
         docs: Iterable[Document] = scp_documents(corpus)
@@ -390,7 +392,7 @@ class ChunkCompressor:
     """Loads a CLaRa model once; called on a batch of chunk rows, returns encoded index rows.
 
     Input: a pyarrow Table with :data:`CHUNK_COLUMNS`. Output: a pyarrow Table in the index layout
-    (:func:`clara.store.index_schema`), memory in the storage dtype and the ``key`` column filled, so the
+    (:func:`clara.index.store.index_schema`), memory in the storage dtype and the ``key`` column filled, so the
     quantisation and projection run in the workers, not on the writer.
     """
 
@@ -450,7 +452,7 @@ class WriteStats:
 
 
 class IndexWriter:
-    """Upserts encoded rows into a :class:`~clara.store.ChunkStore`, ``commit_rows`` or more per commit.
+    """Upserts encoded rows into a :class:`~clara.index.store.ChunkStore`, ``commit_rows`` or more per commit.
 
     Each commit is one ``merge_insert`` keyed on ``chunk_id`` (atomic, one table version). ``on_commit``
     is called with the running :class:`WriteStats` after each commit.

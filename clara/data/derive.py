@@ -3,7 +3,7 @@
 A stage-1 (SCP) QA pair is a question about one chunk. Its own chunk is the gold; the other
 chunks of the corpus are distractors, some drawn at random and some *lexically hard*: the
 chunks that BM25 ranks highest for the question. The result is in the reference formats
-(see :mod:`clara.records`)::
+(see :mod:`clara.data.records`)::
 
     instruct  {"question": "q", "docs": [5 chunks], "pos_index": [i], "answer": "a"}
     e2e       {"question": "q", "docs": [20 candidates], "pos_index": [i], "answer": "a"}
@@ -23,8 +23,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from clara.records import Example, chunks_of
-from clara.stages import CLARA_STAGES, STAGES, get_stage
+from clara.data.records import Example, chunks_of
+from clara.training.stages import CLARA_STAGES, STAGES, get_stage
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 

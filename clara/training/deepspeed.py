@@ -9,7 +9,7 @@ that are not obvious:
 * precision is ``bf16`` on GPU and ``fp32`` on CPU (``auto``); fp16 is not offered: it needs loss
   scaling and does not run on DeepSpeed's CPU accelerator;
 * the learning-rate schedule is not in this dict: the job passes the paper's warm-up + cosine
-  schedule (:func:`clara.train.lr_factor`) as a client scheduler, so both loops share one schedule.
+  schedule (:func:`clara.training.loop.lr_factor`) as a client scheduler, so both loops share one schedule.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """JSON Lines input, with errors that name file, line and field.
 
-Shared by the corpus reader (:mod:`clara.corpus`) and the training-record reader (:mod:`clara.records`)
+Shared by the corpus reader (:mod:`clara.data.corpus`) and the training-record reader (:mod:`clara.data.records`)
 so that both report a bad input file the same way. Without it a byte that is not UTF-8 surfaced as a
 bare ``UnicodeDecodeError`` from the file iterator, and a ``"\\ud800"`` escape (valid JSON, invalid
 Unicode) was accepted and only failed much later, inside the tokenizer or Arrow, with no file or line.

@@ -23,7 +23,7 @@ def _register_pipelines() -> None:
     import importlib.util
 
     for name, module, summary in (
-        ("demo", "pipelines.demo", "THE MAIN JOB: tiny model -> synth -> train stages 1-3 -> index -> serve -> "
+        ("demo", "pipelines.demo", "THE MAIN JOB: SmolLM2 -> synth -> train stages 1-3 -> index -> serve -> "
                                    "evaluate, on a local Ray (about 15 minutes on 2 cores)"),
         ("train", "pipelines.train", "train a stage (scp / instruct / e2e) on Ray Train with DeepSpeed"),
         ("derive", "pipelines.derive", "derive stage-2/3 records (gold + random and BM25 distractors) from stage-1"),
@@ -42,7 +42,7 @@ def _register_pipelines() -> None:
 
 # -- demo ---------------------------------------------------------------------------------------
 @dataclass
-class DemoSettings:
+class QuickstartSettings:
     """Settings of ``clara quickstart`` (defaults: a 2-layer, 128-wide model; ~3 minutes on 2 cores)."""
 
     workdir: Path = Path("clara-demo")
@@ -72,7 +72,7 @@ def _eta(step: int, total: int, elapsed: float) -> str:
     return f"{int(left // 60)}m{int(left % 60):02d}s"
 
 
-def run_demo(s: DemoSettings, out=print) -> dict:
+def run_quickstart(s: QuickstartSettings, out=print) -> dict:
     """Build a tiny model, train stage 1 briefly, compress chunks and show what the memory holds.
 
     Returns the measured figures (reconstruction token F1 from own vs another chunk's memory,
@@ -81,12 +81,12 @@ def run_demo(s: DemoSettings, out=print) -> dict:
     import torch
 
     from clara.config import ClaraConfig, LoraSettings
-    from clara.corpus import chunk_document, load_wiki_summaries
-    from clara.metrics import cover_em, token_f1
+    from clara.data.corpus import chunk_document, load_wiki_summaries
+    from clara.data.records import chunks_of, read_records, reconstruction_example
+    from clara.eval.metrics import cover_em, token_f1
     from clara.model import ClaraModel
-    from clara.records import chunks_of, read_records, reconstruction_example
     from clara.tiny import build_tiny_model
-    from clara.train import TrainSettings, train
+    from clara.training.loop import TrainSettings, train
 
     t0 = time.perf_counter()
     s.workdir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def _decode(args) -> None:
 
 
 def _build_tiny(args) -> None:
-    from clara.corpus import load_wiki_summaries
+    from clara.data.corpus import load_wiki_summaries
     from clara.tiny import TinyModelSpec, build_tiny_model
 
     texts = [d.text for d in load_wiki_summaries(limit=args.docs)]
@@ -190,9 +190,9 @@ def _build_tiny(args) -> None:
 
 
 def _import_apple(args) -> None:
-    from clara.checkpoint import import_apple_checkpoint
+    from clara.model import ClaraModel
 
-    model = import_apple_checkpoint(args.src, base_model=args.base_model, device=args.device)
+    model = ClaraModel.from_apple(args.src, base_model=args.base_model, device=args.device)
     print(model.save_pretrained(args.out))
 
 
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("quickstart", help="in one process, no Ray (~3 minutes): build a tiny model, train stage 1, "
                                           "compress chunks, show what the memory holds",
-                       description=run_demo.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=run_quickstart.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--workdir", type=Path, default=Path("clara-demo"), help="where the base model and trained model go")
     d.add_argument("--data", type=Path, help="stage-1 records (JSONL, e.g. ../shared/data/scp_sample.jsonl); "
                                              "default: reconstruction of Wikipedia summaries")
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return module.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     if args.command == "quickstart":
-        run_demo(DemoSettings(workdir=args.workdir, data=args.data, chunks=args.chunks, steps=args.steps,
+        run_quickstart(QuickstartSettings(workdir=args.workdir, data=args.data, chunks=args.chunks, steps=args.steps,
                               compression_rate=args.compression_rate, doc_max_tokens=args.doc_max_tokens,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                               show=args.show))

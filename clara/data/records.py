@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clara.jsonl import read_jsonl, unicode_problem
+from clara.data.jsonl import read_jsonl, unicode_problem
 from clara.prompts import NO_ANSWER, PARAPHRASE_INSTRUCTION
-from clara.stages import CLARA_STAGES
+from clara.training.stages import CLARA_STAGES
 
-#: The record formats: one per CLaRa stage (:data:`clara.stages.CLARA_STAGES`).
+#: The record formats: one per CLaRa stage (:data:`clara.training.stages.CLARA_STAGES`).
 STAGES: tuple[str, ...] = CLARA_STAGES
 
 
@@ -135,7 +135,7 @@ def _indices(obj: dict, where: str, n: int) -> list[int]:
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", object)`` for each non-blank line; a byte that is not UTF-8, bad JSON or a
-    file without records raises :class:`RecordError` (see :func:`clara.jsonl.read_jsonl`)."""
+    file without records raises :class:`RecordError` (see :func:`clara.data.jsonl.read_jsonl`)."""
     return read_jsonl(path, RecordError)
 
 

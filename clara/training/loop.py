@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from clara.config import autocast_dtype
+from clara.data.records import Example
 from clara.losses import LossOutput
-from clara.records import Example
-from clara.stages import Stage, get_stage
+from clara.training.stages import Stage, get_stage
 
 
 @dataclass
@@ -41,12 +41,12 @@ class TrainSettings:
     #: ``dtype: auto`` already holds the base in bf16 and what trains in fp32, which was 3x faster
     #: on CPU than fp32 weights under autocast (16.5 vs ~5 s a step on SmolLM2).
     autocast: str = "off"
-    #: Apply the stage's adapter set-up first (:meth:`clara.stages.Stage.prepare`: stage 2 starts a
+    #: Apply the stage's adapter set-up first (:meth:`clara.training.stages.Stage.prepare`: stage 2 starts a
     #: fresh generator, stage 3 the query reasoner as a copy of the compressor), as the Ray Train job
     #: does on a fresh start.
     reinit_adapters: bool = True
     #: Stages 1-2: fraction of QA examples replaced in each batch by a wrong-memory negative
-    #: (:func:`clara.records.with_wrong_memory_negatives`); not during the reconstruction warm-up.
+    #: (:func:`clara.data.records.with_wrong_memory_negatives`); not during the reconstruction warm-up.
     wrong_memory_negatives: float = 0.0
 
     def __post_init__(self) -> None:
@@ -70,7 +70,7 @@ def lr_factor(step: int, total: int, warmup_ratio: float, min_lr_ratio: float) -
 
 
 def batches(examples: Sequence[Example], settings: TrainSettings, stage: Stage) -> Iterator[list[Example]]:
-    """Random batches of ``examples`` as ``stage`` trains on them (:meth:`~clara.stages.Stage.examples`:
+    """Random batches of ``examples`` as ``stage`` trains on them (:meth:`~clara.training.stages.Stage.examples`:
     reconstructions of their chunks during the warm-up, then wrong-memory negatives if asked)."""
     rng = random.Random(settings.seed)
     neg_rng = random.Random(settings.seed + 1)

@@ -11,7 +11,7 @@
 * ``text`` is not a CLaRa stage: the plain-text RAG baseline on the same backbone, a generator
   adapter trained on instruct records with the chunks given as text.
 
-Both training loops (:mod:`clara.train` on one process, ``pipelines.train`` on Ray Train with
+Both training loops (:mod:`clara.training.loop` on one process, ``pipelines.train`` on Ray Train with
 DeepSpeed), the benchmarks and the demo take everything stage-specific from :data:`STAGES`.
 """
 
@@ -29,7 +29,7 @@ from clara.config import ADAPTERS
 @dataclass(frozen=True)
 class Stage:
     name: str
-    #: The record format its data is in (:func:`clara.records.parse_record`).
+    #: The record format its data is in (:func:`clara.data.records.parse_record`).
     records: str
     #: The LoRA adapters it trains.
     adapters: tuple[str, ...]
@@ -76,7 +76,7 @@ class Stage:
         """What one batch of records trains on: during the reconstruction warm-up (``warm``) each
         example is replaced by the reconstruction of its chunk; otherwise about ``negatives`` of the
         QA / instruction examples become wrong-memory negatives (drawn with ``rng``)."""
-        from clara.records import reconstruction_example, with_wrong_memory_negatives
+        from clara.data.records import reconstruction_example, with_wrong_memory_negatives
 
         if warm and self.reconstruction_warmup:
             return [reconstruction_example(ex.chunks[0]) for ex in batch]

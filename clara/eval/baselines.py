@@ -50,7 +50,7 @@ class MiniLMEncoder:
 
 
 def minilm_ranker(device: str = "cpu"):
-    """A :data:`clara.evaluate.Ranker` scoring candidates by MiniLM cosine."""
+    """A :data:`clara.eval.evaluate.Ranker` scoring candidates by MiniLM cosine."""
     enc = MiniLMEncoder(device)
     cache: dict[str, torch.Tensor] = {}
 
@@ -65,8 +65,8 @@ def minilm_ranker(device: str = "cpu"):
 
 
 def bm25_ranker():
-    """A :data:`clara.evaluate.Ranker` scoring each question's candidates with Okapi BM25 over them."""
-    from clara.derive import BM25
+    """A :data:`clara.eval.evaluate.Ranker` scoring each question's candidates with Okapi BM25 over them."""
+    from clara.data.derive import BM25
 
     def rank(questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         out = []

@@ -1,490 +1,52 @@
-"""The chunk index: one LanceDB table of compressed chunks, and the one module that owns its schema.
+"""The table: :class:`ChunkStore` opens, upserts, searches, deletes, versions and cleans up one LanceDB
+table of the schema in :mod:`clara.index.schema` (rows encoded by :mod:`clara.index.codec`).
 
-Every row is one chunk: its ids and text, its CLaRa memory tokens (``[n_mem, d]``, stored flat as a
-fixed-size list in float32, float16, or int8 with a per-token scale) and a low-dimensional ``key``
-(a fixed, seeded random projection of the flattened memory) that the ANN index searches. Search is
-two-step: the ANN search on ``key`` proposes candidates, which are re-scored with the exact CLaRa
-score (cosine of the flattened memories) on their full memory.
-
-The settings that produced the table (shape, compressor version, storage dtype, key projection)
-live in the Arrow schema metadata of the table under ``b"clara"``; opening the table with other
-settings raises :class:`IndexMismatchError`.
-
-``lancedb`` is imported lazily, inside the functions that need it; this module never imports ``ray``
-or ``torch`` (torch tensors are accepted through duck typing).
+``lancedb`` is imported lazily; this module never imports ``ray`` or ``torch``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import functools
-import json
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from clara.corpus import content_hash  # the one formula: rows written here and by the index job compare alike
+from clara.data.corpus import content_hash  # the one formula: rows written here and by the index job compare alike
+from clara.index.codec import (
+    _as_float32,
+    _columns_of,
+    _decode_memory,
+    _memory_column_to_numpy,
+    _name_ids,
+    _validate_encoded,
+    _validate_meta,
+    dequantize_int8,
+    encode_batch,
+    flat_cosine,
+    key_projection,
+    project_keys,
+    quantize_int8,
+    to_float16,
+)
+from clara.index.schema import (
+    _ID_BATCH,
+    ANN_KINDS,
+    DEFAULT_TABLE,
+    DTYPES,
+    METADATA_KEY,
+    METRICS,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StoreSettings,
+    index_schema,
+)
 
 logger = logging.getLogger(__name__)
-
-METADATA_KEY = b"clara"
-FORMAT_VERSION = 1
-KEY_SCHEME = "pcg64-box-muller-gaussian-v1"  # bump if key_projection ever changes: old keys would no longer match
-DTYPES = ("float32", "float16", "int8")
-ANN_KINDS = ("IVF_FLAT", "IVF_SQ", "IVF_PQ", "IVF_RQ", "IVF_HNSW_FLAT", "IVF_HNSW_SQ", "IVF_HNSW_PQ")
-METRICS = ("cosine", "dot")
-DEFAULT_TABLE = "chunks"
-
-# Fields whose difference makes an existing table unusable with the requested settings.
-_IDENTITY_FIELDS = ("n_mem", "d", "compressor_version", "dtype", "key_dim", "key_seed")
-_EPS = 1e-12
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-_ID_BATCH = 4096  # ids per IN-list when reading rows by id
-
-
-class IndexMismatchError(ValueError):
-    """The table was written with other settings (shape, compressor, dtype, key) than requested."""
-
-
-class IndexNotFoundError(FileNotFoundError):
-    """The table does not exist and ``create=False`` was given."""
-
-
-# --------------------------------------------------------------------------------------------
-# settings
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    """What produced an index: the memory shape, the compressor, the storage dtype and the key."""
-
-    n_mem: int
-    d: int
-    compressor_version: str
-    dtype: str = "float16"
-    key_dim: int = 128
-    key_seed: int = 0
-    model: str = ""
-    compression_rate: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("n_mem", "d", "key_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"StoreSettings.{name} must be a positive int, got {value!r}")
-        for name in ("key_seed", "compression_rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"StoreSettings.{name} must be a non-negative int, got {value!r}")
-        if not isinstance(self.compressor_version, str) or not self.compressor_version.strip():
-            raise ValueError("StoreSettings.compressor_version must be a non-empty string")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"StoreSettings.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not isinstance(self.model, str):
-            raise ValueError(f"StoreSettings.model must be a string, got {self.model!r}")
-        # normalise numpy ints so that equality and JSON behave
-        for name in ("n_mem", "d", "key_dim", "key_seed", "compression_rate"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-
-    @property
-    def flat_dim(self) -> int:
-        """Length of the flattened memory, ``n_mem * d``."""
-        return self.n_mem * self.d
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_metadata(self) -> dict[bytes, bytes]:
-        """Arrow schema metadata: ``{b"clara": JSON}``."""
-        payload = {"format": FORMAT_VERSION, "key_scheme": KEY_SCHEME, **self.to_dict()}
-        return {METADATA_KEY: json.dumps(payload, sort_keys=True).encode("utf-8")}
-
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[Any, Any] | None) -> StoreSettings:
-        """Read settings back from Arrow schema metadata (bytes or str keys)."""
-        raw = None
-        for key, value in (metadata or {}).items():
-            if (key.decode("utf-8") if isinstance(key, bytes) else key) == METADATA_KEY.decode():
-                raw = value
-                break
-        if raw is None:
-            raise IndexMismatchError("the table has no b'clara' schema metadata: not a CLaRa chunk index")
-        payload = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        fmt = payload.pop("format", None)
-        scheme = payload.pop("key_scheme", None)
-        if fmt != FORMAT_VERSION:
-            raise IndexMismatchError(f"unsupported index format {fmt!r} (this library reads {FORMAT_VERSION})")
-        if scheme != KEY_SCHEME:
-            raise IndexMismatchError(f"unsupported key scheme {scheme!r} (this library writes {KEY_SCHEME!r})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in payload.items() if k in names})
-
-    def differences(self, other: StoreSettings) -> list[str]:
-        """Identity fields (shape, compressor, dtype, key) on which the two settings differ."""
-        return [name for name in _IDENTITY_FIELDS if getattr(self, name) != getattr(other, name)]
-
-
-def index_schema(settings: StoreSettings) -> pa.Schema:
-    """The Arrow schema of the chunk table. Vectors are fixed-size lists, never variable lists."""
-    if settings.dtype == "int8":
-        memory_fields = [
-            pa.field("memory", pa.list_(pa.int8(), settings.flat_dim), nullable=False),
-            pa.field("memory_scale", pa.list_(pa.float32(), settings.n_mem), nullable=False),
-        ]
-    else:
-        value_type = pa.float16() if settings.dtype == "float16" else pa.float32()
-        memory_fields = [pa.field("memory", pa.list_(value_type, settings.flat_dim), nullable=False)]
-    fields = [
-        pa.field("chunk_id", pa.string(), nullable=False),
-        pa.field("doc_id", pa.string()),
-        pa.field("position", pa.int32()),
-        pa.field("text", pa.string()),
-        pa.field("content_hash", pa.string()),
-        *memory_fields,
-        pa.field("key", pa.list_(pa.float32(), settings.key_dim), nullable=False),
-        pa.field("compressor_version", pa.string()),
-        pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
-    ]
-    return pa.schema(fields, metadata=settings.to_metadata())
-
-
-# --------------------------------------------------------------------------------------------
-# numerics: keys, quantisation, the CLaRa score
-
-
-def _as_float32(x: Any) -> np.ndarray:
-    """numpy float32 view of a numpy array, a torch tensor (any device, bf16 included) or a list."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu().float().numpy()
-    return np.asarray(x, dtype=np.float32)
-
-
-def _stable_gaussian(seed: int, count: int) -> np.ndarray:
-    """``count`` standard normal float64 draws that do not depend on the numpy version.
-
-    ``Generator.standard_normal`` may change its algorithm between numpy releases (NEP 19), which would
-    silently change every key. So only the raw PCG64 stream of ``default_rng(seed)`` is used (a fixed
-    algorithm), turned into normals with Box-Muller.
-    """
-    half = (count + 1) // 2
-    raw = np.random.default_rng(seed).bit_generator.random_raw(2 * half)
-    uniform = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1), 53-bit
-    radius = np.sqrt(-2.0 * np.log(uniform[:half]))
-    angle = 2.0 * np.pi * uniform[half:]
-    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_projection(flat_dim: int, key_dim: int, seed: int) -> np.ndarray:
-    matrix = (_stable_gaussian(seed, flat_dim * key_dim) / math.sqrt(key_dim)).astype(np.float32)
-    matrix = matrix.reshape(flat_dim, key_dim)
-    matrix.setflags(write=False)
-    return matrix
-
-
-def key_projection(n_mem: int, d: int, key_dim: int, seed: int = 0) -> np.ndarray:
-    """The fixed, seeded Gaussian random projection ``[n_mem*d, key_dim]`` (scaled ``1/sqrt(key_dim)``).
-
-    Deterministic across machines and numpy versions (the raw PCG64 stream of ``default_rng(seed)``,
-    Box-Muller) and cached per (shape, seed); the returned array is read-only.
-    """
-    if n_mem <= 0 or d <= 0 or key_dim <= 0 or seed < 0:
-        raise ValueError(f"bad projection shape/seed: n_mem={n_mem}, d={d}, key_dim={key_dim}, seed={seed}")
-    return _cached_projection(int(n_mem) * int(d), int(key_dim), int(seed))
-
-
-def _rows(x: np.ndarray) -> np.ndarray:
-    """``[N, ...]`` -> ``[N, prod(...)]`` (also for N = 0)."""
-    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
-
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, _EPS)
-
-
-def project_keys(memory: Any, key_dim: int = 128, seed: int = 0) -> np.ndarray:
-    """ANN keys ``[N, key_dim]`` (float32, unit norm) of memories ``[N, n_mem, d]`` (or one ``[n_mem, d]``).
-
-    The flattened memory is L2-normalised, projected with :func:`key_projection` and L2-normalised
-    again, so the dot product of two keys approximates the CLaRa cosine of the two memories.
-    """
-    mem = _as_float32(memory)
-    if mem.ndim == 2:
-        mem = mem[None]
-    if mem.ndim != 3:
-        raise ValueError(f"memory must be [N, n_mem, d] or [n_mem, d], got shape {mem.shape}")
-    _, n_mem, d = mem.shape
-    flat = _l2_normalise(_rows(mem))
-    return _l2_normalise(flat @ key_projection(n_mem, d, key_dim, seed)).astype(np.float32, copy=False)
-
-
-def quantize_int8(memory: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-token int8: ``codes [N, n_mem, d] int8`` and ``scale [N, n_mem] float32``.
-
-    ``memory ~= codes * scale[..., None]``; codes lie in [-127, 127]; an all-zero token gets scale 0.
-    """
-    mem = _as_float32(memory)
-    if mem.ndim != 3:
-        raise ValueError(f"memory must be [N, n_mem, d], got shape {mem.shape}")
-    scale = (np.abs(mem).max(axis=-1) / 127.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(mem / safe[..., None]), -127, 127).astype(np.int8)
-    return codes, scale
-
-
-def dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`quantize_int8`: ``float32 [N, n_mem, d]``."""
-    return np.asarray(codes, dtype=np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
-
-
-def to_float16(memory: Any) -> np.ndarray:
-    """Cast memory to float16; raises ``ValueError`` if a value overflows the float16 range."""
-    mem = _as_float32(memory)
-    with np.errstate(over="ignore"):
-        out = mem.astype(np.float16)
-    if not np.isfinite(out).all() and np.isfinite(mem).all():
-        raise ValueError("memory values overflow float16 (|x| > 65504)")
-    return out
-
-
-def flat_cosine(query: Any, memory: Any) -> np.ndarray:
-    """The CLaRa retrieval score: cosine of the flattened query and chunk memories.
-
-    ``query`` is ``[B, n_mem, d]`` or ``[n_mem, d]`` (B = 1), ``memory`` is ``[N, n_mem, d]``;
-    returns ``[B, N]`` float32.
-    """
-    q = _as_float32(query)
-    m = _as_float32(memory)
-    if q.ndim == 2:
-        q = q[None]
-    if q.ndim != 3 or m.ndim != 3 or q.shape[1:] != m.shape[1:]:
-        raise ValueError(f"query {q.shape} and memory {m.shape} must be [B, n_mem, d] and [N, n_mem, d]")
-    qf = _l2_normalise(_rows(q))
-    mf = _l2_normalise(_rows(m))
-    return (qf @ mf.T).astype(np.float32, copy=False)
-
-
-# --------------------------------------------------------------------------------------------
-# encoding rows
-
-
-_META_COLUMNS = ("chunk_id", "doc_id", "position", "text", "content_hash")
-
-
-def _name_ids(ids: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
-def _columns_of(chunks: Any) -> dict[str, list]:
-    """Chunk metadata as columns: from a pyarrow Table/RecordBatch, a dict of columns or a list of mappings."""
-    if isinstance(chunks, (pa.Table, pa.RecordBatch)):
-        return {name: chunks.column(name).to_pylist() for name in _META_COLUMNS if name in chunks.column_names}
-    if isinstance(chunks, Mapping):
-        return {name: list(chunks[name]) for name in _META_COLUMNS if name in chunks}
-    rows = list(chunks)
-    if not rows:
-        return {name: [] for name in _META_COLUMNS}
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise TypeError(f"chunk {i} is a {type(row).__name__}, expected a mapping")
-    return {name: [row.get(name) for row in rows] for name in _META_COLUMNS if any(name in row for row in rows)}
-
-
-def _validate_meta(cols: dict[str, list]) -> dict[str, list]:
-    if "chunk_id" not in cols:
-        raise ValueError("chunks need a 'chunk_id'")
-    ids = cols["chunk_id"]
-    n = len(ids)
-    bad = [i for i, c in enumerate(ids) if not isinstance(c, str) or not c]
-    if bad:
-        raise ValueError(f"chunk_id must be a non-empty string; bad at rows {bad[:5]}: {[ids[i] for i in bad[:5]]!r}")
-    seen: set[str] = set()
-    dups = sorted({c for c in ids if c in seen or seen.add(c)})
-    if dups:
-        raise ValueError(f"duplicate chunk_id in one batch: {_name_ids(dups)}")
-    for name in ("doc_id", "position", "text"):
-        if name not in cols or any(v is None for v in cols[name]):
-            missing = ids if name not in cols else [c for c, v in zip(ids, cols[name]) if v is None]
-            raise ValueError(f"chunks lack '{name}': {_name_ids(missing)}")
-    for name in ("doc_id", "text"):
-        bad_ids = [c for c, v in zip(ids, cols[name]) if not isinstance(v, str)]
-        if bad_ids:
-            raise ValueError(f"'{name}' must be a string for chunks {_name_ids(bad_ids)}")
-    bad_ids = [
-        c
-        for c, v in zip(ids, cols["position"])
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not _INT32_MIN <= v <= _INT32_MAX
-    ]
-    if bad_ids:
-        raise ValueError(f"'position' must be an int32 for chunks {_name_ids(bad_ids)}")
-    hashes = cols.get("content_hash") or [None] * n
-    cols["content_hash"] = [h if h is not None else content_hash(t) for h, t in zip(hashes, cols["text"])]
-    bad_ids = [c for c, h in zip(ids, cols["content_hash"]) if not isinstance(h, str) or not h]
-    if bad_ids:
-        raise ValueError(f"'content_hash' must be a non-empty string for chunks {_name_ids(bad_ids)}")
-    return cols
-
-
-def _stack_memory(memory: Any, ids: Sequence[str], settings: StoreSettings) -> np.ndarray:
-    """``float32 [N, n_mem, d]`` from an array/tensor or a list of per-chunk arrays, shape-checked by chunk."""
-    want = (settings.n_mem, settings.d)
-    n = len(ids)
-    if isinstance(memory, (list, tuple)):
-        if len(memory) != n:
-            raise ValueError(f"got {len(memory)} memories for {n} chunks")
-        out = np.empty((n, *want), dtype=np.float32)
-        for i, (cid, m) in enumerate(zip(ids, memory)):
-            arr = _as_float32(m)
-            if arr.shape == (settings.flat_dim,):  # a flat row, as Arrow list columns hold it
-                arr = arr.reshape(want)
-            if arr.shape != want:
-                raise ValueError(f"chunk {cid!r}: memory has shape {arr.shape}, expected {want} (n_mem, d)")
-            out[i] = arr
-        return out
-    arr = _as_float32(memory)
-    if arr.ndim != 3 or arr.shape[0] != n or arr.shape[1:] != want:
-        first = f" (first chunk {ids[0]!r})" if n else ""
-        raise ValueError(f"memory has shape {arr.shape}, expected ({n}, {want[0]}, {want[1]}){first}")
-    return arr
-
-
-def _check_values(mem: np.ndarray, ids: Sequence[str]) -> None:
-    finite = np.isfinite(_rows(mem)).all(axis=1)
-    if not finite.all():
-        bad = [c for c, ok in zip(ids, finite) if not ok]
-        raise ValueError(f"memory contains NaN or inf for chunks {_name_ids(bad)}")
-    zero = ~np.any(_rows(mem) != 0, axis=1)
-    if zero.any():
-        bad = [c for c, z in zip(ids, zero) if z]
-        raise ValueError(f"memory is all zeros (cosine undefined) for chunks {_name_ids(bad)}")
-
-
-def _fixed_list(values: np.ndarray, size: int) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), size)
-
-
-def encode_batch(
-    chunks: Any,
-    memory: Any,
-    settings: StoreSettings,
-    *,
-    indexed_at: _dt.datetime | None = None,
-) -> pa.Table:
-    """Build rows of the index table (schema :func:`index_schema`) from chunk metadata and memories.
-
-    ``chunks``: a list of mappings, a dict of columns, or a pyarrow Table with ``chunk_id``, ``doc_id``,
-    ``position``, ``text`` and optionally ``content_hash`` (default: :func:`content_hash` of the text).
-    ``memory``: ``[N, n_mem, d]`` numpy array or torch tensor, or a list of ``[n_mem, d]`` arrays.
-    Raises ``ValueError`` naming the chunk on a wrong shape, NaN/inf, all-zero memory or float16 overflow.
-    """
-    cols = _validate_meta(_columns_of(chunks))
-    ids = cols["chunk_id"]
-    n = len(ids)
-    mem = _stack_memory(memory, ids, settings)
-    _check_values(mem, ids)
-    arrays: dict[str, pa.Array] = {}
-    if settings.dtype == "int8":
-        codes, scale = quantize_int8(mem)
-        arrays["memory"] = _fixed_list(codes, settings.flat_dim)
-        arrays["memory_scale"] = _fixed_list(scale, settings.n_mem)
-    elif settings.dtype == "float16":
-        with np.errstate(over="ignore"):
-            half = mem.astype(np.float16)
-        over = ~np.isfinite(_rows(half)).all(axis=1)
-        if over.any():
-            bad = [c for c, o in zip(ids, over) if o]
-            raise ValueError(f"memory overflows float16 (|x| > 65504) for chunks {_name_ids(bad)}")
-        arrays["memory"] = _fixed_list(half, settings.flat_dim)
-    else:
-        arrays["memory"] = _fixed_list(mem, settings.flat_dim)
-    keys = project_keys(mem, settings.key_dim, settings.key_seed) if n else np.zeros((0, settings.key_dim), np.float32)
-    when = indexed_at or _dt.datetime.now(_dt.timezone.utc)
-    schema = index_schema(settings)
-    columns = {
-        "chunk_id": pa.array(ids, pa.string()),
-        "doc_id": pa.array(cols["doc_id"], pa.string()),
-        "position": pa.array([int(p) for p in cols["position"]], pa.int32()),
-        "text": pa.array(cols["text"], pa.string()),
-        "content_hash": pa.array(cols["content_hash"], pa.string()),
-        **arrays,
-        "key": _fixed_list(keys, settings.key_dim),
-        "compressor_version": pa.array([settings.compressor_version] * n, pa.string()),
-        "indexed_at": pa.array([when] * n, pa.timestamp("us", tz="UTC")),
-    }
-    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
-
-
-def _memory_column_to_numpy(column: Any, ids: Sequence[str], settings: StoreSettings) -> list[np.ndarray] | np.ndarray:
-    """Memory from an Arrow column of any list layout (flat fixed, nested, variable); per-row shape-checked."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    t = column.type
-    if pa.types.is_fixed_size_list(t) and not pa.types.is_nested(t.value_type) and column.null_count == 0:
-        if t.list_size != settings.flat_dim:
-            raise ValueError(f"memory column is a list of {t.list_size}, expected n_mem*d = {settings.flat_dim}")
-        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        return values.reshape(len(ids), settings.n_mem, settings.d)
-    return [None if v is None else np.asarray(v, dtype=np.float32) for v in column.to_pylist()]
-
-
-def _validate_encoded(table: pa.Table, settings: StoreSettings) -> pa.Table:
-    """Check a table that is already in index layout (e.g. built by :func:`encode_batch` in a worker)."""
-    schema = index_schema(settings)
-    if set(table.column_names) != set(schema.names):
-        raise ValueError(f"encoded table columns {table.column_names} differ from the index schema {schema.names}")
-    table = table.select(schema.names)
-    for field in schema:
-        if not table.schema.field(field.name).type.equals(field.type):
-            raise IndexMismatchError(
-                f"column {field.name!r} is {table.schema.field(field.name).type}, the index stores {field.type}"
-            )
-    ids = table.column("chunk_id").to_pylist()
-    _validate_meta({name: table.column(name).to_pylist() for name in _META_COLUMNS})
-    versions = set(table.column("compressor_version").to_pylist())
-    if versions - {settings.compressor_version}:
-        raise IndexMismatchError(
-            f"rows carry compressor_version {sorted(map(str, versions))}, the index holds "
-            f"{settings.compressor_version!r}"
-        )
-    for name in ("memory", "key", "memory_scale"):
-        if name not in schema.names:
-            continue
-        col = table.column(name)
-        if col.null_count:
-            raise ValueError(f"column {name!r} has nulls")
-        if pa.types.is_integer(schema.field(name).type.value_type):
-            continue
-        width = schema.field(name).type.list_size
-        vals = col.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(ids), width)
-        finite = np.isfinite(vals).all(axis=1)
-        if not finite.all():
-            bad = [c for c, ok in zip(ids, finite) if not ok]
-            raise ValueError(f"{name} contains NaN or inf for chunks {_name_ids(bad)}")
-    return table.cast(schema)
-
-
-def _decode_memory(batch: pa.Table | pa.RecordBatch, settings: StoreSettings) -> np.ndarray:
-    """Dequantised ``float32 [n, n_mem, d]`` from rows read from the table."""
-    n = batch.num_rows
-    col = batch.column("memory")
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    mem = col.flatten().to_numpy(zero_copy_only=False).reshape(n, settings.n_mem, settings.d)
-    if settings.dtype == "int8":
-        scale = batch.column("memory_scale")
-        if isinstance(scale, pa.ChunkedArray):
-            scale = scale.combine_chunks()
-        return dequantize_int8(mem, scale.flatten().to_numpy(zero_copy_only=False).reshape(n, settings.n_mem))
-    return mem.astype(np.float32)
-
 
 # --------------------------------------------------------------------------------------------
 # the store

@@ -14,7 +14,7 @@ and per setting:
 * ``oracle``: the top-k with the gold chunk put in (replacing the lowest-ranked non-gold one) when
   retrieval missed it.
 
-Answers are scored with SQuAD-normalised EM, cover-EM and token F1 (:mod:`clara.metrics`).
+Answers are scored with SQuAD-normalised EM, cover-EM and token F1 (:mod:`clara.eval.metrics`).
 :func:`evaluate_examples` returns one row per example and mode/setting, so a distributed run (Ray
 Data, in ``pipelines.evaluate``) evaluates shards and :func:`aggregate` merges them.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from clara.metrics import cover_em, exact_match, token_f1
-from clara.records import Example
+from clara.data.records import Example
+from clara.eval.metrics import cover_em, exact_match, token_f1
 
 MODES: tuple[str, ...] = ("compressed", "text", "closed_book")
 SETTINGS: tuple[str, ...] = ("normal", "oracle")

@@ -1,0 +1,1 @@
+"""Data: corpora and chunking, training records, derived stage-2/3 records, JSON Lines input."""

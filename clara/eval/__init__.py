@@ -1,0 +1,1 @@
+"""Evaluation: answer and retrieval metrics, the evaluation loop, the text-RAG baselines."""

@@ -1,0 +1,152 @@
+"""The chunk index: one LanceDB table of compressed chunks, and the one module that owns its schema.
+
+Every row is one chunk: its ids and text, its CLaRa memory tokens (``[n_mem, d]``, stored flat as a
+fixed-size list in float32, float16, or int8 with a per-token scale) and a low-dimensional ``key``
+(a fixed, seeded random projection of the flattened memory) that the ANN index searches. Search is
+two-step: the ANN search on ``key`` proposes candidates, which are re-scored with the exact CLaRa
+score (cosine of the flattened memories) on their full memory.
+
+The settings that produced the table (shape, compressor version, storage dtype, key projection)
+live in the Arrow schema metadata of the table under ``b"clara"``; opening the table with other
+settings raises :class:`IndexMismatchError`.
+
+``lancedb`` is imported lazily, inside the functions that need it; this module never imports ``ray``
+or ``torch`` (torch tensors are accepted through duck typing).
+
+This module holds the schema: the settings a table is made with, its Arrow schema and metadata,
+and the errors of a table that does not match. :mod:`clara.index.codec` turns memory into rows and
+back; :mod:`clara.index.store` is the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+METADATA_KEY = b"clara"
+FORMAT_VERSION = 1
+KEY_SCHEME = "pcg64-box-muller-gaussian-v1"  # bump if key_projection ever changes: old keys would no longer match
+DTYPES = ("float32", "float16", "int8")
+ANN_KINDS = ("IVF_FLAT", "IVF_SQ", "IVF_PQ", "IVF_RQ", "IVF_HNSW_FLAT", "IVF_HNSW_SQ", "IVF_HNSW_PQ")
+METRICS = ("cosine", "dot")
+DEFAULT_TABLE = "chunks"
+
+# Fields whose difference makes an existing table unusable with the requested settings.
+_IDENTITY_FIELDS = ("n_mem", "d", "compressor_version", "dtype", "key_dim", "key_seed")
+_EPS = 1e-12
+
+_ID_BATCH = 4096  # ids per IN-list when reading rows by id
+
+
+class IndexMismatchError(ValueError):
+    """The table was written with other settings (shape, compressor, dtype, key) than requested."""
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """The table does not exist and ``create=False`` was given."""
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What produced an index: the memory shape, the compressor, the storage dtype and the key."""
+
+    n_mem: int
+    d: int
+    compressor_version: str
+    dtype: str = "float16"
+    key_dim: int = 128
+    key_seed: int = 0
+    model: str = ""
+    compression_rate: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_mem", "d", "key_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"StoreSettings.{name} must be a positive int, got {value!r}")
+        for name in ("key_seed", "compression_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"StoreSettings.{name} must be a non-negative int, got {value!r}")
+        if not isinstance(self.compressor_version, str) or not self.compressor_version.strip():
+            raise ValueError("StoreSettings.compressor_version must be a non-empty string")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"StoreSettings.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.model, str):
+            raise ValueError(f"StoreSettings.model must be a string, got {self.model!r}")
+        # normalise numpy ints so that equality and JSON behave
+        for name in ("n_mem", "d", "key_dim", "key_seed", "compression_rate"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    @property
+    def flat_dim(self) -> int:
+        """Length of the flattened memory, ``n_mem * d``."""
+        return self.n_mem * self.d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        """Arrow schema metadata: ``{b"clara": JSON}``."""
+        payload = {"format": FORMAT_VERSION, "key_scheme": KEY_SCHEME, **self.to_dict()}
+        return {METADATA_KEY: json.dumps(payload, sort_keys=True).encode("utf-8")}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[Any, Any] | None) -> StoreSettings:
+        """Read settings back from Arrow schema metadata (bytes or str keys)."""
+        raw = None
+        for key, value in (metadata or {}).items():
+            if (key.decode("utf-8") if isinstance(key, bytes) else key) == METADATA_KEY.decode():
+                raw = value
+                break
+        if raw is None:
+            raise IndexMismatchError("the table has no b'clara' schema metadata: not a CLaRa chunk index")
+        payload = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        fmt = payload.pop("format", None)
+        scheme = payload.pop("key_scheme", None)
+        if fmt != FORMAT_VERSION:
+            raise IndexMismatchError(f"unsupported index format {fmt!r} (this library reads {FORMAT_VERSION})")
+        if scheme != KEY_SCHEME:
+            raise IndexMismatchError(f"unsupported key scheme {scheme!r} (this library writes {KEY_SCHEME!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in names})
+
+    def differences(self, other: StoreSettings) -> list[str]:
+        """Identity fields (shape, compressor, dtype, key) on which the two settings differ."""
+        return [name for name in _IDENTITY_FIELDS if getattr(self, name) != getattr(other, name)]
+
+
+def index_schema(settings: StoreSettings) -> pa.Schema:
+    """The Arrow schema of the chunk table. Vectors are fixed-size lists, never variable lists."""
+    if settings.dtype == "int8":
+        memory_fields = [
+            pa.field("memory", pa.list_(pa.int8(), settings.flat_dim), nullable=False),
+            pa.field("memory_scale", pa.list_(pa.float32(), settings.n_mem), nullable=False),
+        ]
+    else:
+        value_type = pa.float16() if settings.dtype == "float16" else pa.float32()
+        memory_fields = [pa.field("memory", pa.list_(value_type, settings.flat_dim), nullable=False)]
+    fields = [
+        pa.field("chunk_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string()),
+        pa.field("position", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("content_hash", pa.string()),
+        *memory_fields,
+        pa.field("key", pa.list_(pa.float32(), settings.key_dim), nullable=False),
+        pa.field("compressor_version", pa.string()),
+        pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.schema(fields, metadata=settings.to_metadata())
+
+
