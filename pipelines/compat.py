@@ -1,40 +1,34 @@
-"""The one adapter for Ray calls whose names or signatures churn between releases.
+"""Shared Ray plumbing of the jobs, and the workarounds they need, each named with its reason.
 
-Jobs call these helpers instead of the Ray API directly, so a Ray upgrade is a change here, not in
-every job. Written against Ray 2.60 (pinned in ``pyproject.toml``); older spellings are fallbacks.
+Written against Ray 2.60 (pinned exactly in ``pyproject.toml``); there are no fallbacks for other
+releases. The workarounds:
+
+* :func:`fit_torch_trainer` runs ``TorchTrainer.fit()`` inside a task when the driver started its
+  own local Ray: Train V2's placement-group cleaner (ray-project/ray#58515) resolves the cluster as
+  ``auto`` and, on a host with several local clusters, can remove a live run's placement group.
+* :func:`clear_stale_extension_locks`: a job killed while DeepSpeed JIT-compiles an op leaves a lock
+  that makes every later job wait forever.
+* :func:`vllm_processor` bounds the restarts of a dead vLLM engine actor, which Ray Data otherwise
+  restarts forever (``max_restarts`` on the built stage: 2.60 has no public field for it).
 """
 
 from __future__ import annotations
 
-import inspect
+import os
 from typing import Any
 
 
-def _map_batches_params() -> set[str]:
-    from ray.data import Dataset
-
-    return set(inspect.signature(Dataset.map_batches).parameters)
-
-
 def actor_pool(size: int, *, num_cpus: float | None = None, num_gpus: float | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``Dataset.map_batches`` that run a callable class on a fixed pool of ``size`` actors.
+    """Keyword arguments for ``Dataset.map_batches`` that run a callable class on a fixed pool of ``size`` actors."""
+    from ray.data import ActorPoolStrategy
 
-    Ray >= 2.9 takes ``compute=ActorPoolStrategy(size=...)`` (``concurrency=`` is deprecated in 2.60);
-    releases without ``compute=`` take ``concurrency=size``.
-    """
     if size <= 0:
         raise ValueError(f"actor pool size must be positive, got {size}")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"compute": ActorPoolStrategy(size=size)}
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     if num_gpus:
         kwargs["num_gpus"] = num_gpus
-    if "compute" in _map_batches_params():
-        from ray.data import ActorPoolStrategy
-
-        kwargs["compute"] = ActorPoolStrategy(size=size)
-    else:  # pragma: no cover - older Ray
-        kwargs["concurrency"] = size
     return kwargs
 
 
@@ -54,9 +48,7 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
 
 def require_train_v2() -> None:
     """Raise unless Ray Train V2 is active (resume-by-name and the failure semantics rely on it)."""
-    from ray.train.v2._internal.constants import is_v2_enabled
-
-    if not is_v2_enabled():
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false"):
         raise RuntimeError("this job needs Ray Train V2 (unset RAY_TRAIN_V2_ENABLED or set it to 1)")
 
 
@@ -95,8 +87,6 @@ def fit_torch_trainer(train_loop, **settings: Any):
     controller there and remove this run's placement group, killing healthy workers (seen with
     2.60). Actors inherit the task's environment, so the question goes to the right cluster.
     """
-    import os
-
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
@@ -121,7 +111,6 @@ def clear_stale_extension_locks(max_age_s: float = 900.0, out=print) -> list[str
     minute, so a lock this old belongs to nobody: it goes, and with it the half-built directory
     when it holds no library, so the next job builds it again.
     """
-    import os
     import shutil
     import time
     from pathlib import Path
@@ -142,45 +131,7 @@ def clear_stale_extension_locks(max_age_s: float = 900.0, out=print) -> list[str
     return removed
 
 
-def worker_context() -> tuple[int, int, Any]:
-    """Inside a training worker: ``(world_rank, world_size, torch device)``."""
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-
-
-def restored_checkpoint():
-    """Inside a training worker: the checkpoint to resume from (this run's latest), or ``None``."""
-    import ray.train
-
-    return ray.train.get_checkpoint()
-
-
-def report(metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
-    """Inside a training worker: report metrics, and a checkpoint directory when given.
-
-    Every worker must call it the same number of times; their checkpoint directories are merged.
-    """
-    import ray.train
-
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def dataset_shard(name: str):
-    """Inside a training worker: this worker's shard of the dataset ``name`` (a ``DataIterator``)."""
-    import ray.train
-
-    return ray.train.get_dataset_shard(name)
-
-
 # -- Ray Data LLM (vLLM batch inference) ----------------------------------------------------------
-# Written against ray.data.llm in 2.60: the builder is `build_processor` (`build_llm_processor` before,
-# now gone); the chat-template / tokenize / detokenize stages are `*_stage` fields (the booleans
-# `apply_chat_template` / `tokenize` / `detokenize` before); engine placement is
-# `placement_group_config` (`resources_per_bundle` before).
 
 
 def vllm_processor(model_source: str, *, preprocess, postprocess, batch_size: int, concurrency: int,
@@ -203,29 +154,16 @@ def vllm_processor(model_source: str, *, preprocess, postprocess, batch_size: in
     """
     from ray.data import llm
 
-    build = getattr(llm, "build_processor", None) or llm.build_llm_processor
-    fields = set(getattr(llm.vLLMEngineProcessorConfig, "model_fields", {}))
     kw: dict[str, Any] = dict(model_source=model_source, batch_size=batch_size, concurrency=concurrency,
-                              engine_kwargs=dict(engine_kwargs))
-    if "chat_template_stage" in fields:
-        kw.update(chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
-    else:  # pragma: no cover - Ray < 2.5x
-        kw.update(apply_chat_template=False, tokenize=False, detokenize=False)
+                              engine_kwargs=dict(engine_kwargs), chat_template_stage=False, tokenize_stage=False,
+                              detokenize_stage=False, should_continue_on_error=continue_on_error)
     if placement:
-        if "placement_group_config" in fields:
-            kw["placement_group_config"] = placement
-        elif len(placement.get("bundles", ())) == 1:  # pragma: no cover - older Ray
-            kw["resources_per_bundle"] = placement["bundles"][0]
+        kw["placement_group_config"] = placement
     if env_vars:
         kw["runtime_env"] = {"env_vars": dict(env_vars)}
-    if "should_continue_on_error" in fields:
-        kw["should_continue_on_error"] = continue_on_error
-    config = llm.vLLMEngineProcessorConfig(**kw)
-    build_kwargs: dict[str, Any] = dict(preprocess=preprocess, postprocess=postprocess)
-    if "preprocess_map_kwargs" in inspect.signature(build).parameters:
-        build_kwargs.update(preprocess_map_kwargs={"num_cpus": map_num_cpus},
-                            postprocess_map_kwargs={"num_cpus": map_num_cpus})
-    processor = build(config, **build_kwargs)
+    processor = llm.build_processor(llm.vLLMEngineProcessorConfig(**kw), preprocess=preprocess,
+                                    postprocess=postprocess, preprocess_map_kwargs={"num_cpus": map_num_cpus},
+                                    postprocess_map_kwargs={"num_cpus": map_num_cpus})
     if engine_max_restarts is not None:
         for name, stage in getattr(processor, "stages", {}).items():
             kwargs = getattr(stage, "map_batches_kwargs", None)

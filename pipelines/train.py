@@ -546,6 +546,8 @@ def train_worker(job: dict) -> dict:
     import random
 
     import deepspeed
+    import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
 
@@ -554,14 +556,15 @@ def train_worker(job: dict) -> dict:
     from pipelines import compat, train_checkpoint
 
     cfg, plan = TrainJobConfig(**job["config"]), TrainPlan(**job["plan"])
-    rank, world, device = compat.worker_context()
+    ctx = ray.train.get_context()
+    rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
     torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.resources_per_worker.get("CPU", 1))))
     say = print if rank == 0 else (lambda *a, **k: None)
     t_setup = time.perf_counter()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     with tempfile.TemporaryDirectory() as tmp:
         model = _build_model(cfg, device, tmp)
-    restored = compat.restored_checkpoint()
+    restored = ray.train.get_checkpoint()
     stage = get_stage(cfg.stage)
     if restored is None and cfg.reinit_adapters:
         note = stage.prepare(model, seed=cfg.seed)
@@ -593,7 +596,7 @@ def train_worker(job: dict) -> dict:
         f"(set-up {time.perf_counter() - t_setup:.0f}s)", flush=True)
 
     warm_steps = int(plan.steps * cfg.reconstruction_warmup)
-    shard = compat.dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train")
     sums = torch.zeros(7, dtype=torch.float64, device=device)  # loss, ce, mse, micro, tokens, samples, recall
     recall_key = None
     first_step, t_start, cpu_start = state["step"], time.perf_counter(), time.process_time()
@@ -654,9 +657,9 @@ def train_worker(job: dict) -> dict:
                 if checkpoint_now:
                     with tempfile.TemporaryDirectory() as d:
                         train_checkpoint.save(engine, d, rank=rank, world=world, client_state=state)
-                        compat.report(metrics, checkpoint_dir=d)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
                 else:
-                    compat.report(metrics)
+                    ray.train.report(metrics)
                 t_last, step_last = time.perf_counter(), step
             if state["step"] >= plan.steps:
                 break
