@@ -541,141 +541,189 @@ def _export(model, dest: str) -> None:
         pyarrow.fs.copy_files(str(local), dest)
 
 
+class StageRecipe:
+    """One worker's run of a stage, in the shape of a torchtune recipe: :meth:`setup` (model, stage
+    set-up, DeepSpeed engine, resume), :meth:`train` (the loop: micro-batches, accumulation,
+    reports, checkpoints), :meth:`save` (export the model). Ray Train runs :func:`train_worker`."""
+
+    def __init__(self, job: dict):
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        self.cfg, self.plan = TrainJobConfig(**job["config"]), TrainPlan(**job["plan"])
+        self.faults: dict[str, int] = job.get("faults") or {}
+        ctx = ray.train.get_context()
+        self.rank, self.world, self.device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+        torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.resources_per_worker.get("CPU", 1))))
+        self.stage = get_stage(self.cfg.stage)
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "starts": []}
+
+    def say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[{self.cfg.stage}] {msg}", flush=True)
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import deepspeed
+        import ray.train
+        import torch
+
+        from clara.training.deepspeed import deepspeed_config, resolve_precision
+        from clara.training.loop import lr_factor
+        from pipelines import compat, train_checkpoint
+
+        cfg, plan = self.cfg, self.plan
+        t_setup = time.perf_counter()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model = _build_model(cfg, self.device, tmp)
+        restored = ray.train.get_checkpoint()
+        if restored is None and cfg.reinit_adapters:
+            note = self.stage.prepare(self.model, seed=cfg.seed)
+            if note:
+                self.say(note)
+        params = self.stage.configure(self.model)
+        n_params = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
+        precision = resolve_precision(cfg.precision, self.device.type)
+        ds_config = deepspeed_config(micro_batch_size=cfg.micro_batch_size, grad_accum=plan.grad_accum,
+                                     world_size=self.world, lr=plan.lr, zero_stage=cfg.zero_stage,
+                                     precision=precision, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: lr_factor(s, plan.steps, cfg.warmup_ratio, cfg.min_lr_ratio))
+
+        compat.clear_stale_extension_locks(out=lambda m: print(f"[{cfg.stage}] {m}", flush=True))  # per node
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=self.model, model_parameters=params,
+                                                                 config=ds_config, lr_scheduler=schedule)
+        if restored is not None:
+            with restored.as_directory() as d:
+                self.state.update(train_checkpoint.load(self.engine, d, rank=self.rank, world=self.world))
+            self.say(f"resumed from the checkpoint at step {self.state['step']}")
+        self.state["starts"].append(self.state["step"])
+        self.say(f"{self.world} worker(s) on {self.device.type}, {precision}, ZeRO-{cfg.zero_stage}; "
+                 f"{n_params:,} trainable parameters; global batch {plan.global_batch_size} = "
+                 f"{cfg.micro_batch_size} x {self.world} worker(s) x {plan.grad_accum} accumulation; "
+                 f"steps {self.state['step']} -> {plan.steps} (set-up {time.perf_counter() - t_setup:.0f}s)")
+
+    # -- train ----------------------------------------------------------------------------------------
+    def train(self) -> None:
+        import random
+
+        import ray.train
+        import torch
+
+        cfg, plan, state = self.cfg, self.plan, self.state
+        warm_steps = int(plan.steps * cfg.reconstruction_warmup)
+        shard = ray.train.get_dataset_shard("train")
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)  # loss ce mse micro tokens samples recall
+        self.recall_key = None
+        self.first_step, self.t_start, self.cpu_start = state["step"], time.perf_counter(), time.process_time()
+        self.t_last, self.step_last = self.t_start, state["step"]
+        micro = 0
+        while state["step"] < plan.steps:
+            skip = state["micro_in_epoch"]  # resuming mid-epoch: pass over what was already read
+            batches = shard.iter_batches(
+                batch_size=cfg.micro_batch_size, batch_format="pyarrow", drop_last=True,
+                local_shuffle_buffer_size=cfg.shuffle_buffer_size or None,
+                local_shuffle_seed=cfg.seed + state["epoch"] if cfg.shuffle_buffer_size else None)
+            for batch in batches:
+                if skip:
+                    skip -= 1
+                    continue
+                if micro == 0:
+                    _maybe_fail(cfg, self.faults, state["step"] + 1, self.rank, self.world)
+                # negatives seeded by (seed, rank, micro-batch): the same after a resume
+                rng = random.Random(f"{cfg.seed}:{self.rank}:{state['epoch']}:{state['micro_in_epoch']}")
+                examples = self.stage.examples(_examples(batch), warm=state["step"] < warm_steps,
+                                               negatives=cfg.wrong_memory_negatives, rng=rng)
+                out = self.engine(examples, stage=cfg.stage)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                state["micro_in_epoch"] += 1
+                micro += 1
+                recall = next(((k, v) for k, v in out.metrics.items() if k.startswith("recall@")), None)
+                if recall:
+                    self.recall_key = recall[0]
+                sums += torch.tensor([float(out.loss.detach()), out.ce, out.mse, 1, out.tokens, len(examples),
+                                      recall[1] if recall else 0.0], dtype=torch.float64, device=self.device)
+                if micro < plan.grad_accum:
+                    continue
+                micro = 0
+                state["step"] += 1
+                self._step_done(sums)
+                if state["step"] >= plan.steps:
+                    break
+            else:  # the shard is exhausted: next epoch
+                state["epoch"] += 1
+                state["micro_in_epoch"] = 0
+
+    def _step_done(self, sums) -> None:
+        """After an optimizer step: report metrics every ``report_every`` steps, with a checkpoint every
+        ``checkpoint_every`` steps and at the end."""
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        from pipelines import train_checkpoint
+
+        cfg, plan, state = self.cfg, self.plan, self.state
+        step = state["step"]
+        checkpoint_now = step % cfg.checkpoint_every == 0 or step == plan.steps
+        if step % cfg.report_every and not checkpoint_now:
+            return
+        cpu = torch.tensor([time.process_time() - self.cpu_start], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        dist.all_reduce(cpu)
+        now = time.perf_counter()
+        n = max(1.0, float(sums[3]))
+        metrics = {"step": step, "epoch": state["epoch"], "loss": float(sums[0]) / n, "ce": float(sums[1]) / n,
+                   "mse": float(sums[2]) / n, "lr": self.scheduler.get_last_lr()[0],
+                   "tokens_per_s": float(sums[4]) / (now - self.t_last),
+                   "samples_per_s": float(sums[5]) / (now - self.t_last),
+                   "step_time_s": (now - self.t_last) / (step - self.step_last), "elapsed_s": now - self.t_start,
+                   "cpu_s": float(cpu[0])}
+        key = self.recall_key
+        if key:
+            metrics[key] = float(sums[6]) / n
+        sums.zero_()
+        state["history"].append(metrics)
+        eta = (now - self.t_start) / (step - self.first_step) * (plan.steps - step)
+        self.say(f"step {step}/{plan.steps} loss {metrics['loss']:.4f} ce {metrics['ce']:.4f} "
+                 f"mse {metrics['mse']:.4f}" + (f" {key} {metrics[key]:.2f}" if key else "")
+                 + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
+                 f"{metrics['tokens_per_s']:.0f} tok/s elapsed {_fmt_time(now - self.t_start)} eta {_fmt_time(eta)}")
+        if checkpoint_now:
+            with tempfile.TemporaryDirectory() as d:
+                train_checkpoint.save(self.engine, d, rank=self.rank, world=self.world, client_state=state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        self.t_last, self.step_last = time.perf_counter(), step
+
+    # -- save -----------------------------------------------------------------------------------------
+    def save(self) -> dict:
+        import deepspeed
+        import torch.distributed as dist
+
+        gather = (deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else nullcontext())
+        with gather:
+            if self.rank == 0:
+                _export(self.model, self.cfg.model_dir)
+        dist.barrier()
+        self.say(f"exported the model to {self.cfg.model_dir}")
+        return {"step": self.state["step"], "starts": self.state["starts"], "history": self.state["history"],
+                "seconds": time.perf_counter() - self.t_start}
+
+
 def train_worker(job: dict) -> dict:
     """Ray Train's per-worker loop (``TorchTrainer(train_worker, train_loop_config=job)``)."""
-    import random
-
-    import deepspeed
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
-
-    from clara.training.deepspeed import deepspeed_config, resolve_precision
-    from clara.training.loop import lr_factor
-    from pipelines import compat, train_checkpoint
-
-    cfg, plan = TrainJobConfig(**job["config"]), TrainPlan(**job["plan"])
-    ctx = ray.train.get_context()
-    rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.resources_per_worker.get("CPU", 1))))
-    say = print if rank == 0 else (lambda *a, **k: None)
-    t_setup = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _build_model(cfg, device, tmp)
-    restored = ray.train.get_checkpoint()
-    stage = get_stage(cfg.stage)
-    if restored is None and cfg.reinit_adapters:
-        note = stage.prepare(model, seed=cfg.seed)
-        if note:
-            say(f"[{cfg.stage}] {note}", flush=True)
-    params = stage.configure(model)
-    n_params = sum(p.numel() for p in params)  # before ZeRO-3 partitions them
-    precision = resolve_precision(cfg.precision, device.type)
-    ds_config = deepspeed_config(micro_batch_size=cfg.micro_batch_size, grad_accum=plan.grad_accum, world_size=world,
-                                 lr=plan.lr, zero_stage=cfg.zero_stage, precision=precision,
-                                 weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, plan.steps, cfg.warmup_ratio, cfg.min_lr_ratio))
-
-    compat.clear_stale_extension_locks(out=lambda m: print(f"[{cfg.stage}] {m}", flush=True))  # per node
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
-                                                   lr_scheduler=schedule)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [], "starts": []}
-    if restored is not None:
-        with restored.as_directory() as d:
-            state.update(train_checkpoint.load(engine, d, rank=rank, world=world))
-        say(f"[{cfg.stage}] resumed from the checkpoint at step {state['step']}", flush=True)
-    state["starts"].append(state["step"])
-    say(f"[{cfg.stage}] {world} worker(s) on {device.type}, {precision}, ZeRO-{cfg.zero_stage}; "
-        f"{n_params:,} trainable parameters; global batch {plan.global_batch_size} = {cfg.micro_batch_size} x "
-        f"{world} worker(s) x {plan.grad_accum} accumulation; steps {state['step']} -> {plan.steps} "
-        f"(set-up {time.perf_counter() - t_setup:.0f}s)", flush=True)
-
-    warm_steps = int(plan.steps * cfg.reconstruction_warmup)
-    shard = ray.train.get_dataset_shard("train")
-    sums = torch.zeros(7, dtype=torch.float64, device=device)  # loss, ce, mse, micro, tokens, samples, recall
-    recall_key = None
-    first_step, t_start, cpu_start = state["step"], time.perf_counter(), time.process_time()
-    t_last, step_last, micro = t_start, state["step"], 0
-    while state["step"] < plan.steps:
-        skip = state["micro_in_epoch"]  # resuming mid-epoch: pass over what was already read
-        batches = shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="pyarrow", drop_last=True,
-                                     local_shuffle_buffer_size=cfg.shuffle_buffer_size or None,
-                                     local_shuffle_seed=cfg.seed + state["epoch"] if cfg.shuffle_buffer_size else None)
-        for batch in batches:
-            if skip:
-                skip -= 1
-                continue
-            if micro == 0:
-                _maybe_fail(cfg, job.get("faults") or {}, state["step"] + 1, rank, world)
-            # negatives seeded by (seed, rank, micro-batch): the same after a resume
-            rng = random.Random(f"{cfg.seed}:{rank}:{state['epoch']}:{state['micro_in_epoch']}")
-            examples = stage.examples(_examples(batch), warm=state["step"] < warm_steps,
-                                      negatives=cfg.wrong_memory_negatives, rng=rng)
-            out = engine(examples, stage=cfg.stage)
-            engine.backward(out.loss)
-            engine.step()
-            state["micro_in_epoch"] += 1
-            micro += 1
-            recall = next(((k, v) for k, v in out.metrics.items() if k.startswith("recall@")), None)
-            if recall:
-                recall_key = recall[0]
-            sums += torch.tensor([float(out.loss.detach()), out.ce, out.mse, 1, out.tokens, len(examples),
-                                  recall[1] if recall else 0.0], dtype=torch.float64, device=device)
-            if micro < plan.grad_accum:
-                continue
-            micro = 0
-            state["step"] += 1
-            step = state["step"]
-            checkpoint_now = step % cfg.checkpoint_every == 0 or step == plan.steps
-            if step % cfg.report_every == 0 or checkpoint_now:
-                cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64, device=device)
-                dist.all_reduce(sums)
-                dist.all_reduce(cpu)
-                now = time.perf_counter()
-                n = max(1.0, float(sums[3]))
-                metrics = {"step": step, "epoch": state["epoch"], "loss": float(sums[0]) / n, "ce": float(sums[1]) / n,
-                           "mse": float(sums[2]) / n, "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": float(sums[4]) / (now - t_last),
-                           "samples_per_s": float(sums[5]) / (now - t_last),
-                           "step_time_s": (now - t_last) / (step - step_last), "elapsed_s": now - t_start,
-                           "cpu_s": float(cpu[0])}
-                if recall_key:
-                    metrics[recall_key] = float(sums[6]) / n
-                sums.zero_()
-                state["history"].append(metrics)
-                eta = (now - t_start) / (step - first_step) * (plan.steps - step)
-                say(f"[{cfg.stage}] step {step}/{plan.steps} loss {metrics['loss']:.4f} ce {metrics['ce']:.4f} "
-                    f"mse {metrics['mse']:.4f}" + (f" {recall_key} {metrics[recall_key]:.2f}" if recall_key else "")
-                    + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
-                    f"{metrics['tokens_per_s']:.0f} tok/s elapsed {_fmt_time(now - t_start)} eta {_fmt_time(eta)}",
-                    flush=True)
-                if checkpoint_now:
-                    with tempfile.TemporaryDirectory() as d:
-                        train_checkpoint.save(engine, d, rank=rank, world=world, client_state=state)
-                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-                else:
-                    ray.train.report(metrics)
-                t_last, step_last = time.perf_counter(), step
-            if state["step"] >= plan.steps:
-                break
-        else:  # the shard is exhausted: next epoch
-            state["epoch"] += 1
-            state["micro_in_epoch"] = 0
-
-    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-              if cfg.zero_stage == 3 else nullcontext())
-    with gather:
-        if rank == 0:
-            _export(model, cfg.model_dir)
-    dist.barrier()
-    say(f"[{cfg.stage}] exported the model to {cfg.model_dir}", flush=True)
-    return {"step": state["step"], "starts": state["starts"], "history": state["history"],
-            "seconds": time.perf_counter() - t_start}
+    recipe = StageRecipe(job)
+    recipe.setup()
+    recipe.train()
+    return recipe.save()
 
 
 # -- driver -------------------------------------------------------------------------------------------------
