@@ -7,7 +7,7 @@ from typing import Any
 
 from clara.synth.engines import ClozeEngine
 from clara.synth.tasks import JUDGE_KIND, Task
-from clara.synth.text import _DATE_RES, fact_sentences, word_tokens
+from clara.synth.text import _DATE_RES, _NUMBER_RE, fact_sentences, word_tokens
 
 # =============================================================================================
 # prompts
@@ -170,13 +170,23 @@ def answer_first_prompt(task: Task) -> str:
 
 
 _TEMPORAL_WORDS = frozenset("when year years date century decade month day period era age".split())
+_QUANTITY_WORDS = frozenset(
+    """how many much number numbers percent percentage population size area length height long tall high far
+    old age cost price amount total count rate elevation distance speed weight temperature capacity figure
+    deep depth wide width""".split())
 
 
 def question_fits_answer(question: str, answer: str) -> bool:
-    """A date or year must be asked for with a temporal question ("When ...", "In which year ..."): the
-    mismatch a small question writer makes most often ("What is the Qing dynasty?" -> "1636")."""
-    is_date = any(rx.fullmatch(answer.strip()) for rx in _DATE_RES)
-    return not is_date or bool(_TEMPORAL_WORDS & set(word_tokens(question)))
+    """An answer's type must match its question: a date or year is asked for with a temporal question
+    ("When ...", "In which year ..."), a number with a quantity ("How many ...", "What is the elevation
+    ..."). The mismatches a small question writer makes most often: "What is the Qing dynasty?" ->
+    "1636", "Which country is the capital of India?" -> "21,778"."""
+    a, words = answer.strip(), set(word_tokens(question))
+    if any(rx.fullmatch(a) for rx in _DATE_RES):
+        return bool(_TEMPORAL_WORDS & words)
+    if _NUMBER_RE.fullmatch(a):
+        return bool(_QUANTITY_WORDS & words)
+    return True
 
 
 def json_schema(kind: str, max_items: int | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from clara.synth import (
     pair_chunks,
     plan_units,
     process_generation,
+    question_fits_answer,
     read_unit_file,
     render_prompt,
     repair_truncated_json,
@@ -300,6 +301,10 @@ def test_answer_first_replies_are_verified_as_qa():
     assert date in ("January 1887", "31 March 1889")
     wrong = process_generation(dated, Generation("What did the construction of the Eiffel Tower involve?"))
     assert wrong.rejects[0]["reason"] == "question_does_not_fit_answer"
+    assert question_fits_answer("How tall is the tower?", "330 metres") is True
+    assert question_fits_answer("Which country is the capital of India?", "21,778") is False
+    assert question_fits_answer("How many years was it the tallest structure?", "41") is True
+    assert question_fits_answer("Who designed the tower?", "Gustave Eiffel") is True
     right = process_generation(dated, Generation("When did construction of the Eiffel Tower begin?"))
     assert right.items and right.items[0]["answer"] == date
     # the style survives the round trip through the job's rows and the next round

@@ -101,6 +101,32 @@ def stage1(ray_session, workdir, scp_file, tiny_base):
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_the_ray_job_and_the_single_process_loop_give_the_same_losses(ray_session, workdir, scp_file, tiny_base,
+                                                                      zero_stage):
+    """Same seed, data order and settings: DeepSpeed (ZeRO-2, and ZeRO-3 with its partitioned
+    parameters, memory slots included) on a Ray Train worker and :func:`clara.training.loop.train` in
+    this process train the same model, step for step."""
+    from clara.config import ClaraConfig
+    from clara.model import ClaraModel
+    from clara.training.loop import TrainSettings, train
+
+    steps, batch, lr = 4, 4, 2e-3
+    job = run_train(TrainJobConfig(
+        stage="scp", data=[str(scp_file)], model=dict(base_model=str(tiny_base), **TINY), name=f"same-z{zero_stage}",
+        storage_path=str(workdir / "runs"), steps=steps, num_workers=1, resources_per_worker={"CPU": 1},
+        torch_threads=1, micro_batch_size=batch, global_batch_size=batch, report_every=1, checkpoint_every=100,
+        lr=lr, warmup_ratio=0.0, shuffle_buffer_size=0, zero_stage=zero_stage, seed=0), out=quiet)
+    torch.manual_seed(0)  # as the worker does before it builds the model
+    model = ClaraModel.from_base(ClaraConfig.from_dict(dict(base_model=str(tiny_base), **TINY)), seed=0)
+    log = train(model, "scp", read_records(scp_file, "scp"),
+                TrainSettings(steps=steps, batch_size=batch, lr=lr, warmup_ratio=0.0, order="sequential", seed=0))
+    ray_losses = [h["loss"] for h in job.history]
+    assert len(ray_losses) == steps and log.losses[-1] < log.losses[0]
+    assert ray_losses == pytest.approx(log.losses, rel=2e-3), (ray_losses, log.losses)
+
+
+@pytest.mark.ray
 def test_an_interrupted_run_resumes_from_its_saved_step(stage1):
     assert stage1.starts[:2] == [0, 2]  # the second run started at the checkpoint of step 2, not at 0
     assert [h["step"] for h in stage1.history] == [1, 2, 3, 4, 5, 6]  # each step reported once
