@@ -279,7 +279,7 @@ def test_index_job_runs_on_both_nodes_and_writes_one_row_per_chunk(cluster, mode
     assert store.count() == len(chunks)
     assert store.settings.n_mem == 16 and store.version == summary["version"]
     # two one-CPU actors on nodes of one CPU each: one compressed on each node
-    assert _task_nodes(cluster, job_id, "_CompressActor)).submit") == {cluster.head_node, cluster.worker_node}
+    assert _task_nodes(cluster, job_id, "(ChunkCompressor)).submit") == {cluster.head_node, cluster.worker_node}
 
 
 def test_training_job_runs_on_both_nodes_and_exports_a_model(cluster, tiny_base, scp_sample_path, tmp_path):
