@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clara.settings import ConfigError
 
 #: The three LoRA adapters carried by the one base model, in the paper's words.
 ADAPTERS: tuple[str, ...] = ("compressor", "query_reasoner", "generator")
@@ -20,10 +22,6 @@ ADAPTERS: tuple[str, ...] = ("compressor", "query_reasoner", "generator")
 
 #: Ways memory states are normalised (see :attr:`ClaraConfig.memory_norm`).
 MEMORY_NORMS: tuple[str, ...] = ("center", "none")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range."""
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -131,31 +129,18 @@ class ClaraConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClaraConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        data = dict(data)
-        if isinstance(data.get("lora"), dict):
-            lora_known = {f.name for f in fields(LoraSettings)}
-            bad = sorted(set(data["lora"]) - lora_known)
-            if bad:
-                raise ConfigError(f"unknown lora field(s): {', '.join(bad)}")
-            data["lora"] = LoraSettings(**data["lora"])
-        try:
-            return cls(**data)
-        except TypeError as e:  # missing required field
-            raise ConfigError(str(e)) from None
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> ClaraConfig:
+        """A config from plain data (a saved ``clara.json``, a recipe's ``model:`` block), every field checked."""
+        from clara.settings import load
+
+        return load(cls, data, source=source)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ClaraConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
 
 def resolve_device(device: str = "auto") -> torch.device:

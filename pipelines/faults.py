@@ -8,6 +8,7 @@
 * ``index.fail_after_batches``: each compression actor raises after compressing N batches (a worker
   failing part-way).
 * ``index.crash_after_commits``: the index job raises right after N commits (the driver dying part-way).
+* ``synth.fail_after_units``: the synth job raises right after writing N work units.
 * ``train.fail_at_step``: a training worker raises once, when it is about to run step N (a marker in
   the run directory remembers it, so the restarted workers go on); ``train.fail_rank`` picks the
   worker (default -1: the last).
@@ -27,6 +28,7 @@ KNOWN: dict[str, int | None] = {
     "index.fail_after_batches": None,
     "index.crash_after_commits": None,
     "train.fail_at_step": None,
+    "synth.fail_after_units": None,
     "train.fail_rank": -1,
 }
 
@@ -36,7 +38,7 @@ class InjectedFault(RuntimeError):
 
 
 def injected(job: str) -> dict[str, int]:
-    """The faults ``$CLARA_INJECT_FAULTS`` asks of ``job`` (``index`` or ``train``), by short name."""
+    """The faults ``$CLARA_INJECT_FAULTS`` asks of ``job`` (``index``, ``synth`` or ``train``), by short name."""
     raw = os.environ.get(ENV, "").strip()
     out: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in raw.split(","))):

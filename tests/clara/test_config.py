@@ -20,7 +20,7 @@ def test_round_trip_and_unknown_fields(tmp_path):
     cfg = ClaraConfig(base_model="m", compression_rate=8, lora=LoraSettings(r=4, alpha=8))
     cfg.save(tmp_path / "c.json")
     assert ClaraConfig.load(tmp_path / "c.json") == cfg
-    with pytest.raises(ConfigError, match="unknown config field.*compresion_rate"):
+    with pytest.raises(ConfigError, match="unknown field.*compresion_rate"):
         ClaraConfig.from_dict({"base_model": "m", "compresion_rate": 8})
     with pytest.raises(ConfigError, match="lora.r"):
         ClaraConfig.from_dict({"base_model": "m", "lora": {"r": 0}})

@@ -162,10 +162,14 @@ def test_cloze_path(ray_session, tmp_path, scp_sample_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["records"] == 12
 
 
-def test_crash_and_rerun_write_each_chunk_once(ray_session, tmp_path, scp_sample_path):
+def test_crash_and_rerun_write_each_chunk_once(ray_session, tmp_path, scp_sample_path, monkeypatch):
+    from pipelines.faults import ENV, InjectedFault
+
     out = tmp_path / "out"
-    with pytest.raises(SynthJobError, match="stopped after 3"):
-        run_synth(_cloze(scp_sample_path, out, fail_after_units=3), progress=lambda m: None)
+    monkeypatch.setenv(ENV, "synth.fail_after_units=3")
+    with pytest.raises(InjectedFault, match="after 3 unit"):
+        run_synth(_cloze(scp_sample_path, out), progress=lambda m: None)
+    monkeypatch.delenv(ENV)
     units_dir = out / "units"
     assert len(list(units_dir.glob("*.jsonl"))) == 3 and not list(units_dir.glob(".*"))
     assert not (out / "records.jsonl").exists()
