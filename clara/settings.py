@@ -170,6 +170,11 @@ def load(cls: type[T], data: Mapping[str, Any] | None = None, *, source: str | N
     if bad:
         known = ", ".join(f.name for f in dataclasses.fields(cls) if f.init)
         raise ConfigError(f"{where}unknown field(s) {', '.join(bad)} (the fields of {cls.__name__}: {known})")
+    hints = _hints(cls)
+    for name, value in list(data.items()):  # ``data: x.jsonl`` in a file means a list of one
+        tp, _ = _strip_optional(hints.get(name))
+        if isinstance(value, (str, Path)) and typing.get_origin(tp) in (list, tuple, Sequence):
+            data[name] = [str(value)]
     try:
         return TypeAdapter(cls).validate_python(dict(data))
     except ValidationError as e:
@@ -309,11 +314,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(cls: type[T], args: argparse.Namespace | Mapping[str, Any], *, config: str | Path | None = None,
-              base: Mapping[str, Any] | None = None, required: Sequence[str] = ()) -> T:
+              base: Mapping[str, Any] | None = None, required: Sequence[str] = (),
+              source: str | None = None) -> T:
     """``cls`` from the class defaults < ``base`` < the ``config`` file < the flags given in ``args``.
 
     ``args`` is the namespace of a parser built with :func:`add_flags` (only flags given on the
-    command line are in it). ``required`` fields must be given by a flag or the file.
+    command line are in it). ``required`` fields must be given by a flag or the file. ``source``
+    names where ``base`` came from in error messages (default: the ``config`` file).
     """
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     config = config if config is not None else given.get("config")
@@ -340,7 +347,7 @@ def from_args(cls: type[T], args: argparse.Namespace | Mapping[str, Any], *, con
     if missing:
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise ConfigError(f"{flags}: required (on the command line or in --config)")
-    return load(cls, data, source=str(config) if config else None)
+    return load(cls, data, source=source or (str(config) if config else None))
 
 
 def print_config(obj: Any, file: Any = None) -> None:

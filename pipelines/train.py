@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from clara import settings
 from clara.config import ClaraConfig, ConfigError
 from clara.data.records import Example, RecordError, parse_record
 from clara.training.stages import CLARA_STAGES, get_stage
@@ -78,7 +79,9 @@ class TrainJobConfig:
     storage_path: str = "runs"
     #: Where the trained model directory goes. Default ``<storage_path>/<name>/model``.
     export_dir: str | None = None
+    #: Ray Train workers (data-parallel ranks).
     num_workers: int = 1
+    #: Give each worker a GPU.
     use_gpu: bool = False
     #: Ray resources of one worker, e.g. ``{"CPU": 8, "GPU": 1}``. Default ``{"CPU": 1}``.
     resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -92,13 +95,17 @@ class TrainJobConfig:
     micro_batch_size: int = 4
     #: Peak learning rate. Default: the paper's (1e-4; 5e-6 for e2e).
     lr: float | None = None
+    #: Fraction of the steps with a linear learning-rate warm-up.
     warmup_ratio: float = 0.03
     #: The cosine schedule decays to ``lr * min_lr_ratio``.
     min_lr_ratio: float = 0.1
+    #: AdamW weight decay.
     weight_decay: float = 0.0
+    #: Gradient-norm clipping (0: none).
     grad_clip: float = 1.0
     #: Optimizer steps; or ``epochs`` (passes over the data). Neither: one epoch.
     steps: int | None = None
+    #: Passes over the data (instead of ``steps``).
     epochs: float | None = None
     #: Stage 1 only: fraction of the first steps in which every example is replaced by the
     #: reconstruction of its chunk (teaches a small model to read memory before it memorises answers).
@@ -110,12 +117,15 @@ class TrainJobConfig:
     #: Apply the stage's adapter set-up on a fresh start: stage 2 re-initialises the generator
     #: adapter, stage 3 copies the compressor into the query reasoner.
     reinit_adapters: bool = True
+    #: Steps between metric reports (loss, learning rate, throughput).
     report_every: int = 10
+    #: Steps between checkpoints.
     checkpoint_every: int = 100
     #: Checkpoints kept in storage (the oldest are deleted).
     keep_checkpoints: int = 2
     #: Times Ray restarts the workers from the latest checkpoint after a failure (-1: always).
     max_failures: int = 0
+    #: Seed of the model's new weights, the data order and the negatives.
     seed: int = 0
     #: Examples in each worker's shuffle buffer (0: no shuffling).
     shuffle_buffer_size: int = 1024
@@ -133,7 +143,6 @@ class TrainJobConfig:
         for name in ("init", "storage_path", "export_dir"):
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
-        _validate_types(self)
         if self.stage not in CLARA_STAGES:
             raise ConfigError(f"stage: must be one of {', '.join(CLARA_STAGES)}, got {self.stage!r}")
         if not self.data or not all(self.data):
@@ -229,35 +238,14 @@ class TrainJobConfig:
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
-    def from_mapping(cls, data: Any, source: str = "config") -> TrainJobConfig:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: must be a mapping of settings, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown setting(s): {', '.join(unknown)}")
-        missing = sorted(n for n in ("stage", "data") if n not in data)
-        if missing:
-            raise ConfigError(f"{source}: missing setting(s): {', '.join(missing)}")
-        try:
-            return cls(**data)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+    def from_mapping(cls, data: Any, source: str | None = None) -> TrainJobConfig:
+        """A job from a recipe's mapping, every field checked (:func:`clara.settings.load`)."""
+        return settings.load(cls, data, source=source)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainJobConfig:
         """Load a recipe and apply ``key=value`` overrides (dotted keys reach into mappings)."""
-        import yaml
-
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such recipe file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: must be a mapping of settings, got {type(data).__name__}")
+        data = settings.read_file(path)
         for item in overrides:
             apply_override(data, item)
         return cls.from_mapping(data, source=str(path))
@@ -283,40 +271,6 @@ def apply_override(data: dict, item: str) -> None:
 def _positive(name: str, v: Any) -> None:
     if v <= 0:
         raise ConfigError(f"{name}: must be positive, got {v}")
-
-
-def _validate_types(cfg: TrainJobConfig) -> None:
-    """Check (and mildly coerce) every field against its annotation: YAML reads ``1e-4`` as a string."""
-    for f in fields(cfg):
-        v, t = getattr(cfg, f.name), f.type
-        optional = t.endswith("| None")
-        base = t.removesuffix(" | None")
-        if v is None:
-            if not optional:
-                raise ConfigError(f"{f.name}: must be set")
-            continue
-        if base == "float" and isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                raise ConfigError(f"{f.name}: must be a number, got {v!r}") from None
-        if base == "float" and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        ok = {
-            "str": isinstance(v, str),
-            "int": isinstance(v, int) and not isinstance(v, bool),
-            "float": isinstance(v, float),
-            "bool": isinstance(v, bool),
-            "list[str]": isinstance(v, list) and all(isinstance(x, str) for x in v),
-            "dict[str, Any]": isinstance(v, dict) and all(isinstance(k, str) for k in v),
-            "dict[str, float]": isinstance(v, dict) and all(
-                isinstance(k, str) and isinstance(x, (int, float)) and not isinstance(x, bool) for k, x in v.items()),
-        }.get(base)
-        if ok is None:  # pragma: no cover - a field added without a checker
-            raise TypeError(f"no type check for {f.name}: {t}")
-        if not ok:
-            raise ConfigError(f"{f.name}: must be {t}, got {v!r}")
-        setattr(cfg, f.name, v)
 
 
 # -- plan -------------------------------------------------------------------------------------------
@@ -792,17 +746,30 @@ def run_train(cfg: TrainJobConfig, out: Callable[[str], None] = print,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a recipe YAML (pipelines/recipes/*.yaml)")
+    settings.add_config_flags(p)
     p.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="change a setting of the recipe (dotted keys: model.compression_rate=4); repeatable")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and the data, print the plan, stop")
+    settings.add_flags(p.add_argument_group("settings (a recipe's fields; flags win over --config)"),
+                       TrainJobConfig, required=REQUIRED)
     return p
+
+
+#: Fields a recipe or the command line must give.
+REQUIRED = ("stage", "data")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = TrainJobConfig.from_yaml(args.config, args.override)
+        base = settings.read_file(args.config) if args.config else {}
+        for item in args.override:
+            apply_override(base, item)
+        cfg = settings.from_args(TrainJobConfig, args, config="", base=base, required=REQUIRED,
+                                  source=args.config)
+        if args.print_config:
+            settings.print_config(cfg)
+            return 0
         run_train(cfg, dry_run=args.dry_run)
     except (ConfigError, RecordError) as e:
         raise SystemExit(f"error: {e}") from None
