@@ -17,7 +17,8 @@ description:
 * :func:`from_args` merges, in order: the class defaults < ``--config`` file < the flags given.
 
 A field may tune its flag through ``dataclasses.field(metadata=...)``: ``flags`` (the option
-strings, e.g. ``("--storage-option",)``), ``cli=False`` (settable from files only), ``metavar``.
+strings, e.g. ``("--storage-option",)``), ``cli=False`` (settable from files only), ``metavar``,
+``choices`` (for a text field whose values a constant of the library lists).
 The library never imports argparse at module level; the jobs and the CLI call these functions.
 """
 
@@ -34,7 +35,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -49,7 +50,7 @@ class ConfigError(ValueError):
 # documentation: the ``#:`` comments above each field
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: documentation}`` from the ``#:`` comments above the fields (a trailing ``# ...`` too).
 
@@ -247,11 +248,13 @@ def _flag_kwargs(tp: Any) -> dict[str, Any] | None:
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         item = args[0] if args else str
         item, _ = _strip_optional(item)
+        # items stay text here (commas split them in from_args); pydantic converts them to the item type
         if typing.get_origin(item) is Literal:
             choices = typing.get_args(item)
-            return {"nargs": "+", "type": str, "metavar": "{" + ",".join(map(str, choices)) + "}"}
+            return {"nargs": "+", "action": "extend", "type": str,
+                    "metavar": "{" + ",".join(map(str, choices)) + "}"}
         if item in (int, float, str) or item is Path:
-            return {"nargs": "+", "type": str if item in (str, Path) else item}
+            return {"nargs": "+", "action": "extend", "type": str}
         return None
     if origin in (dict, Mapping):
         values = typing.get_args(tp)[1:] or (Any,)
@@ -262,8 +265,12 @@ def _flag_kwargs(tp: Any) -> dict[str, Any] | None:
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
               exclude: Sequence[str] = (), only: Sequence[str] | None = None,
-              defaults: Mapping[str, Any] | None = None, required: Sequence[str] = ()) -> list[str]:
+              defaults: Mapping[str, Any] | None = None, required: Sequence[str] = (),
+              _prefix: str = "") -> list[str]:
     """One flag per field of ``cls`` (see the module's docstring); returns the fields that got one.
+
+    A field holding nested settings with ``metadata={"flatten": True}`` contributes its own fields'
+    flags, unprefixed (``eval: EvalSettings`` gives ``--top-k``, read back into ``eval.top_k``).
 
     ``defaults``: the values to show in the help where the job's defaults differ from the class's
     (the values themselves still come from :func:`from_args`). ``required``: fields the command
@@ -277,6 +284,10 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         if not f.init or f.name in exclude or (only is not None and f.name not in only):
             continue
         if f.metadata.get("cli", True) is False:
+            continue
+        nested, _ = _strip_optional(hints[f.name])
+        if _is_settings(nested) and f.metadata.get("flatten"):
+            added += add_flags(parser, nested, _prefix=f"{_prefix}{f.name}.")
             continue
         kwargs = _flag_kwargs(hints[f.name])
         if kwargs is None:
@@ -297,11 +308,12 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
             if isinstance(default, bool) or shown != "":
                 help_text = f"{help_text} (default: {shown})".strip()
         flags = f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),)
-        if "metavar" in f.metadata:
-            kwargs["metavar"] = f.metadata["metavar"]
-        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, help=help_text or None,
+        for key in ("metavar", "choices"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
+        parser.add_argument(*flags, dest=_prefix + f.name, default=argparse.SUPPRESS, help=help_text or None,
                             **kwargs)
-        added.append(f.name)
+        added.append(_prefix + f.name)
     return added
 
 
@@ -327,27 +339,38 @@ def from_args(cls: type[T], args: argparse.Namespace | Mapping[str, Any], *, con
     data: dict[str, Any] = dict(base or {})
     if config:
         data.update(read_file(config))
+    _merge_flags(cls, given, data, "")
+    missing = [name for name in required if data.get(name) in (None, "")]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ConfigError(f"{flags}: required (on the command line or in --config)")
+    return load(cls, data, source=source or (str(config) if config else None))
+
+
+def _merge_flags(cls: type, given: Mapping[str, Any], data: dict[str, Any], prefix: str) -> None:
+    """Write the flags given for ``cls``'s fields (``dest`` = ``prefix + name``) into ``data``."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name not in given or not f.init:
+        if not f.init:
             continue
-        value = given[f.name]
         tp, _ = _strip_optional(hints[f.name])
+        if _is_settings(tp) and f.metadata.get("flatten"):
+            sub = dict(data.get(f.name) or {})
+            _merge_flags(tp, given, sub, f"{prefix}{f.name}.")
+            if sub:
+                data[f.name] = sub
+            continue
+        if prefix + f.name not in given:
+            continue
+        value = given[prefix + f.name]
         origin = typing.get_origin(tp)
         if origin in (dict, Mapping) and isinstance(value, list):
             merged = dict(data.get(f.name) or {})
             merged.update(dict(value))
             value = merged
         elif origin in (list, tuple, Sequence) and isinstance(value, list):
-            value = [part.strip() if isinstance(part, str) else part
-                     for item in value for part in (item.split(",") if isinstance(item, str) else [item])
-                     if not isinstance(part, str) or part.strip()]
+            value = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         data[f.name] = value
-    missing = [name for name in required if data.get(name) in (None, "")]
-    if missing:
-        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        raise ConfigError(f"{flags}: required (on the command line or in --config)")
-    return load(cls, data, source=source or (str(config) if config else None))
 
 
 def print_config(obj: Any, file: Any = None) -> None:

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from clara import settings
+from clara.settings import ConfigError
+
 #: Ray jobs reachable as ``clara <name> ...`` == ``python -m pipelines.<module> ...``.
 PIPELINE_COMMANDS: dict[str, tuple[str, str]] = {}
 
@@ -45,24 +48,36 @@ def _register_pipelines() -> None:
 class QuickstartSettings:
     """Settings of ``clara quickstart`` (defaults: a 2-layer, 128-wide model; ~3 minutes on 2 cores)."""
 
+    #: Where the base model and the trained model go.
     workdir: Path = Path("clara-demo")
+    #: Stage-1 records (JSONL, e.g. ../shared/data/scp_sample.jsonl); default: reconstruction of
+    #: Wikipedia summaries.
     data: Path | None = None
+    #: Chunks to train on and compress.
     chunks: int = 16
+    #: Training steps.
     steps: int = 300
+    #: Chunk tokens per memory token.
     compression_rate: int = 4
+    #: Most tokens per chunk.
     doc_max_tokens: int = 128
+    #: Examples per step.
     batch_size: int = 32
+    #: Peak learning rate.
     lr: float = 2e-3
+    #: Seed of the model's weights and the data order.
     seed: int = 0
+    #: auto | cpu | cuda | cuda:1 | mps.
     device: str = "auto"
+    #: Examples printed at the end.
     show: int = 4
 
     def __post_init__(self) -> None:
         for name in ("chunks", "steps", "compression_rate", "doc_max_tokens", "batch_size"):
             if getattr(self, name) <= 0:
-                raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.data is not None and not Path(self.data).is_file():
-            raise SystemExit(f"--data {self.data}: no such file")
+            raise ConfigError(f"data: {self.data}: no such file")
 
 
 def _eta(step: int, total: int, elapsed: float) -> str:
@@ -208,19 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("quickstart", help="in one process, no Ray (~3 minutes): build a tiny model, train stage 1, "
                                           "compress chunks, show what the memory holds",
-                       description=run_quickstart.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--workdir", type=Path, default=Path("clara-demo"), help="where the base model and trained model go")
-    d.add_argument("--data", type=Path, help="stage-1 records (JSONL, e.g. ../shared/data/scp_sample.jsonl); "
-                                             "default: reconstruction of Wikipedia summaries")
-    d.add_argument("--chunks", type=int, default=16, help="chunks to train on and compress")
-    d.add_argument("--steps", type=int, default=300, help="training steps")
-    d.add_argument("--compression-rate", type=int, default=4, help="chunk tokens per memory token")
-    d.add_argument("--doc-max-tokens", type=int, default=128, help="maximum tokens per chunk")
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--lr", type=float, default=2e-3)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps")
-    d.add_argument("--show", type=int, default=4, help="examples to print")
+                       description=run_quickstart.__doc__)
+    settings.add_config_flags(d)
+    settings.add_flags(d, QuickstartSettings)
 
     c = sub.add_parser("decode", help="compress chunks with a trained model and regenerate text from their memory",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -281,10 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return module.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     if args.command == "quickstart":
-        run_quickstart(QuickstartSettings(workdir=args.workdir, data=args.data, chunks=args.chunks, steps=args.steps,
-                              compression_rate=args.compression_rate, doc_max_tokens=args.doc_max_tokens,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                              show=args.show))
+        try:
+            s = settings.from_args(QuickstartSettings, args)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        if args.print_config:
+            settings.print_config(s)
+        else:
+            run_quickstart(s)
     elif args.command == "decode":
         _decode(args)
     elif args.command == "build-tiny":

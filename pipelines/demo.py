@@ -34,6 +34,10 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from clara import settings
+from clara.settings import ConfigError
 
 #: The packaged compressor the SmolLM2 demo fine-tunes from (``clara/pretrained/<name>/MODEL_CARD.md``).
 PRETRAINED_COMPRESSOR = "clara-smollm2-135m-r4"
@@ -53,39 +57,53 @@ PROFILES: dict[str, dict] = {
 
 @dataclass
 class DemoSettings:
+    """Settings of ``clara demo``; fields left unset take the base's profile (:data:`PROFILES`)."""
+
+    #: Where everything is written.
     workdir: Path = Path("clara-demo")
     #: ``smollm2-135m`` (the real pretrained base from the package registry), ``tiny`` (a random
-    #: 2-layer model built on the spot: fast, for tests; it cannot read), or any base a config accepts.
+    #: 2-layer model built on the spot: fast, for tests; it cannot read), or a Hugging Face folder / hub name.
     base_model: str = "smollm2-135m"
     #: Stage 1 starts from this CLaRa model directory or packaged name; ``auto``: the packaged SmolLM2
     #: compressor for ``smollm2-135m``, a fresh model otherwise; ``none``: always fresh.
     init: str = "auto"
     #: Synthesis: ``auto`` (the base itself writes the QA pairs for a real base: vLLM when installed, else
     #: transformers; the rule-based cloze engine for ``tiny``), or ``vllm`` / ``transformers`` / ``cloze``.
-    synth_engine: str = "auto"
+    synth_engine: Literal["auto", "vllm", "transformers", "cloze"] = "auto"
     #: The instruct model that writes the QA pairs (default: the base).
     synth_model: str | None = None
     #: How QA is asked for (``pipelines.synth``): ``answer_first`` for SmolLM2-135M (it cannot follow
     #: the ``rules`` prompt: 5 accepted pairs of 476 on 85 chunks), ``rules`` for larger instruct models.
-    qa_style: str | None = None
+    qa_style: Literal["rules", "answer_first"] | None = None
     #: Generation rounds per chunk (an ``answer_first`` round writes one question per chunk).
     synth_rounds: int | None = None
-    #: Wikipedia summaries in the corpus (each about 90 words: one to three chunks). Default per base.
+    #: Wikipedia summaries in the corpus (each about 90 words: one to three chunks).
     docs: int | None = None
     #: Fraction of chunks held out of training, for the evaluation and the served questions.
     holdout: float = 0.2
+    #: Chunk tokens per memory vector (with ``--init``, the model's).
     compression_rate: int = 4
+    #: Tokens per chunk (with ``--init``, the model's).
     chunk_tokens: int | None = None
+    #: Stage-1 optimizer steps.
     steps1: int | None = None
+    #: Stage-2 optimizer steps.
     steps2: int | None = None
+    #: Stage-3 optimizer steps.
     steps3: int | None = None
+    #: Stage-1 batch size.
     batch_size: int | None = None
+    #: Stage-1 learning rate (stage 2 uses half, stage 3 a quarter).
     lr: float | None = None
     #: Stages 1-2: fraction of QA examples made wrong-memory negatives (see TrainJobConfig).
     negatives: float | None = None
+    #: Questions asked over HTTP at the end.
     questions: int = 3
+    #: Held-out questions evaluated.
     eval_questions: int | None = None
+    #: HTTP port of the Serve app (0: a free one).
     port: int = 0
+    #: Seed of the corpus split, the training and the synthesis.
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,15 +115,15 @@ class DemoSettings:
         if self.init == "auto":
             self.init = PRETRAINED_COMPRESSOR if self.base_model == "smollm2-135m" else "none"
         if self.synth_engine not in ("auto", "vllm", "transformers", "cloze"):
-            raise SystemExit("--synth-engine must be auto, vllm, transformers or cloze")
+            raise ConfigError("synth_engine: must be auto, vllm, transformers or cloze")
         for name in ("docs", "compression_rate", "chunk_tokens", "steps1", "steps2", "steps3", "batch_size",
                      "eval_questions", "synth_rounds"):
             if getattr(self, name) <= 0:
-                raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if not 0 < self.holdout < 1:
-            raise SystemExit("--holdout must be between 0 and 1")
+            raise ConfigError(f"holdout: must be between 0 and 1, got {self.holdout}")
         if not 0 <= self.negatives < 1:
-            raise SystemExit("--negatives must be in [0, 1)")
+            raise ConfigError(f"negatives: must be in [0, 1), got {self.negatives}")
 
     @property
     def fresh(self) -> bool:
@@ -311,46 +329,25 @@ def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clara demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = DemoSettings()
-    p.add_argument("--workdir", type=Path, default=d.workdir, help="where everything is written (default %(default)s)")
-    p.add_argument("--base-model", default=d.base_model,
-                   help="smollm2-135m (the real base, default), tiny (random weights: fast, cannot read), or a "
-                        "Hugging Face folder / hub name")
-    p.add_argument("--init", default="auto",
-                   help="model stage 1 starts from: auto (the packaged SmolLM2 compressor "
-                        f"{PRETRAINED_COMPRESSOR} on smollm2-135m), none, or a model directory")
-    p.add_argument("--synth-engine", default=d.synth_engine, choices=["auto", "vllm", "transformers", "cloze"],
-                   help="auto: the base writes the QA pairs (vLLM if installed, else transformers); cloze for tiny")
-    p.add_argument("--synth-model", help="the instruct model that writes QA pairs (default: the base)")
-    p.add_argument("--qa-style", choices=["rules", "answer_first"],
-                   help="how QA is asked for: answer_first (default for smollm2-135m: the model writes the question "
-                        "of a span of the chunk) or rules (instructions and JSON, for larger instruct models)")
-    p.add_argument("--synth-rounds", type=int, help="generation rounds per chunk (default per base)")
-    p.add_argument("--docs", type=int, help="Wikipedia summaries in the corpus (default per base: "
-                                             f"{PROFILES['smollm2-135m']['docs']} / tiny {PROFILES['tiny']['docs']})")
-    p.add_argument("--holdout", type=float, default=d.holdout, help="fraction of chunks held out (default %(default)s)")
-    p.add_argument("--compression-rate", type=int, default=d.compression_rate,
-                   help="chunk tokens per memory vector (default %(default)s; with --init, the model's)")
-    p.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default per base; with --init, the model's)")
-    p.add_argument("--steps1", type=int, help="stage-1 steps (default per base)")
-    p.add_argument("--steps2", type=int, help="stage-2 steps (default per base)")
-    p.add_argument("--steps3", type=int, help="stage-3 steps (default per base)")
-    p.add_argument("--batch-size", type=int, help="stage-1 batch (default per base)")
-    p.add_argument("--lr", type=float, help="stage-1 learning rate (default per base)")
-    p.add_argument("--negatives", type=float, help="stages 1-2: fraction of QA examples made wrong-memory "
-                                                    "negatives (default per base)")
-    p.add_argument("--questions", type=int, default=d.questions, help="questions asked over HTTP")
-    p.add_argument("--eval-questions", type=int,
-                   help="held-out questions evaluated (default per base)")
-    p.add_argument("--port", type=int, default=0, help="HTTP port of the Serve app (default: a free one)")
-    p.add_argument("--seed", type=int, default=d.seed)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Defaults per base (fields left unset): " + "; ".join(
+                                    f"{base}: " + ", ".join(f"{k} {v}" for k, v in prof.items())
+                                    for base, prof in PROFILES.items()))
+    settings.add_config_flags(p)
+    settings.add_flags(p, DemoSettings)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    run_demo(DemoSettings(**{k: v for k, v in vars(a).items()}))
+    try:
+        s = settings.from_args(DemoSettings, a)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if a.print_config:
+        settings.print_config(s)
+        return 0
+    run_demo(s)
     return 0
 
 

@@ -19,33 +19,53 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from clara import settings
 from clara.data.records import Example, read_records
-from clara.eval.evaluate import MODES, SETTINGS, EvalReport, EvalSettings, aggregate, evaluate_examples, write_report
+from clara.eval.evaluate import EvalReport, EvalSettings, aggregate, evaluate_examples, write_report
+from clara.settings import ConfigError
 
 
 @dataclass
 class EvaluateJobSettings:
-    models: list[str]
+    """Settings of one evaluation run: the flags of ``python -m pipelines.evaluate`` and its ``--config`` fields."""
+
+    #: CLaRa model directories (several: a sweep over compression rates, one plot line per mode).
+    models: list[str] = field(metadata={"flags": ("--model",)})
+    #: JSONL of stage-3 records (or, with ``--stage instruct``, stage-2 records).
     data: str
+    #: Directory for results.json, results.md and the plots.
     out: str = "runs/eval"
-    stage: str = "e2e"  # record format of --data: e2e (pos_index) or instruct
+    #: Record format of ``--data``.
+    stage: Literal["e2e", "instruct"] = "e2e"
+    #: Evaluate only the first N records.
     limit: int | None = None
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings, metadata={"flatten": True})
+    #: Evaluation actors (model replicas).
     actors: int = 1
+    #: CPUs of each actor.
     num_cpus_per_actor: float = 0.5
+    #: GPUs of each actor.
     num_gpus_per_actor: float = 0.0
+    #: Override the model's device setting (cpu, cuda, mps).
     device: str | None = None
     #: Evaluate in this process without Ray (small sets; debugging).
     local: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.models, str):
+            self.models = [self.models]
         if not self.models:
-            raise SystemExit("give at least one --model")
+            raise ConfigError("models: give at least one --model")
         if self.stage not in ("e2e", "instruct"):
-            raise SystemExit(f"--stage must be e2e or instruct, got {self.stage!r}")
+            raise ConfigError(f"stage: must be e2e or instruct, got {self.stage!r}")
         if self.actors <= 0:
-            raise SystemExit("--actors must be positive")
+            raise ConfigError(f"actors: must be positive, got {self.actors}")
+
+
+#: Fields the command line (or ``--config``) must give.
+REQUIRED = ("models", "data")
 
 
 class _EvalActor:
@@ -116,38 +136,21 @@ def run_evaluate(s: EvaluateJobSettings, out=print) -> dict[str, EvalReport]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True,
-                   help="CLaRa model directory (repeat for a sweep over compression rates)")
-    p.add_argument("--data", required=True, help="JSONL of stage-3 (or, with --stage instruct, stage-2) records")
-    p.add_argument("--stage", default="e2e", choices=("e2e", "instruct"), help="record format of --data")
-    p.add_argument("--out", default="runs/eval", help="directory for results.json, results.md and the plots")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
-    p.add_argument("--settings", default=",".join(SETTINGS), help="normal (retrieved) and/or oracle (gold included)")
-    p.add_argument("--top-k", type=int, default=5, help="chunks the generator reads")
-    p.add_argument("--recall-ks", default="1,3,5", help="Recall@k cut-offs")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16, help="questions per model call / Ray Data batch")
-    p.add_argument("--actors", type=int, default=1, help="evaluation actors (model replicas)")
-    p.add_argument("--num-cpus-per-actor", type=float, default=0.5)
-    p.add_argument("--num-gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--device", help="override the model's device setting (cpu, cuda, mps)")
-    p.add_argument("--local", action="store_true", help="run in this process without Ray")
+    settings.add_config_flags(p)
+    settings.add_flags(p, EvaluateJobSettings, required=REQUIRED)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        ev = EvalSettings(modes=tuple(x for x in a.modes.split(",") if x),
-                          settings=tuple(x for x in a.settings.split(",") if x), top_k=a.top_k,
-                          recall_ks=tuple(int(k) for k in a.recall_ks.split(",")), max_new_tokens=a.max_new_tokens,
-                          batch_size=a.batch_size)
-    except ValueError as e:
+        s = settings.from_args(EvaluateJobSettings, a, required=REQUIRED)
+    except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    run_evaluate(EvaluateJobSettings(models=a.model, data=a.data, out=a.out, stage=a.stage, limit=a.limit, eval=ev,
-                                     actors=a.actors, num_cpus_per_actor=a.num_cpus_per_actor,
-                                     num_gpus_per_actor=a.num_gpus_per_actor, device=a.device, local=a.local))
+    if a.print_config:
+        settings.print_config(s)
+        return 0
+    run_evaluate(s)
     return 0
 
 

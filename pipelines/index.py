@@ -74,6 +74,7 @@ from clara.index.build import (
 )
 from clara.index.schema import ANN_KINDS, DEFAULT_TABLE, DTYPES, IndexMismatchError, IndexNotFoundError
 from clara.index.store import ChunkStore
+from clara.settings import add_config_flags, add_flags, from_args, print_config
 
 logger = logging.getLogger(__name__)
 
@@ -98,61 +99,76 @@ class IndexJobError(RuntimeError):
 
 @dataclass
 class IndexSettings:
-    """Settings of one index run (the CLI flags of ``python -m pipelines.index``)."""
+    """Settings of one index run: the flags of ``python -m pipelines.index`` and the fields of its ``--config``."""
 
-    #: JSONL, Parquet, a ``.txt`` file, a directory of ``.txt`` files or a glob; with ``format="scp"``
-    #: a stage-1 JSONL file whose ``docs[0]`` are the chunks.
+    #: JSONL, Parquet, a .txt file, a directory of .txt files or a glob; with ``--format scp`` a stage-1
+    #: JSONL file.
     corpus: str | Path
     #: A CLaRa model directory (``ClaraModel.save_pretrained``); its compressor makes the memory.
     model: str | Path
     #: LanceDB database: a local directory or an object-store URI (``s3://bucket/path``).
     table_uri: str | Path
+    #: The chunk table in it.
     table_name: str = DEFAULT_TABLE
-    #: ``auto`` (JSONL / Parquet / text by file suffix) or ``scp`` (stage-1 records, one chunk each).
-    format: str = "auto"
+    #: ``auto``: by file suffix, one document per record / file; ``scp``: stage-1 records whose ``docs[0]``
+    #: are already chunks (not re-split; the document id is derived from the chunk's text, so an edited
+    #: chunk is a new document and ``--delete-missing`` drops the old one).
+    format: str = field(default="auto", metadata={"choices": SOURCE_FORMATS})
+    #: Record field holding the document id.
     id_field: str = "id"
+    #: Record field holding the text.
     text_field: str = "text"
-    #: Prepended to each chunk's text (``title + "\n" + chunk``) when given; the title's tokens come out of
-    #: the chunk's ``chunk_tokens`` (the compressor reads no more than that).
+    #: Record field with a title, prepended to each chunk's text (``title + "\n" + chunk``); its tokens
+    #: count against ``--chunk-tokens`` (the text window is that much shorter).
     title_field: str | None = None
-    #: Tokens per chunk; ``None``: the model's ``doc_max_tokens`` (longer chunks would be truncated).
+    #: Tokens per chunk (default: the model's ``doc_max_tokens``; longer chunks would be truncated).
     chunk_tokens: int | None = None
+    #: Tokens shared by neighbouring chunks.
     overlap: int = 0
     #: Chunks per compressor forward pass (and per Ray Data batch).
     batch_size: int = 32
     #: Size of the actor pool; each actor loads the model once.
     actors: int = 1
+    #: CPUs of each actor (fractions allowed).
     num_cpus_per_actor: float = 1.0
+    #: GPUs of each actor (1 to give each actor a GPU).
     num_gpus_per_actor: float = 0.0
-    #: torch threads per actor; ``None``: ``max(1, int(num_cpus_per_actor))``.
+    #: torch threads per actor (default: ``int(num_cpus_per_actor)``, at least 1).
     threads_per_actor: int | None = None
-    #: Device of the actors' model; ``None``: ``cuda`` when actors get GPUs, else ``cpu``.
+    #: Device of the actors' model (default: ``cuda`` when actors get GPUs, else ``cpu``; e.g. ``mps``).
     device: str | None = None
-    #: Storage dtype of memory: float32, float16 or int8 (per-token scale). ``None``: the existing
-    #: table's, or float16 for a new table. Likewise ``key_dim`` (n_mem*d/8 within 128..1024) and
-    #: ``key_seed`` (0).
-    dtype: str | None = None
+    #: Storage of memory: float32, float16 or int8 with a per-token scale (default: the table's, or
+    #: float16 for a new table).
+    dtype: str | None = field(default=None, metadata={"choices": DTYPES})
+    #: Dimension of the ANN key (default: the table's, or n_mem*d/8 within 128..1024).
     key_dim: int | None = None
+    #: Seed of the key projection (default: the table's, or 0).
     key_seed: int | None = None
     #: Delete the chunks of documents that are no longer in the corpus.
     delete_missing: bool = False
     #: Refuse the run, before anything is written, if it would delete more than this fraction of the
-    #: table's rows (1.0: any deletion is allowed).
+    #: table's rows: a truncated corpus with ``--delete-missing`` would otherwise empty the index that
+    #: replicas serve (1: any deletion is allowed).
     max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION
-    #: After the run, remove untagged versions older than this many days (``None``: keep every version).
+    #: After the run, remove untagged versions older than this many days, as the ``cleanup`` subcommand
+    #: does (default: keep every version).
     cleanup_older_than_days: float | None = None
-    #: With that cleanup, keep only the newest ``keep_tags`` of the job's tags (``None``: keep all).
+    #: With the cleanup, also drop this job's tags (``index-v<N>``, ``rollback-v<N>``) except the newest N,
+    #: so that their versions go too and storage stays bounded; tags made by hand are kept (default: keep
+    #: every tag).
     keep_tags: int | None = None
-    #: Build (or refresh) an ANN index of this kind on ``key`` at the end; ``None``: none.
-    ann_index: str | None = None
+    #: Build or refresh an ANN index of this kind on the key at the end (IVF_PQ, IVF_HNSW_SQ, ... in any
+    #: case; ``none``: none; skipped below ``--ann-min-rows``).
+    ann_index: str | None = field(default=None, metadata={"metavar": "KIND"})
     #: Fewer rows than this: no ANN index is built (searches scan, exact).
     ann_min_rows: int = 256
-    #: Index only the first ``limit`` documents (not with ``delete_missing``).
+    #: Index only the first N documents (not with ``--delete-missing``).
     limit: int | None = None
     #: Rows per upsert commit (each commit is one table version).
     commit_rows: int = 8192
-    storage_options: dict[str, str] = field(default_factory=dict)
-    #: Ray address (``None``: the running Ray, $RAY_ADDRESS, or a new local one).
+    #: Object-store options passed to LanceDB, e.g. ``region=us-east-1``.
+    storage_options: dict[str, str] = field(default_factory=dict, metadata={"flags": ("--storage-option",)})
+    #: Ray address (default: the running Ray, $RAY_ADDRESS, or a new local one).
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -187,8 +203,8 @@ class IndexSettings:
                              f"got {self.max_delete_fraction!r}")
         for name in ("cleanup_older_than_days", "keep_tags"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or value < 0):
-                raise ValueError(f"IndexSettings.{name} must be >= 0, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not 0 <= value < math.inf):  # nan, inf too
+                raise ValueError(f"IndexSettings.{name} must be a finite number >= 0, got {value!r}")
         if self.keep_tags is not None and self.cleanup_older_than_days is None:
             raise ValueError("IndexSettings.keep_tags applies to the cleanup: give cleanup_older_than_days too")
         if self.delete_missing and self.limit is not None:
@@ -399,16 +415,6 @@ def _storage_option(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number within [0, 1], got {text!r}")
-    return value
-
-
 def _non_negative(kind: type) -> Callable[[str], float | int]:
     def parse(text: str):
         try:
@@ -434,6 +440,10 @@ def _debug_arg(p: argparse.ArgumentParser) -> None:
                    help="on an error in the input or settings, show the full traceback instead of one line")
 
 
+#: Fields the command line (or ``--config``) must give.
+REQUIRED = ("corpus", "model", "table_uri")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.index",
@@ -444,55 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
                "`cleanup --table-uri URI [--older-than-days D] [--keep-tags N]` removes old untagged versions. "
                "Each has its own --help.",
     )
-    src = p.add_argument_group("corpus")
-    src.add_argument("--corpus", required=True, help="JSONL, Parquet, .txt file, directory of .txt files or a glob; "
-                                                     "with --format scp a stage-1 JSONL file")
-    src.add_argument("--format", choices=SOURCE_FORMATS, default="auto",
-                     help="auto: by file suffix, one document per record/file; scp: stage-1 records whose docs[0] "
-                          "are already chunks (not re-split; doc_id derived from the chunk's text, so an edited "
-                          "chunk is a new document and --delete-missing drops the old one) (default: auto)")
-    src.add_argument("--id-field", default="id", help="record field holding the document id (default: id)")
-    src.add_argument("--text-field", default="text", help="record field holding the text (default: text)")
-    src.add_argument("--title-field", help="record field with a title, prepended to each chunk's text; its tokens "
-                                           "count against --chunk-tokens (the text window is that much shorter)")
-    src.add_argument("--chunk-tokens", type=int, help="tokens per chunk (default: the model's doc_max_tokens)")
-    src.add_argument("--overlap", type=int, default=0, help="tokens shared by neighbouring chunks (default: 0)")
-    src.add_argument("--limit", type=int, help="index only the first N documents")
-    src.add_argument("--delete-missing", action="store_true",
-                     help="delete the chunks of documents no longer in the corpus")
-    src.add_argument("--max-delete-fraction", type=_fraction, default=DEFAULT_MAX_DELETE_FRACTION, metavar="F",
-                     help="refuse the run, before anything is written, if it would delete more than this fraction "
-                          "of the table's rows: a truncated corpus with --delete-missing would otherwise empty the "
-                          "index that replicas serve. 1 allows any deletion "
-                          f"(default: {DEFAULT_MAX_DELETE_FRACTION:g})")
-
-    m = p.add_argument_group("compression (Ray Data actor pool)")
-    m.add_argument("--model", required=True, help="CLaRa model directory (ClaraModel.save_pretrained)")
-    m.add_argument("--batch-size", type=int, default=32, help="chunks per forward pass (default: 32)")
-    m.add_argument("--actors", type=int, default=1, help="actor pool size; each loads the model once (default: 1)")
-    m.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="(default: 1; fractions allowed)")
-    m.add_argument("--num-gpus-per-actor", type=float, default=0.0, help="1 to give each actor a GPU (default: 0)")
-    m.add_argument("--threads-per-actor", type=int, help="torch threads per actor (default: int(cpus per actor))")
-    m.add_argument("--device", help="actor device (default: cuda with GPUs, else cpu; e.g. mps)")
-    m.add_argument("--ray-address", help="Ray cluster address (default: running Ray, $RAY_ADDRESS or a local one)")
-
-    t = p.add_argument_group("table")
-    _table_args(t)
-    t.add_argument("--dtype", choices=DTYPES, help="memory storage: float32, float16 or int8 with a per-token scale "
-                                                   "(default: the table's, or float16 for a new one)")
-    t.add_argument("--key-dim", type=int,
-                   help="dimension of the ANN key (default: the table's, or n_mem*d/8 within 128..1024)")
-    t.add_argument("--key-seed", type=int, help="seed of the key projection (default: the table's, or 0)")
-    t.add_argument("--ann-index", type=str.upper, choices=[*ANN_KINDS, "NONE"], metavar="KIND",
-                   help=f"build or refresh an ANN index of this kind on the key, one of {', '.join(ANN_KINDS)} "
-                        "(any case; skipped below --ann-min-rows)")
-    t.add_argument("--ann-min-rows", type=int, default=256, help="no ANN index below this many rows (default: 256)")
-    t.add_argument("--commit-rows", type=int, default=8192, help="rows per upsert commit / version (default: 8192)")
-    t.add_argument("--cleanup-older-than-days", type=_non_negative(float), metavar="DAYS",
-                   help="after the run, remove untagged versions older than this many days, as the cleanup "
-                        "subcommand does (default: keep every version)")
-    _keep_tags_arg(t)
-    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_config_flags(p)
+    groups = {
+        "corpus": ("corpus", "format", "id_field", "text_field", "title_field", "chunk_tokens", "overlap", "limit",
+                   "delete_missing", "max_delete_fraction"),
+        "compression (Ray Data actor pool)": ("model", "batch_size", "actors", "num_cpus_per_actor",
+                                              "num_gpus_per_actor", "threads_per_actor", "device", "ray_address"),
+    }
+    for title, names in groups.items():
+        add_flags(p.add_argument_group(title), IndexSettings, only=names, required=REQUIRED)
+    add_flags(p.add_argument_group("table"), IndexSettings, required=REQUIRED,
+                       exclude=[n for names in groups.values() for n in names])
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _debug_arg(p)
     return p
 
@@ -539,25 +512,15 @@ def _keep_tags_arg(p) -> None:
                         "(default: keep every tag)")
 
 
-def _settings_from_args(a: argparse.Namespace) -> IndexSettings:
-    return IndexSettings(
-        corpus=a.corpus, model=a.model, table_uri=a.table_uri, table_name=a.table_name, format=a.format,
-        id_field=a.id_field, text_field=a.text_field, title_field=a.title_field, chunk_tokens=a.chunk_tokens,
-        overlap=a.overlap, batch_size=a.batch_size, actors=a.actors, num_cpus_per_actor=a.num_cpus_per_actor,
-        num_gpus_per_actor=a.num_gpus_per_actor, threads_per_actor=a.threads_per_actor, device=a.device,
-        dtype=a.dtype, key_dim=a.key_dim, key_seed=a.key_seed, delete_missing=a.delete_missing,
-        max_delete_fraction=a.max_delete_fraction, cleanup_older_than_days=a.cleanup_older_than_days,
-        keep_tags=a.keep_tags, ann_index=a.ann_index, ann_min_rows=a.ann_min_rows,
-        limit=a.limit, commit_rows=a.commit_rows, storage_options=dict(a.storage_option), ray_address=a.ray_address,
-    )
-
-
 def _run(a: argparse.Namespace) -> int:
     try:
-        settings = _settings_from_args(a)
+        s = from_args(IndexSettings, a, required=REQUIRED)
     except ValueError as exc:
         return _user_error(exc)
-    summary = run_index(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if a.print_config:
+        print_config(s)
+        return 0
+    summary = run_index(s, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(asdict(summary)) if a.json else summary.format())
     return 0
 

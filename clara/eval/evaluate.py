@@ -40,12 +40,19 @@ Ranker = Callable[[Sequence[str], Sequence[Sequence[str]]], list[list[float]]]
 
 @dataclass
 class EvalSettings:
+    """What one evaluation measures."""
+
+    #: How the generator is given the chunks: compressed (memory), text, closed_book (none).
     modes: tuple[str, ...] = MODES
+    #: normal (the query reasoner's retrieval) and/or oracle (the gold chunks included).
     settings: tuple[str, ...] = SETTINGS
     #: Chunks the generator reads.
     top_k: int = 5
+    #: Recall@k cut-offs of the retrieval.
     recall_ks: tuple[int, ...] = (1, 3, 5)
+    #: Longest answer generated.
     max_new_tokens: int = 32
+    #: Questions per model call (and per Ray Data batch).
     batch_size: int = 16
 
     def __post_init__(self) -> None:

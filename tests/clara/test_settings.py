@@ -100,15 +100,31 @@ def test_print_config_reads_back_to_the_same_settings(tmp_path):
     assert settings.load(_Job, settings.read_file(path)) == job
 
 
-def test_job_settings_have_a_documented_flag_for_every_field():
-    """The CLI of each job is derived from its settings class: nothing is written twice."""
-    from pipelines.synth import SynthSettings, build_parser
+def _jobs():
+    from pipelines import cli, demo, evaluate, index, synth, train
 
-    help_text = " ".join(build_parser().format_help().split())
-    for f in fields(SynthSettings):
-        flag = "--" + f.name.replace("_", "-") if f.name != "engine_kwargs" else "--engine-arg"
-        assert flag in help_text, f.name
-        assert settings.field_docs(SynthSettings).get(f.name), f"{f.name} has no #: comment"
+    def sub(name):
+        parser = cli.build_parser()
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices[name]
+
+    return [(synth.SynthSettings, synth.build_parser()), (index.IndexSettings, index.build_parser()),
+            (train.TrainJobConfig, train.build_parser()), (evaluate.EvaluateJobSettings, evaluate.build_parser()),
+            (demo.DemoSettings, demo.build_parser()), (cli.QuickstartSettings, sub("quickstart"))]
+
+
+def test_every_job_setting_is_a_documented_flag_and_a_config_field():
+    """The CLI of each job is derived from its settings class: nothing is written twice."""
+    for cls, parser in _jobs():
+        by_dest = {a.dest: a for a in parser._actions}
+        assert "config" in by_dest and "print_config" in by_dest, cls.__name__
+        for f in fields(cls):
+            nested = settings._strip_optional(settings._hints(cls)[f.name])[0]
+            names = ([f"{f.name}.{g.name}" for g in fields(nested)] if f.metadata.get("flatten")
+                     else [f.name])
+            for name in names:
+                assert name in by_dest, f"{cls.__name__}.{name} has no flag"
+                assert by_dest[name].help and len(by_dest[name].help) > 12, f"{cls.__name__}.{name}: no help"
 
 
 def test_clara_config_is_loaded_by_the_same_system():

@@ -260,8 +260,10 @@ def test_help_explains_the_flags(capsys):
     assert "delete_missing with limit" in capsys.readouterr().err
     assert main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--keep-tags", "3"]) == 2
     assert "keep_tags applies to the cleanup" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: out of range
-        main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--max-delete-fraction", "1.5"])
+    assert main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--max-delete-fraction", "1.5"]) == 2
+    assert "max_delete_fraction must be within [0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["--corpus", "x", "--model", "m", "--table-uri", "t", "--cleanup-older-than-days", "nan"]) == 2
+    assert "finite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, where, field, words", [

@@ -21,7 +21,7 @@ import pytest
 
 from clara.data.corpus import load_scp_chunks
 from clara.data.records import parse_record
-from pipelines.synth import SynthJobError, SynthSettings, main, run_synth
+from pipelines.synth import SynthSettings, main, run_synth
 
 pytestmark = pytest.mark.ray
 
