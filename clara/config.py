@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,20 @@ class LoraSettings:
         _check(bool(ok), "lora.target_modules", f"must be 'all-linear' or a list of names, got {self.target_modules!r}")
 
 
+#: Field metadata of :class:`ClaraConfig`'s runtime choices, which do not define the model (they are
+#: not hashed into its ``compressor_version`` and a later stage may change them): where it runs ...
+PLACEMENT = {"runtime": "placement"}
+#: ... and how it retrieves, trains and generates.
+BEHAVIOUR = {"runtime": "behaviour"}
+
+
 @dataclass
 class ClaraConfig:
-    """Everything that defines a CLaRa model besides its weights.
+    """Everything that defines a CLaRa model besides its weights, and its runtime choices.
+
+    The fields without ``runtime`` metadata define the model (:meth:`model_dict`, hashed into
+    ``compressor_version``); the others (:data:`RUNTIME_FIELDS`: device, dtype, top-k, temperature,
+    MSE weight, generation length) are choices of a run.
 
     ``n_mem = doc_max_tokens // compression_rate`` memory tokens represent one chunk of at most
     ``doc_max_tokens`` tokens (longer chunks are truncated to that many tokens).
@@ -73,19 +84,19 @@ class ClaraConfig:
     #: trained from random weights need it.
     train_base: bool = False
     #: ``"auto"`` (cuda, then mps, then cpu) or an explicit torch device string.
-    device: str = "auto"
+    device: str = field(default="auto", metadata=PLACEMENT)
     #: Dtype of the base's weights: ``"auto"`` (bf16 on cuda, and on CPUs with native bf16 when the
     #: base is frozen; fp32 elsewhere; see :func:`resolve_dtype`), ``"float32"``, ``"bfloat16"``
     #: or ``"float16"``. Adapters and memory slots are always held in fp32.
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata=PLACEMENT)
     #: Chunks retrieved per question.
-    top_k: int = 5
+    top_k: int = field(default=5, metadata=BEHAVIOUR)
     #: Temperature of the differentiable top-k's softmax (paper: 0.02).
-    topk_temperature: float = 0.02
+    topk_temperature: float = field(default=0.02, metadata=BEHAVIOUR)
     #: Weight of the MSE term between mean memory-token and mean chunk-token states (paper: 0.1).
-    mse_weight: float = 0.1
+    mse_weight: float = field(default=0.1, metadata=BEHAVIOUR)
     #: Default generation length.
-    max_new_tokens: int = 64
+    max_new_tokens: int = field(default=64, metadata=BEHAVIOUR)
     #: How the compressor's last-layer states become memory vectors. ``"center"``: subtract the
     #: per-slot mean memory (a running statistic kept during training and saved with the model),
     #: then rescale each vector to the mean norm of the base's token embeddings. A pretrained
@@ -128,6 +139,10 @@ class ClaraConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def model_dict(self) -> dict[str, Any]:
+        """The fields that define the model (what ``compressor_version`` hashes), without runtime choices."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> ClaraConfig:
         """A config from plain data (a saved ``clara.json``, a recipe's ``model:`` block), every field checked."""
@@ -141,6 +156,11 @@ class ClaraConfig:
     @classmethod
     def load(cls, path: str | Path) -> ClaraConfig:
         return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+
+
+#: Runtime choices (not part of the model's identity), and those a later stage may change.
+RUNTIME_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ClaraConfig) if f.metadata.get("runtime"))
+BEHAVIOUR_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ClaraConfig) if f.metadata == BEHAVIOUR)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -537,10 +537,7 @@ class ClaraModel(nn.Module):
         import json
 
         h = hashlib.sha256()
-        cfg = self.config.to_dict()
-        for k in ("device", "dtype", "top_k", "topk_temperature", "mse_weight", "max_new_tokens"):
-            cfg.pop(k)
-        h.update(json.dumps(cfg, sort_keys=True).encode())
+        h.update(json.dumps(self.config.model_dict(), sort_keys=True).encode())
         tensors = {"memory_embeddings": self.memory_embeddings}
         if self.config.memory_norm != "none":
             tensors.update(memory_center=self.memory_center, memory_scale=self.memory_scale.reshape(1))

@@ -301,7 +301,7 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         else:
             default = dataclasses.MISSING
         help_text = _plain(f.metadata.get("help") or docs.get(f.name, ""))
-        if f.name in required:
+        if _prefix + f.name in required:
             help_text = (help_text + " (required)").strip()
         elif default is not dataclasses.MISSING and default is not None and default != {} and default != []:
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
@@ -311,6 +311,8 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         for key in ("metavar", "choices"):
             if key in f.metadata:
                 kwargs[key] = f.metadata[key]
+        if "choices" not in kwargs and kwargs.get("action") is not argparse.BooleanOptionalAction:
+            kwargs.setdefault("metavar", f.name.upper())
         parser.add_argument(*flags, dest=_prefix + f.name, default=argparse.SUPPRESS, help=help_text or None,
                             **kwargs)
         added.append(_prefix + f.name)
@@ -340,9 +342,15 @@ def from_args(cls: type[T], args: argparse.Namespace | Mapping[str, Any], *, con
     if config:
         data.update(read_file(config))
     _merge_flags(cls, given, data, "")
-    missing = [name for name in required if data.get(name) in (None, "")]
+    def value(name: str) -> Any:  # ``derive.stage``: a field of nested settings
+        node: Any = data
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    missing = [name for name in required if value(name) in (None, "")]
     if missing:
-        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        flags = ", ".join("--" + m.rsplit(".", 1)[-1].replace("_", "-") for m in missing)
         raise ConfigError(f"{flags}: required (on the command line or in --config)")
     return load(cls, data, source=source or (str(config) if config else None))
 

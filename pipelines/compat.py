@@ -32,11 +32,37 @@ def actor_pool(size: int, *, num_cpus: float | None = None, num_gpus: float | No
     return kwargs
 
 
+#: Ray's own log level in a job's console. WARNING by default: Ray's start-up lines and Ray Data's
+#: per-operator progress lines (dozens per job) drown the job's own progress lines; warnings and
+#: errors still show. ``CLARA_RAY_LOG_LEVEL=INFO`` brings them back. Ray Data reads
+#: ``RAY_DATA_LOG_LEVEL`` (its supported knob), Ray core ``ray.init(logging_level=...)``.
+RAY_LOG_LEVEL_ENV = "CLARA_RAY_LOG_LEVEL"
+
+
+def ray_log_level() -> str:
+    return os.environ.get(RAY_LOG_LEVEL_ENV, "WARNING").strip().upper() or "WARNING"
+
+
+def quiet_ray_logs() -> None:
+    """Apply :func:`ray_log_level` to this process's Ray loggers and to the workers it starts."""
+    import logging
+
+    level = ray_log_level()
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", level)  # workers started from here inherit it
+    for name in ("ray", "ray.data", "ray.train", "ray.serve"):
+        logging.getLogger(name).setLevel(os.environ["RAY_DATA_LOG_LEVEL"] if name == "ray.data" else level)
+
+
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
-    """Connect to (or start) Ray unless this process already has; ``address=None`` means local or $RAY_ADDRESS."""
+    """Connect to (or start) Ray unless this process already has; ``address=None`` means local or $RAY_ADDRESS.
+
+    Ray's own log lines are kept to warnings and errors (see :data:`RAY_LOG_LEVEL_ENV`).
+    """
     import ray
 
+    quiet_ray_logs()
     if not ray.is_initialized():
+        init_kwargs.setdefault("logging_level", ray_log_level())
         ray.init(address=address, **init_kwargs)
 
 

@@ -22,68 +22,50 @@ thousand chunks.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from clara.data.derive import DeriveSettings, derive_records, split_by_chunk
-from clara.data.records import RecordError, chunks_of, read_records
-
-
-def _write_jsonl(records: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+from clara import settings
+from clara.data.derive import DeriveSettings, run_derive
+from clara.data.records import RecordError
 
 
-def run_derive(inputs: Sequence[str | Path], out: str | Path, settings: DeriveSettings, holdout: float = 0.0,
-               holdout_out: str | Path | None = None, log=print) -> dict[str, int]:
-    """Read stage-1 records, derive ``settings.stage`` records, write JSONL; returns counts."""
-    if holdout and holdout_out is None:
-        raise ValueError("--holdout needs --holdout-out (where the held-out records go)")
-    t0 = time.perf_counter()
-    examples = [ex for path in inputs for ex in read_records(path, "scp")]
-    qa = [ex for ex in examples if ex.kind == "qa"]
-    all_chunks = chunks_of(qa)
-    train, held = split_by_chunk(qa, holdout, settings.seed) if holdout else (qa, [])
-    records = derive_records(train, settings)
-    _write_jsonl(records, Path(out))
-    counts = {"questions": len(qa), "chunks": len(all_chunks), "records": len(records), "heldout_records": 0}
-    if held:
-        held_records = derive_records(held, settings, pool=all_chunks)
-        _write_jsonl(held_records, Path(holdout_out))
-        counts["heldout_records"] = len(held_records)
-    log(f"derive: {len(qa)} QA pairs over {len(all_chunks)} chunks -> {counts['records']} {settings.stage} records "
-        f"({settings.candidates} candidates, {settings.hard_fraction:.0%} of distractors BM25-hard) in {out}"
-        + (f"; {counts['heldout_records']} held-out records in {holdout_out}" if held else "")
-        + f" ({time.perf_counter() - t0:.1f}s)")
-    return counts
+@dataclass
+class DeriveJobSettings:
+    """The flags of ``python -m pipelines.derive`` and the fields of its ``--config``."""
+
+    #: Stage-1 JSONL record files.
+    input: list[str]
+    #: Output JSONL.
+    out: str
+    #: How records are drawn (``--stage``, ``--candidates``, ``--hard-fraction``, ``--seed``).
+    derive: DeriveSettings = field(metadata={"flatten": True})
+    #: Fraction of chunks held out (split by chunk).
+    holdout: float = 0.0
+    #: Output JSONL of the held-out chunks' records.
+    holdout_out: str | None = None
+
+
+REQUIRED = ("input", "out", "derive.stage")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.derive", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", action="append", required=True, help="stage-1 JSONL records (repeatable)")
-    p.add_argument("--stage", required=True, choices=("instruct", "e2e"), help="record format to produce")
-    p.add_argument("--out", required=True, help="output JSONL")
-    p.add_argument("--candidates", type=int, help="chunks per record, gold included (default 5 instruct, 20 e2e)")
-    p.add_argument("--hard-fraction", type=float, default=0.5, help="fraction of distractors from BM25's top hits")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", type=float, default=0.0, help="fraction of chunks held out (split by chunk)")
-    p.add_argument("--holdout-out", help="output JSONL of the held-out chunks' records")
+    settings.add_config_flags(p)
+    settings.add_flags(p, DeriveJobSettings, required=REQUIRED)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        settings = DeriveSettings(stage=a.stage, candidates=a.candidates, hard_fraction=a.hard_fraction, seed=a.seed)
-        run_derive(a.input, a.out, settings, holdout=a.holdout, holdout_out=a.holdout_out)
+        s = settings.from_args(DeriveJobSettings, a, required=REQUIRED)
+        if a.print_config:
+            settings.print_config(s)
+            return 0
+        run_derive(s.input, s.out, s.derive, holdout=s.holdout, holdout_out=s.holdout_out)
     except (RecordError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     return 0

@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from clara import settings
-from clara.config import ClaraConfig, ConfigError
+from clara.config import BEHAVIOUR_FIELDS, ClaraConfig, ConfigError
 from clara.data.records import Example, RecordError, parse_record
 from clara.training.stages import CLARA_STAGES, get_stage
 
 #: Fields of a saved model that a job may change when it starts from ``init`` (they do not touch weights).
-INIT_OVERRIDES: tuple[str, ...] = ("top_k", "topk_temperature", "mse_weight", "max_new_tokens")
+INIT_OVERRIDES: tuple[str, ...] = BEHAVIOUR_FIELDS
 DATA_SUFFIXES: tuple[str, ...] = ("jsonl", "json", "parquet")
 _JOB_FILE = "clara_job.json"
 

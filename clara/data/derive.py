@@ -16,12 +16,14 @@ Pure Python, in memory: fine for corpora of up to a few hundred thousand chunks.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from clara.data.records import Example, chunks_of
 from clara.training.stages import CLARA_STAGES, STAGES, get_stage
@@ -79,12 +81,13 @@ class BM25:
 class DeriveSettings:
     """How stage-2 / stage-3 records are drawn from stage-1 QA pairs."""
 
-    #: ``instruct`` (stage 2) or ``e2e`` (stage 3).
-    stage: str
+    #: Record format to produce: ``instruct`` (stage 2) or ``e2e`` (stage 3).
+    stage: str = field(metadata={"choices": ("instruct", "e2e")})
     #: Chunks per record, the gold included; ``None``: 5 for instruct, 20 for e2e.
     candidates: int | None = None
     #: Fraction of the distractors taken from BM25's top hits for the question; the rest are random.
     hard_fraction: float = 0.5
+    #: Seed of the distractor draw and of the held-out split.
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -162,3 +165,44 @@ def derive_records(examples: Sequence[Example], settings: DeriveSettings,
         records.append({"question": ex.question, "docs": [docs[i] for i in order],
                         "pos_index": [order.index(gold)], "answer": ex.answer})
     return records
+
+
+def _write_jsonl(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def run_derive(inputs: Sequence[str | Path], out: str | Path, settings: DeriveSettings, holdout: float = 0.0,
+               holdout_out: str | Path | None = None, log=print) -> dict[str, int]:
+    """Read stage-1 records, derive ``settings.stage`` records, write JSONL; returns counts.
+
+    ``holdout`` sets aside that fraction of the chunks (split by chunk) and writes their questions'
+    records to ``holdout_out``, with distractors from all chunks.
+    """
+    import time
+
+    from clara.data.records import read_records
+
+    if holdout and holdout_out is None:
+        raise ValueError("holdout needs holdout_out (where the held-out records go)")
+    t0 = time.perf_counter()
+    examples = [ex for path in inputs for ex in read_records(path, "scp")]
+    qa = [ex for ex in examples if ex.kind == "qa"]
+    all_chunks = chunks_of(qa)
+    train, held = split_by_chunk(qa, holdout, settings.seed) if holdout else (qa, [])
+    records = derive_records(train, settings)
+    _write_jsonl(records, Path(out))
+    counts = {"questions": len(qa), "chunks": len(all_chunks), "records": len(records), "heldout_records": 0}
+    if held:
+        held_records = derive_records(held, settings, pool=all_chunks)
+        _write_jsonl(held_records, Path(holdout_out))
+        counts["heldout_records"] = len(held_records)
+    log(f"derive: {len(qa)} QA pairs over {len(all_chunks)} chunks -> {counts['records']} {settings.stage} records "
+        f"({settings.candidates} candidates, {settings.hard_fraction:.0%} of distractors BM25-hard) in {out}"
+        + (f"; {counts['heldout_records']} held-out records in {holdout_out}" if held else "")
+        + f" ({time.perf_counter() - t0:.1f}s)")
+    return counts

@@ -133,3 +133,15 @@ def test_clara_config_is_loaded_by_the_same_system():
     with pytest.raises(ConfigError, match="unknown field.*lora.rank"):
         ClaraConfig.from_dict({"base_model": "b", "lora": {"rank": 8}})
     assert yaml.safe_load(yaml.safe_dump(settings.dump(cfg))) == cfg.to_dict()
+
+
+def test_runtime_choices_are_marked_once_and_left_out_of_the_model_identity():
+    from clara.config import BEHAVIOUR_FIELDS, RUNTIME_FIELDS
+    from pipelines.train import INIT_OVERRIDES
+
+    assert set(RUNTIME_FIELDS) == {"device", "dtype", "top_k", "topk_temperature", "mse_weight", "max_new_tokens"}
+    assert INIT_OVERRIDES == BEHAVIOUR_FIELDS == tuple(n for n in RUNTIME_FIELDS if n not in ("device", "dtype"))
+    a = ClaraConfig(base_model="b", compression_rate=4, top_k=2, device="cpu")
+    b = ClaraConfig(base_model="b", compression_rate=4, top_k=9, dtype="float32", max_new_tokens=3)
+    assert a.model_dict() == b.model_dict() and "top_k" not in a.model_dict()
+    assert ClaraConfig(base_model="b", compression_rate=8).model_dict() != a.model_dict()

@@ -330,7 +330,7 @@ def test_derive_command_writes_records_split_by_chunk(scp_sample_path, tmp_path,
     assert gold_train and gold_test and not gold_train & gold_test
     assert not {c for ex in train for c in ex.chunks} & gold_test  # no held-out chunk leaks into training
     assert "derive:" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="holdout-out"):
+    with pytest.raises(SystemExit, match="holdout needs holdout_out"):
         derive(["--input", str(scp_sample_path), "--stage", "e2e", "--out", str(out), "--holdout", "0.1"])
 
 
