@@ -49,8 +49,16 @@ def quiet_ray_logs() -> None:
 
     level = ray_log_level()
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", level)  # workers started from here inherit it
+    # Ray Train V2 sends a worker's print() to its logger *and*, when Ray has replaced stdout, to
+    # stdout as well: every progress line of the training loop reached the console twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     for name in ("ray", "ray.data", "ray.train", "ray.serve"):
         logging.getLogger(name).setLevel(os.environ["RAY_DATA_LOG_LEVEL"] if name == "ray.data" else level)
+    if logging.getLevelName(level) not in ("DEBUG", "INFO"):
+        from ray.data import DataContext
+
+        # the jobs print their own progress; Ray Data's bars (one per operator, from every worker) go
+        DataContext.get_current().enable_progress_bars = False
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
@@ -81,7 +89,7 @@ def require_train_v2() -> None:
 def _torch_trainer(train_loop, *, loop_config: dict[str, Any], datasets: dict[str, Any], num_workers: int,
                    use_gpu: bool, resources_per_worker: dict[str, float] | None, storage_path: str, name: str,
                    max_failures: int, keep_checkpoints: int | None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     require_train_v2()
@@ -93,7 +101,8 @@ def _torch_trainer(train_loop, *, loop_config: dict[str, Any], datasets: dict[st
                                      resources_per_worker=resources_per_worker or None),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             logging_config=LoggingConfig(log_level=ray_log_level())),
     )
 
 

@@ -355,3 +355,25 @@ def test_stale_build_locks_are_cleared(tmp_path, monkeypatch):
     assert sorted(clear_stale_extension_locks(out=said.append)) == sorted([str(old), str(built)])
     assert not old.parent.exists()  # the half-built op is rebuilt from scratch
     assert not built.exists() and (built.parent / "built.so").exists() and fresh.exists() and "stale" in said[0]
+
+
+def test_a_job_console_shows_its_own_lines_not_rays_info_logs(scp_sample_path, tmp_path):
+    """Ray's INFO lines (start-up, Ray Data's operator progress) are off by default, one variable away."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "pipelines.train", "--stage", "scp", "--data", str(scp_sample_path),
+            "--model", "base_model=b", "--steps", "2", "--dry-run"]
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("CLARA_RAY_LOG_LEVEL", "RAY_DATA_LOG_LEVEL")}
+    quiet = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert any(line.startswith("[scp] ") and "all valid; 2 steps" in line for line in lines)
+    assert not [line for line in lines if re.search(r"\sINFO\s", line)]
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**env, "CLARA_RAY_LOG_LEVEL": "info"})
+    assert loud.returncode == 0 and sum(bool(re.search(r"\sINFO\s", line))
+                                         for line in (loud.stdout + loud.stderr).splitlines()) > 5
