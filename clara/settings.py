@@ -381,6 +381,19 @@ def _merge_flags(cls: type, given: Mapping[str, Any], data: dict[str, Any], pref
         data[f.name] = value
 
 
+def settings_for_main(cls: type[T], args: argparse.Namespace, **kwargs: Any) -> T | None:
+    """:func:`from_args` for a command's ``main``: a bad setting exits with ``error: <field>: <problem>``;
+    with ``--print-config`` the settings are printed and ``None`` is returned (the command stops)."""
+    try:
+        s = from_args(cls, args, **kwargs)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if getattr(args, "print_config", False):
+        print_config(s)
+        return None
+    return s
+
+
 def print_config(obj: Any, file: Any = None) -> None:
     """Write ``obj``'s settings as YAML (what ``--config`` reads back)."""
     import yaml

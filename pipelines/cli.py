@@ -286,13 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return module.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     if args.command == "quickstart":
-        try:
-            s = settings.from_args(QuickstartSettings, args)
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
-        if args.print_config:
-            settings.print_config(s)
-        else:
+        s = settings.settings_for_main(QuickstartSettings, args)
+        if s is not None:
             run_quickstart(s)
     elif args.command == "decode":
         _decode(args)

@@ -340,14 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        s = settings.from_args(DemoSettings, a)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    if a.print_config:
-        settings.print_config(s)
-        return 0
-    run_demo(s)
+    s = settings.settings_for_main(DemoSettings, a)
+    if s is not None:
+        run_demo(s)
     return 0
 
 

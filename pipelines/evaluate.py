@@ -143,14 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        s = settings.from_args(EvaluateJobSettings, a, required=REQUIRED)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    if a.print_config:
-        settings.print_config(s)
-        return 0
-    run_evaluate(s)
+    s = settings.settings_for_main(EvaluateJobSettings, a, required=REQUIRED)
+    if s is not None:
+        run_evaluate(s)
     return 0
 
 

@@ -759,12 +759,8 @@ REQUIRED = ("corpus", "out")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        s = settings.from_args(SynthSettings, args, required=REQUIRED)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.print_config:
-        settings.print_config(s)
+    s = settings.settings_for_main(SynthSettings, args, required=REQUIRED)
+    if s is None:
         return 0
     try:
         summary = run_synth(s)
