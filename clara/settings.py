@@ -156,17 +156,25 @@ def _unknown(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[str]:
     return bad
 
 
-def load(cls: type[T], data: Mapping[str, Any] | None = None, *, source: str | None = None, **values: Any) -> T:
-    """``cls`` built from ``data`` (and ``values`` on top), every field checked.
+@cache
+def _adapter(cls: type) -> Any:
+    """pydantic's validator of ``cls``, built once per class (a model load reads its config through it)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
+
+
+def load(cls: type[T], data: Mapping[str, Any] | None = None, *, source: str | None = None) -> T:
+    """``cls`` built from ``data``, every field checked.
 
     Raises :class:`ConfigError` naming the field and ``source`` (the file the data came from).
     """
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
     where = f"{source}: " if source else ""
-    data = {**(data or {}), **values}
-    if not isinstance(data, Mapping):
+    if not isinstance(data, Mapping | None):
         raise ConfigError(f"{where}expected a mapping of field: value, got {type(data).__name__}")
+    data = dict(data or {})
     bad = _unknown(cls, data)
     if bad:
         known = ", ".join(f.name for f in dataclasses.fields(cls) if f.init)
@@ -177,7 +185,7 @@ def load(cls: type[T], data: Mapping[str, Any] | None = None, *, source: str | N
         if isinstance(value, (str, Path)) and typing.get_origin(tp) in (list, tuple, Sequence):
             data[name] = [str(value)]
     try:
-        return TypeAdapter(cls).validate_python(dict(data))
+        return _adapter(cls).validate_python(data)
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -265,17 +273,14 @@ def _flag_kwargs(tp: Any) -> dict[str, Any] | None:
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *,
               exclude: Sequence[str] = (), only: Sequence[str] | None = None,
-              defaults: Mapping[str, Any] | None = None, required: Sequence[str] = (),
-              _prefix: str = "") -> list[str]:
+              required: Sequence[str] = (), _prefix: str = "") -> list[str]:
     """One flag per field of ``cls`` (see the module's docstring); returns the fields that got one.
 
     A field holding nested settings with ``metadata={"flatten": True}`` contributes its own fields'
     flags, unprefixed (``eval: EvalSettings`` gives ``--top-k``, read back into ``eval.top_k``).
 
-    ``defaults``: the values to show in the help where the job's defaults differ from the class's
-    (the values themselves still come from :func:`from_args`). ``required``: fields the command
-    line must give (marked so in the help; checked by :func:`from_args`, since a ``--config`` file
-    may give them too).
+    ``required``: fields the command line must give (marked so in the help; checked by
+    :func:`from_args`, since a ``--config`` file may give them too).
     """
     docs = field_docs(cls)
     hints = _hints(cls)
@@ -292,9 +297,7 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         kwargs = _flag_kwargs(hints[f.name])
         if kwargs is None:
             continue
-        if defaults and f.name in defaults:
-            default = defaults[f.name]
-        elif f.default is not dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
@@ -342,6 +345,7 @@ def from_args(cls: type[T], args: argparse.Namespace | Mapping[str, Any], *, con
     if config:
         data.update(read_file(config))
     _merge_flags(cls, given, data, "")
+
     def value(name: str) -> Any:  # ``derive.stage``: a field of nested settings
         node: Any = data
         for part in name.split("."):

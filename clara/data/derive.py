@@ -16,7 +16,6 @@ Pure Python, in memory: fine for corpora of up to a few hundred thousand chunks.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -25,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clara.data.jsonl import write_jsonl
 from clara.data.records import Example, chunks_of
 from clara.training.stages import CLARA_STAGES, STAGES, get_stage
 
@@ -167,15 +167,6 @@ def derive_records(examples: Sequence[Example], settings: DeriveSettings,
     return records
 
 
-def _write_jsonl(records: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def run_derive(inputs: Sequence[str | Path], out: str | Path, settings: DeriveSettings, holdout: float = 0.0,
                holdout_out: str | Path | None = None, log=print) -> dict[str, int]:
     """Read stage-1 records, derive ``settings.stage`` records, write JSONL; returns counts.
@@ -195,11 +186,11 @@ def run_derive(inputs: Sequence[str | Path], out: str | Path, settings: DeriveSe
     all_chunks = chunks_of(qa)
     train, held = split_by_chunk(qa, holdout, settings.seed) if holdout else (qa, [])
     records = derive_records(train, settings)
-    _write_jsonl(records, Path(out))
+    write_jsonl(out, records)
     counts = {"questions": len(qa), "chunks": len(all_chunks), "records": len(records), "heldout_records": 0}
     if held:
         held_records = derive_records(held, settings, pool=all_chunks)
-        _write_jsonl(held_records, Path(holdout_out))
+        write_jsonl(holdout_out, held_records)
         counts["heldout_records"] = len(held_records)
     log(f"derive: {len(qa)} QA pairs over {len(all_chunks)} chunks -> {counts['records']} {settings.stage} records "
         f"({settings.candidates} candidates, {settings.hard_fraction:.0%} of distractors BM25-hard) in {out}"

@@ -1,4 +1,4 @@
-"""JSON Lines input, with errors that name file, line and field.
+"""JSON Lines input, with errors that name file, line and field; and atomic JSON Lines output.
 
 Shared by the corpus reader (:mod:`clara.data.corpus`) and the training-record reader (:mod:`clara.data.records`)
 so that both report a bad input file the same way. Without it a byte that is not UTF-8 surfaced as a
@@ -12,7 +12,8 @@ The callers pass their own error class: any ``error(where, field, message)`` exc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,18 @@ def parse_jsonl(lines: Iterable[str], name: str, error: ErrorFactory) -> Iterato
         yield where, obj
     if not records:
         raise error(f"{name}:1", "<file>", "holds no records (the file is empty or blank)")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` as JSON lines atomically: a temporary file beside ``path``, fsync'd, then renamed,
+    so the file is either whole or absent (a crash part-way leaves no half-written output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

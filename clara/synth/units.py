@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clara.data.jsonl import write_jsonl
 from clara.data.records import RecordError, parse_record
 from clara.synth.text import chunk_entities, content_tokens
 
@@ -172,16 +172,7 @@ def unit_path(out_dir: str | Path, key: str) -> Path:
 def write_unit_file(out_dir: str | Path, key: str, lines: Iterable[Mapping[str, Any]]) -> Path:
     """Write one unit's output (JSON lines, each with a ``type``) atomically: a temporary file, fsync'd,
     then renamed, so a unit file is either whole or absent."""
-    path = unit_path(out_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_jsonl(unit_path(out_dir, key), lines)
 
 
 def read_unit_file(out_dir: str | Path, key: str) -> Iterator[dict[str, Any]]:
