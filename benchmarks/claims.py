@@ -22,6 +22,14 @@ held-out chunks it reports:
     python benchmarks/claims.py --preset medium --out runs/claims-m # ~30 minutes
     python benchmarks/claims.py --preset quick --out runs/claims-q  # ~5 minutes: a smoke run
 
+On the real base (issue 13, G1/G2): ``--preset smollm2`` starts stage 1 from the shipped compressor
+``clara-smollm2-135m-r4`` (SmolLM2-135M-Instruct, rate 4, 64-token chunks; reconstruction-pretrained
+on public data) and holds out exactly the 48 chunks that compressor never saw (memory_probe's split,
+seed 0); the text-RAG baseline is SmolLM2 with a fresh LoRA generator trained for as many steps as
+stages 1 and 2 together::
+
+    python benchmarks/claims.py --preset smollm2 --out runs/claims-smollm2   # ~1 hour on 2 idle cores
+
 Writes ``results.json``, ``results.md`` and plots under ``--out`` and prints the tables.
 """
 
@@ -36,7 +44,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from memory_probe import probe_split
 
+from clara.checkpoint import read_manifest
 from clara.config import ClaraConfig, LoraSettings
 from clara.data.derive import DeriveSettings, derive_records, split_by_chunk
 from clara.data.records import Example, chunks_of, parse_record, read_records, reconstruction_example
@@ -53,6 +63,11 @@ PRESETS = {
                    eval_questions=200, hidden=128, layers=2),
     "full": dict(test_chunks=100, train_chunks=800, steps1=1600, steps2=400, steps3=300, steps_text=1600,
                  eval_questions=300, hidden=128, layers=2),
+    # SmolLM2 from the shipped compressor: few, dearer steps (a stage-1 step of 8 is ~7 s in bf16 here).
+    "smollm2": dict(test_chunks=48, train_chunks=800, steps1=60, steps2=40, steps3=24, steps_text=100,
+                    eval_questions=96, batch_size=8, lr=1e-3, lr3=2.5e-4, negatives=0.25,
+                    reconstruction_warmup=0.0, init="clara-smollm2-135m-r4", base_model="smollm2-135m",
+                    answerable_in_window=True),
 }
 
 
@@ -76,6 +91,19 @@ class ClaimsSettings:
     lr3: float = 5e-4
     candidates: int = 20
     seed: int = 0
+    #: Stage 1: fraction of steps that are reconstruction only (the tiny model's curriculum).
+    reconstruction_warmup: float = 0.5
+    #: Stages 1-2: fraction of QA examples made wrong-memory negatives.
+    negatives: float = 0.0
+    #: Start from this compressor (a model directory or packaged name) instead of fresh adapters; the
+    #: held-out chunks are then the ones it never saw (memory_probe's split).
+    init: str | None = None
+    #: A real pretrained base (name or directory) instead of a tiny model from random weights.
+    base_model: str | None = None
+    #: Keep only questions whose answer's words are (at least 80%) in the first ``doc_max_tokens``
+    #: tokens of their chunk: the window both the compressor and the text reader see. The sample's
+    #: chunks run to ~160 tokens (median), so at 64 tokens most answers lie outside the window.
+    answerable_in_window: bool = False
 
 
 def log(msg: str) -> None:
@@ -90,24 +118,70 @@ def progress(stage: str, total: int):
     return show
 
 
+def in_window(examples: list[Example], s: ClaimsSettings, min_recall: float = 0.8) -> list[Example]:
+    """The examples whose answer's normalised words are mostly inside their chunk's reading window."""
+    from transformers import AutoTokenizer
+
+    from clara.bases import resolve_base
+    from clara.eval.metrics import normalize_answer
+
+    tok = AutoTokenizer.from_pretrained(resolve_base(s.base_model))
+    window: dict[str, set[str]] = {}
+    keep = []
+    for ex in examples:
+        c = ex.chunks[0]
+        if c not in window:
+            ids = tok(c, add_special_tokens=False)["input_ids"][:s.doc_max_tokens]
+            window[c] = set(normalize_answer(tok.decode(ids)).split())
+        words = normalize_answer(ex.answer).split()
+        if words and sum(w in window[c] for w in words) >= min_recall * len(words):
+            keep.append(ex)
+    return keep
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/scp_sample.jsonl")
     p.add_argument("--out", type=Path, default=Path("runs/claims"))
-    p.add_argument("--rates", default="4,16")
+    p.add_argument("--rates", help="compression rates, comma-separated (default 4,16; with an --init model, "
+                                   "its rate)")
     p.add_argument("--base-model", help="a real pretrained causal LM (name or directory): frozen, LoRA adapters "
                                         "only (r=16, as in the paper), instead of a tiny model from random weights")
+    p.add_argument("--init", help="start stage 1 from this compressor (model directory or packaged name)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    s = ClaimsSettings(data=a.data, out=a.out, rates=tuple(int(r) for r in a.rates.split(",")), **PRESETS[a.preset])
+    preset = {**PRESETS[a.preset], **{k: v for k, v in (("init", a.init), ("base_model", a.base_model)) if v}}
+    s = ClaimsSettings(data=a.data, out=a.out, **preset)
+    init_cfg = read_manifest(s.init)["config"] if s.init else None
+    if init_cfg:
+        if s.base_model and s.base_model != init_cfg["base_model"]:
+            p.error(f"--init {s.init} was trained on {init_cfg['base_model']!r}, not --base-model {s.base_model!r}")
+        s.base_model, s.doc_max_tokens = init_cfg["base_model"], init_cfg["doc_max_tokens"]
+        s.rates = (init_cfg["compression_rate"],)
+    if a.rates:
+        s.rates = tuple(int(r) for r in a.rates.split(","))
+        if init_cfg and s.rates != (init_cfg["compression_rate"],):
+            p.error(f"--init {s.init} is a rate-{init_cfg['compression_rate']} compressor; another rate needs its "
+                    "own compressor (benchmarks/memory_probe.py --rate N --save DIR, then --init DIR)")
     s.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records = read_records(s.data, "scp")
-    train_qa, test_qa = split_by_chunk(records, s.test_chunks, s.seed, max_train_chunks=s.train_chunks)
+    if s.init:  # hold out the chunks the compressor never saw
+        held, kept = probe_split(records, s.test_chunks, s.train_chunks, s.seed)
+        held, kept = set(held), set(kept)
+        train_qa = [ex for ex in records if ex.chunks[0] in kept]
+        test_qa = [ex for ex in records if ex.chunks[0] in held]
+    else:
+        train_qa, test_qa = split_by_chunk(records, s.test_chunks, s.seed, max_train_chunks=s.train_chunks)
+    if s.answerable_in_window:
+        n_train, n_test = len(train_qa), len(test_qa)
+        train_qa, test_qa = in_window(train_qa, s), in_window(test_qa, s)
+        log(f"questions answerable in the {s.doc_max_tokens}-token window: {len(train_qa)}/{n_train} train, "
+            f"{len(test_qa)}/{n_test} held out")
     train_chunks, test_chunks = chunks_of(train_qa), chunks_of(test_qa)
     log(f"split by chunk: {len(train_chunks)} train chunks ({len(train_qa)} QA), "
         f"{len(test_chunks)} held-out chunks ({len(test_qa)} QA)")
@@ -126,29 +200,35 @@ def main(argv=None) -> int:
         for ex in e2e_test))
 
     tok_texts = train_chunks + [ex.question for ex in train_qa] + [ex.answer for ex in train_qa]
-    base = Path(a.base_model) if a.base_model else build_tiny_model(s.out / "base", tok_texts,
+    base = s.base_model if s.base_model else build_tiny_model(s.out / "base", tok_texts,
                             TinyModelSpec(vocab_size=4096, hidden_size=s.hidden, num_layers=s.layers,
                                           num_heads=4, num_kv_heads=4))
     evs = EvalSettings(top_k=5, recall_ks=(1, 3, 5), max_new_tokens=24, batch_size=16)
     reports, retrieval = {}, {}
 
     def config(rate):
-        if a.base_model:  # the paper's layout: a frozen pretrained base, LoRA adapters
-            return ClaraConfig(base_model=a.base_model, compression_rate=rate, doc_max_tokens=s.doc_max_tokens,
-                               lora=LoraSettings(r=16, alpha=32, dropout=0.1), train_base=False, top_k=5,
-                               device=a.device)
+        if s.base_model:  # the paper's layout: a frozen pretrained base, LoRA adapters
+            lora = (LoraSettings(**init_cfg["lora"]) if init_cfg
+                    else LoraSettings(r=16, alpha=32, dropout=0.1))
+            return ClaraConfig(base_model=s.base_model, compression_rate=rate, doc_max_tokens=s.doc_max_tokens,
+                               lora=lora, train_base=False, top_k=5, device=a.device)
         return ClaraConfig(base_model=str(base.resolve()), compression_rate=rate, doc_max_tokens=s.doc_max_tokens,
                            lora=LoraSettings(r=8, alpha=16, dropout=0.0), train_base=True, top_k=5, device=a.device)
 
     recon = [reconstruction_example(c) for c in train_chunks]
     for rate in s.rates:
         log(f"rate {rate}: n_mem {s.doc_max_tokens // rate}")
-        model = ClaraModel.from_base(config(rate), seed=s.seed)
+        if s.init:
+            model = ClaraModel.from_pretrained(s.init, device=None if a.device == "auto" else a.device)
+            model.config.top_k = 5
+        else:
+            model = ClaraModel.from_base(config(rate), seed=s.seed)
         st = TrainSettings(steps=s.steps1, batch_size=s.batch_size, lr=s.lr, warmup_ratio=0.05,
-                           reconstruction_warmup=0.5, log_every=max(1, s.steps1 // 10), seed=s.seed)
+                           reconstruction_warmup=s.reconstruction_warmup, wrong_memory_negatives=s.negatives,
+                           log_every=max(1, s.steps1 // 10), seed=s.seed)
         train(model, "scp", train_qa + recon, st, progress=progress("stage1", s.steps1))
         st = TrainSettings(steps=s.steps2, batch_size=max(4, s.batch_size // 4), lr=s.lr / 2, warmup_ratio=0.05,
-                           log_every=max(1, s.steps2 // 5), seed=s.seed)
+                           wrong_memory_negatives=s.negatives, log_every=max(1, s.steps2 // 5), seed=s.seed)
         train(model, "instruct", instruct, st, progress=progress("stage2", s.steps2))
         model.copy_adapter("compressor", "query_reasoner")
         stage2_rows = evaluate_examples(model, e2e_test, EvalSettings(modes=(), recall_ks=(1, 3, 5)))

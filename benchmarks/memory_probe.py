@@ -22,6 +22,15 @@ import time
 from pathlib import Path
 
 
+def probe_split(records, held_out: int, train_chunks: int, seed: int) -> tuple[list[str], list[str]]:
+    """(held-out chunks, training chunks) as the probe draws them: the sample's distinct chunks, sorted,
+    shuffled with ``seed``. The shipped compressor was trained on the training side of seed 0 (48
+    held out), so ``benchmarks/claims.py --init`` holds out the same chunks."""
+    chunks = sorted({ex.chunks[0] for ex in records})
+    random.Random(seed).shuffle(chunks)
+    return chunks[:held_out], chunks[held_out:held_out + train_chunks]
+
+
 def truncate(tok, text: str, n: int) -> str:
     ids = tok(text, add_special_tokens=False)["input_ids"][:n]
     return tok.decode(ids, skip_special_tokens=True)
@@ -107,9 +116,8 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(a.seed)
     records = read_records(a.data, "scp")
-    chunks = sorted({ex.chunks[0] for ex in records})
-    random.Random(a.seed if a.split_seed is None else a.split_seed).shuffle(chunks)
-    held, train_chunks = chunks[:a.held_out], chunks[a.held_out:a.held_out + a.train_chunks]
+    split_seed = a.seed if a.split_seed is None else a.split_seed
+    held, train_chunks = probe_split(records, a.held_out, a.train_chunks, split_seed)
     held_set, train_set = set(held), set(train_chunks)
     qa_held = [ex for ex in records if ex.kind == "qa" and ex.chunks[0] in held_set]
     qa_held = [next(ex for ex in qa_held if ex.chunks[0] == c) for c in held]  # one question per chunk
