@@ -145,8 +145,7 @@ def main(argv=None) -> dict:
     from clara.data.records import read_records
     from clara.model import ClaraModel
     from pipelines.index import IndexSettings, run_index
-    from serve.app import build_app
-    from serve.config import ServeSettings
+    from serve.app import application
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     t0 = time.perf_counter()
@@ -160,22 +159,24 @@ def main(argv=None) -> dict:
     records = read_records(args.corpus, "scp") if args.format == "scp" else []
     questions = list(dict.fromkeys(r.question for r in records))[: args.questions] or \
         [f"What does document {i} say?" for i in range(args.questions)]
-    fixed = {"min_replicas": 1, "max_replicas": 1}
-    settings = ServeSettings(
-        model=str(model_dir), index_uri=str(work / "index"), engine=args.engine, max_top_k=max(args.top_k, 5),
-        candidates=max(50, args.top_k), request_timeout_s=600, max_new_tokens=args.max_new_tokens,
-        vllm={"max_model_len": 2048, "kv_cache_memory_bytes": 512 * 2**20},
-        ingress={"num_cpus": 0.1, "autoscaling": fixed, "max_ongoing_requests": 256},
-        retriever={"num_cpus": 0.5, "autoscaling": fixed, "max_ongoing_requests": 64},
-        generator={"num_cpus": args.generator_cpus, "autoscaling": fixed, "max_ongoing_requests": 64,
-                   "torch_threads": max(1, int(args.generator_cpus))},
+    app = application(
+        {"model": str(model_dir), "index_uri": str(work / "index"), "engine": args.engine,
+         "vllm": {"max_model_len": 2048, "kv_cache_memory_bytes": 512 * 2**20}},
+        {"Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256,
+                     "user_config": {"max_top_k": max(args.top_k, 5), "request_timeout_s": 600}},
+         "Retriever": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64,
+                       "user_config": {"candidates": max(50, args.top_k)}},
+         "Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": args.generator_cpus},
+                       "max_ongoing_requests": 64,
+                       "user_config": {"max_new_tokens": args.max_new_tokens,
+                                       "torch_threads": max(1, int(args.generator_cpus))}}},
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(settings), name="clara-bench", route_prefix="/")
+        serve.run(app, name="clara-bench", route_prefix="/")
         local = ClaraModel.from_pretrained(model_dir)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
             for mode in ("memory", "text"):  # warm-up: first batches, lazy imports

@@ -285,15 +285,14 @@ def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
     # 7. serve, and ask over HTTP ------------------------------------------------------------
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import ServeSettings
+    from serve.app import application
 
     port = s.port or _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     answers = []
     try:
-        serve.run(build_app(ServeSettings(model=str(model_dir), index_uri=str(index_uri), default_top_k=3)),
-                  name="clara", route_prefix="/")
+        serve.run(application({"model": str(model_dir), "index_uri": str(index_uri)},
+                              {"Ingress": {"user_config": {"default_top_k": 3}}}), name="clara", route_prefix="/")
         held = [obj for _, obj in iter_jsonl(data / "heldout_e2e.jsonl")][: s.questions]
         for rec in held:
             mem = _post(f"http://127.0.0.1:{port}/v1/answer", {"question": rec["question"], "top_k": 3})

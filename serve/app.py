@@ -1,10 +1,12 @@
 """The CLaRa Ray Serve application: an HTTP ingress, a retriever and a generator, passing latent tensors.
 
-    clara serve --model runs/model --index-uri ./index            # == python -m serve.app ...
-    serve run serve/config.yaml                                     # the same app from the config file
+    serve run serve/config.yaml                                     # local Ray, from the config file
     serve deploy serve/config.yaml                                  # onto a running Ray cluster
+    serve run serve.app:build_app model=runs/model index_uri=./index  # args only, default deployments
+    clara serve --model runs/model --index-uri ./index              # the config file, args overridden
 
-Three deployments, each with its own resources and autoscaling (see :mod:`serve.config`):
+Three deployments, each with its own resources and autoscaling (Serve's ``deployments:`` options)
+and its own live settings (``user_config``, applied by ``reconfigure``; see :mod:`serve.config`):
 
 * ``Ingress`` (FastAPI): validates requests against the configured limits and composes the other two
   through deployment handles. The OpenAPI page is ``/docs``.
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -67,7 +70,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.config import Mode, ServeSettings, read_config_file
+from clara.settings import load
+from serve.config import (
+    AppArgs,
+    IngressConfig,
+    IngressSettings,
+    Mode,
+    RetrieverConfig,
+    check_deployments,
+    read_config_file,
+    redacted,
+    user_config,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -205,7 +219,7 @@ class Tokens:
     admin_env: str | None = None
 
     @classmethod
-    def from_env(cls, settings: ServeSettings) -> Tokens:
+    def from_env(cls, settings: IngressSettings) -> Tokens:
         def read(name: str | None) -> str | None:
             return (os.environ.get(name) or None) if name else None
 
@@ -218,20 +232,22 @@ def _matches(given: str | None, token: str | None) -> bool:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the app sees it. A declared
-    Content-Length is checked up front; a body without one (chunked) is read here, up to the limit, and
-    handed on whole (the limit is small: request bodies are questions)."""
+    """ASGI middleware: a request body over ``limit()`` bytes gets a 413 before the app sees it (read per
+    request: the ingress's ``user_config`` may change it live). A declared Content-Length is checked up
+    front; a body without one (chunked) is read here, up to the limit, and handed on whole (the limit is
+    small: request bodies are questions)."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: Callable[[], int]) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit()
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
-            if declared.isdigit() and int(declared) > self.limit:
-                return await self._refuse(send)
+            if declared.isdigit() and int(declared) > limit:
+                return await self._refuse(send, limit)
             return await self.app(scope, receive, send)  # the HTTP server holds the body to its length
         parts, size, more = [], 0, True
         while more:
@@ -240,8 +256,8 @@ class BodyLimit:
                 return
             parts.append(message.get("body", b""))
             size += len(parts[-1])
-            if size > self.limit:
-                return await self._refuse(send)
+            if size > limit:
+                return await self._refuse(send, limit)
             more = message.get("more_body", False)
         replayed = False
 
@@ -254,23 +270,25 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"detail": f"the request body is larger than {self.limit} bytes"}).encode()
+    async def _refuse(self, send, limit: int) -> None:
+        body = json.dumps({"detail": f"the request body is larger than {limit} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
 
-def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = None,
-               observe: Observer | None = None) -> FastAPI:
+def create_api(backend: Any, limits: IngressConfig | None = None, settings: IngressSettings | None = None,
+               tokens: Tokens | None = None, observe: Observer | None = None) -> FastAPI:
     """The FastAPI app over ``backend``, an object with the async methods ``retrieve(question, k,
     with_memory)``, ``generate(question, background)``, ``memory_of(chunk_id)``, ``compress(text)``,
     ``decode(memory, max_new_tokens)``, ``reload()`` and ``ready()`` (the ingress deployment; tests
-    pass a fake). Validation against ``settings``' limits and authentication (``tokens``; default: none,
-    every route but the admin ones open) happen here, before the backend is called. ``observe`` is told
-    about every finished request (route, mode, status, seconds); error bodies carry the request id.
+    pass a fake). Validation against ``limits`` (read on every request: the ingress's ``reconfigure``
+    changes them in place) and authentication (``tokens``; default: none, every route but the admin
+    ones open) happen here, before the backend is called. ``observe`` is told about every finished
+    request (route, mode, status, seconds); error bodies carry the request id.
     """
-    s = settings
+    s = limits if limits is not None else IngressConfig()
+    fixed = settings if settings is not None else IngressSettings()
     tokens = tokens or Tokens()
     bearer = HTTPBearer(auto_error=False, description="CLARA_API_TOKEN (or the admin token) as a bearer token")
 
@@ -287,17 +305,17 @@ def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = No
         if not _matches(creds.credentials if creds is not None else None, tokens.admin):
             raise HTTPException(401, "this route needs the admin bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    docs = {} if s.docs else {"docs_url": None, "openapi_url": None}
+    docs = {} if fixed.docs else {"docs_url": None, "openapi_url": None}
     api = FastAPI(
         redoc_url=None,
         **docs,
         title="CLaRa on Ray",
         version="1",
         description="Compressed-latent RAG: the retriever sends the top-k chunks' memory tokens to the "
-                    f"generator as tensors. Limits: question <= {s.max_question_chars} characters, "
-                    f"1 <= top_k <= {s.max_top_k}, body <= {s.max_body_bytes} bytes.",
+                    "generator as tensors. Limits (the ingress's user_config; 422 / 413 when exceeded): "
+                    "question length, top_k, body size.",
     )
-    api.add_middleware(BodyLimit, limit=s.max_body_bytes)
+    api.add_middleware(BodyLimit, limit=lambda: s.max_body_bytes)
 
     @api.middleware("http")
     async def _observe(request: Request, call_next):
@@ -369,9 +387,9 @@ def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = No
     async def answer(req: AnswerRequest, request: Request) -> AnswerResponse:
         t0 = time.perf_counter()
         question, k = question_of(req.question), top_k_of(req.top_k)
-        if req.mode is not None and req.mode != s.mode and not s.allow_mode_override:
-            raise HTTPException(422, f"mode is fixed to {s.mode!r} by the server configuration")
-        mode = req.mode or s.mode
+        if req.mode is not None and req.mode != fixed.mode and not fixed.allow_mode_override:
+            raise HTTPException(422, f"mode is fixed to {fixed.mode!r} by the server configuration")
+        mode = req.mode or fixed.mode
         request.state.mode = mode
 
         async def run():
@@ -420,7 +438,7 @@ def create_api(backend: Any, settings: ServeSettings, tokens: Tokens | None = No
                     raise NotFound(f"chunk {_short(req.chunk_id)!r} is not in the index")
             else:
                 memory = await backend.compress(req.text)
-            return memory, await backend.decode(memory, req.max_new_tokens or s.decode_max_new_tokens)
+            return memory, await backend.decode(memory, req.max_new_tokens)
 
         memory, decoded = await within_limit(run())
         return DecodeResponse(chunk_id=req.chunk_id, decoded=decoded, n_mem=int(memory.shape[-2]),
@@ -498,27 +516,48 @@ class EngineHealth:
                                f"({type(self.last).__name__}: {str(self.last)[:200]})")
 
 
-def _set_threads(n: int) -> None:
+def _set_threads(n: int | None) -> None:
+    """torch threads of this replica: ``n``, or the CPUs Ray reserved for it (at least 1)."""
+    import ray
     import torch
 
+    if n is None:
+        n = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     torch.set_num_threads(n)
 
 
-@serve.deployment(name="Retriever")
-class RetrieverDeployment:
-    """Query reasoner + LanceDB index (:class:`clara.index.retrieve.Retriever`), batched."""
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        return ""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+
+@serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32)
+class RetrieverDeployment:
+    """Query reasoner + LanceDB index (:class:`clara.index.retrieve.Retriever`), batched.
+
+    Built from its part of the app's args; tuned live by its ``user_config`` (:class:`RetrieverConfig`).
+    """
+
+    def __init__(self, model: str, index_uri: str, table: str = "chunks",
+                 storage_options: dict[str, str] | None = None, device: str | None = None) -> None:
         from clara.index.retrieve import Retriever
 
-        self.settings = ServeSettings.model_validate(settings)
-        s = self.settings
-        _set_threads(s.retriever.threads())
-        self.retriever = Retriever.open(s.model, s.index_uri, s.table, device=s.device,
-                                        storage_options=s.storage_options or None, candidates=s.candidates,
-                                        refresh_interval_s=s.index_refresh_s)
-        self.retrieve.set_max_batch_size(s.retriever.max_batch_size)
-        self.retrieve.set_batch_wait_timeout_s(s.retriever.batch_wait_timeout_s)
+        self.config = RetrieverConfig()
+        self.retriever = Retriever.open(model, index_uri, table, device=device,
+                                        storage_options=storage_options or None, candidates=self.config.candidates,
+                                        refresh_interval_s=self.config.index_refresh_s)
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's ``user_config`` (at start and on every change)."""
+        c = self.config = user_config("Retriever", config)
+        self.retrieve.set_max_batch_size(c.max_batch_size)
+        self.retrieve.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        self.retriever.candidates = c.candidates
+        self.retriever.refresh_interval_s = c.index_refresh_s
+        _set_threads(c.torch_threads)
 
     def _retrieve(self, questions: list[str], ks: list[int], with_memory: list[bool]) -> list:
         return self.retriever.retrieve(questions, ks, None, with_memory)
@@ -542,9 +581,12 @@ class RetrieverDeployment:
         return await asyncio.to_thread(self.retriever.refresh, force)
 
     async def ready(self) -> dict[str, Any]:
-        """The index as served (see :meth:`Retriever.health`); its location is not disclosed."""
+        """The index as served (see :meth:`Retriever.health`; its location is not disclosed), and the
+        replica's live settings."""
         info = await asyncio.to_thread(self.retriever.health)
-        return {k: v for k, v in info.items() if k != "index_uri"}
+        info = {k: v for k, v in info.items() if k != "index_uri"}
+        return {**info, "replica": _replica_id(), "max_batch_size": self.config.max_batch_size,
+                "candidates": self.retriever.candidates}
 
     def check_health(self) -> None:
         # Serve replaces a replica whose check fails: an index that cannot be read, was rebuilt by
@@ -552,34 +594,42 @@ class RetrieverDeployment:
         self.retriever.health()
 
 
-@serve.deployment(name="Generator")
+@serve.deployment(name="Generator", ray_actor_options={"num_cpus": 1.0}, max_ongoing_requests=32)
 class GeneratorDeployment:
-    """Question + background (memory tensor or chunk texts) -> answer, batched; transformers or vLLM."""
+    """Question + background (memory tensor or chunk texts) -> answer, batched; transformers or vLLM.
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    Built from its part of the app's args; tuned live by its ``user_config`` (:class:`GeneratorConfig`).
+    """
+
+    def __init__(self, model: str, device: str | None = None, engine: str = "hf",
+                 vllm: dict[str, Any] | None = None) -> None:
         from clara.model import ClaraModel
 
-        self.settings = ServeSettings.model_validate(settings)
-        s = self.settings
-        _set_threads(s.generator.threads())
-        self.model = ClaraModel.from_pretrained(s.model, device=s.device)
-        if s.engine == "vllm":
+        self.engine_name = engine
+        self.model = ClaraModel.from_pretrained(model, device=device)
+        if engine == "vllm":
             from clara.vllm_engine import VllmGenerator
 
-            self.engine = VllmGenerator(self.model, **s.vllm)
+            self.engine = VllmGenerator(self.model, **(vllm or {}))
         else:
             self.engine = self.model
         self._lock = threading.Lock()  # one model call at a time: adapters are switched in place
         self.health = EngineHealth()
-        self.generate.set_max_batch_size(s.generator.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(s.generator.batch_wait_timeout_s)
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's ``user_config`` (at start and on every change)."""
+        c = self.config = user_config("Generator", config)
+        self.generate.set_max_batch_size(c.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        _set_threads(c.torch_threads)
 
     def _generate(self, questions: list[str], backgrounds: list) -> list[dict[str, Any]]:
         from clara.index.retrieve import generate_answers
 
         with self._lock:
             t0 = time.perf_counter()
-            answers = generate_answers(self.engine, questions, backgrounds, self.settings.max_new_tokens)
+            answers = generate_answers(self.engine, questions, backgrounds, self.config.max_new_tokens)
             seconds = time.perf_counter() - t0
         return [{"answer": a, "seconds": seconds, "batch_size": len(questions)} for a in answers]
 
@@ -591,7 +641,8 @@ class GeneratorDeployment:
 
     def _decode(self, memory, max_new_tokens: int | None) -> str:
         with self._lock:
-            return self.engine.decode_memory(memory.to(self.model.device), max_new_tokens=max_new_tokens)[0]
+            return self.engine.decode_memory(memory.to(self.model.device),
+                                             max_new_tokens=max_new_tokens or self.config.decode_max_new_tokens)[0]
 
     async def decode(self, memory, max_new_tokens: int | None = None) -> str:
         try:
@@ -604,8 +655,10 @@ class GeneratorDeployment:
 
     async def ready(self) -> dict[str, Any]:
         c = self.model.config
-        return {"engine": self.settings.engine, "n_mem": c.n_mem, "d": self.model.hidden_size,
-                "compression_rate": c.compression_rate, "device": str(self.model.device)}
+        return {"engine": self.engine_name, "n_mem": c.n_mem, "d": self.model.hidden_size,
+                "compression_rate": c.compression_rate, "device": str(self.model.device),
+                "replica": _replica_id(), "max_batch_size": self.config.max_batch_size,
+                "batch_wait_timeout_s": self.config.batch_wait_timeout_s}
 
     def check_health(self) -> None:
         """Serve calls this periodically: a replica whose engine keeps failing is replaced."""
@@ -681,24 +734,34 @@ def _index_unavailable(what: str, exc: BaseException) -> Unavailable | None:
     return None
 
 
-@serve.deployment(name="Ingress")
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
-    """HTTP ingress: validates, then composes Retriever -> Generator through deployment handles."""
+    """HTTP ingress: validates, then composes Retriever -> Generator through deployment handles.
 
-    def __init__(self, retriever, generator, settings: dict[str, Any]) -> None:
-        self.settings = ServeSettings.model_validate(settings)
+    Built from its part of the app's args (:class:`IngressSettings`); its request limits are its
+    ``user_config`` (:class:`IngressConfig`), changed in place so the running API sees them at once.
+    """
+
+    def __init__(self, retriever, generator, settings: dict[str, Any] | None = None) -> None:
+        self.settings = IngressSettings(**(settings or {}))
+        self.limits = IngressConfig()
         self.retriever = retriever
         self.generator = generator
         self._unavailable = _unavailable_types()
         self.metrics = ServeMetrics()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        new = user_config("Ingress", config)
+        for f in dataclasses.fields(IngressConfig):  # in place: create_api's handlers hold this object
+            setattr(self.limits, f.name, getattr(new, f.name))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         tokens = Tokens.from_env(self.settings)
         if tokens.api is None:
             logger.warning("$%s is not set: /v1/answer and /v1/retrieve are open to anyone who reaches the port",
                            self.settings.api_token_env)
-        return create_api(self, self.settings, tokens, observe=self.metrics.request)
+        return create_api(self, self.limits, self.settings, tokens, observe=self.metrics.request)
 
     async def _call(self, what: str, response):
         """Await a handle call; failures of the deployment's replica become :class:`Unavailable`."""
@@ -748,18 +811,29 @@ class Ingress:
         return {"retriever": retriever, "generator": generator}
 
 
-def build_app(config):
-    """The application for ``config`` (a :class:`ServeSettings` or its dict, e.g. a config file's
-    ``args``): ``serve.run(build_app(config))``. Relative model and index paths are made absolute here.
+def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
+    """The application for ``args`` (:class:`AppArgs` or its mapping): the ``import_path`` of
+    ``serve/config.yaml`` (``serve.app:build_app``) and of ``serve run serve.app:build_app model=...
+    index_uri=...``. Relative model and index paths are made absolute here. Deployment options and
+    ``user_config`` come from the config file's ``deployments:`` list, applied by Serve itself."""
+    return application(args)
 
-    It is also the ``import_path`` of ``serve/config.yaml`` (``serve.app:build_app``).
-    """
-    settings = config if isinstance(config, ServeSettings) else ServeSettings.model_validate(config)
-    settings = settings.resolved()
-    args = settings.model_dump(mode="json")
-    retriever = RetrieverDeployment.options(**settings.retriever.deployment_options()).bind(args)
-    generator = GeneratorDeployment.options(**settings.generator.deployment_options()).bind(args)
-    return Ingress.options(**settings.ingress.deployment_options()).bind(retriever, generator, args)
+
+def application(args: dict[str, Any] | AppArgs, deployments: dict[str, dict] | list[dict] | None = None
+                ) -> serve.Application:
+    """:func:`build_app` with ``deployments`` applied here (a config file's ``deployments:`` list, or
+    ``{name: options}``): what ``clara serve``, the demo, the tests and the benchmark call to get the
+    same app as ``serve run serve/config.yaml`` from Python."""
+    a = args if isinstance(args, AppArgs) else load(AppArgs, args, source="args")
+    a = a.resolved()
+    if isinstance(deployments, list):
+        deployments = check_deployments(deployments)
+    elif deployments:
+        deployments = check_deployments([{"name": k, **v} for k, v in deployments.items()])
+    options = deployments or {}
+    retriever = RetrieverDeployment.options(**options.get("Retriever", {})).bind(**a.retriever())
+    generator = GeneratorDeployment.options(**options.get("Generator", {})).bind(**a.generator())
+    return Ingress.options(**options.get("Ingress", {})).bind(retriever, generator, dataclasses.asdict(a.ingress()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -767,21 +841,21 @@ def build_app(config):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clara.settings import add_flags
+
     p = argparse.ArgumentParser(
         prog="clara serve",
-        description="Run the CLaRa Serve application (ingress, retriever and generator deployments) on a local "
-                    "Ray, or on the Ray at --address, until interrupted. Settings come from a Serve config file "
-                    "(its first application's args, or --app) and the flags below override them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the CLaRa Serve application of a Serve config file (default serve/config.yaml: its args, "
+                    "and its deployments' options and user_config, as `serve run` applies them) on a local Ray, or "
+                    "on the Ray at --address, until interrupted. The flags below override the file's args; "
+                    "--check validates everything (args, each deployment's options against Serve's schema, each "
+                    "user_config) and prints it with secrets masked. On a cluster, use `serve deploy` with the "
+                    "same file: a change of user_config only is applied to the running replicas.",
     )
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (YAML)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: the package's "
+                   "serve/config.yaml)")
     p.add_argument("--app", help="application in the config file (default: the first)")
-    p.add_argument("--model", help="CLaRa model directory")
-    p.add_argument("--index-uri", help="LanceDB database of the chunk index")
-    p.add_argument("--table", help="chunk table")
-    p.add_argument("--mode", choices=("memory", "text"), help="default generator background")
-    p.add_argument("--engine", choices=("hf", "vllm"), help="generator engine")
-    p.add_argument("--device", help="torch device of the replicas' model (cpu, cuda, mps)")
+    add_flags(p.add_argument_group("application args (override the file's)"), AppArgs)
     p.add_argument("--host", help="HTTP host (config file's http_options.host, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (config file's http_options.port, else 8000)")
     p.add_argument("--address", help="Ray address to connect to (default: start a local Ray)")
@@ -790,28 +864,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> tuple[ServeSettings, dict[str, Any]]:
-    """Settings (config file + flag overrides) and the serve options (name, route prefix, host, port)."""
-    values, options = read_config_file(args.config, args.app) if args.config else ({}, {})
-    for flag, key in (("model", "model"), ("index_uri", "index_uri"), ("table", "table"), ("mode", "mode"),
-                      ("engine", "engine"), ("device", "device")):
-        if getattr(args, flag) is not None:
-            values[key] = getattr(args, flag)
-    http = dict(options.get("http_options") or {})
-    serve_options = {"name": options.get("name", APP_NAME), "route_prefix": options.get("route_prefix", "/"),
-                     "host": args.host or http.get("host", "127.0.0.1"), "port": args.port or http.get("port", 8000)}
-    return ServeSettings.model_validate(values).resolved(), serve_options
+def settings_from_args(args: argparse.Namespace) -> tuple[AppArgs, dict[str, dict], dict[str, Any]]:
+    """(app args: the file's, then the flags given; deployments' options; serve options: name, route
+    prefix, host, port, proxy location)."""
+    from clara.settings import from_args
+
+    app = read_config_file(args.config, args.app)
+    a = from_args(AppArgs, args, config="", base=app.args, source=str(args.config)).resolved()
+    http = app.http_options
+    opts = {"name": app.name, "route_prefix": app.route_prefix, "host": args.host or http.get("host", "127.0.0.1"),
+            "port": args.port or http.get("port", 8000), "proxy_location": app.proxy_location or "HeadOnly"}
+    return a, app.deployments, opts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from clara.settings import ConfigError
+
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        settings, opts = settings_from_args(args)
-    except Exception as exc:  # a config error is the user's to fix: no traceback
+        app_args, deployments, opts = settings_from_args(args)
+    except (ConfigError, OSError) as exc:  # a config error is the user's to fix: no traceback
         print(f"clara serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        print(json.dumps({"settings": settings.redacted(), "serve": opts}, indent=2))
+        print(json.dumps({**redacted(app_args, deployments), "serve": opts}, indent=2))
         return 0
     import ray
 
@@ -820,8 +896,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.num_cpus is not None:
             init["num_cpus"] = args.num_cpus
         ray.init(**init)
-    serve.start(http_options={"host": opts["host"], "port": opts["port"]})
-    serve.run(build_app(settings), name=opts["name"], route_prefix=opts["route_prefix"], blocking=False)
+    serve.start(http_options={"host": opts["host"], "port": opts["port"]}, proxy_location=opts["proxy_location"])
+    serve.run(application(app_args, deployments), name=opts["name"], route_prefix=opts["route_prefix"],
+              blocking=False)
     prefix = opts["route_prefix"].rstrip("/")
     print(f"clara serve: http://{opts['host']}:{opts['port']}{prefix}/docs (Ctrl-C stops)", flush=True)
     stop = threading.Event()

