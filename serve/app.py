@@ -28,6 +28,7 @@ HTTP API:
 * ``POST /v1/decode`` ``{chunk_id | text, max_new_tokens?}`` -> ``{decoded, ...}``: a chunk's memory
   regenerated as text, to inspect a latent
 * ``POST /v1/reload``: pick up the newest index version now (on the retriever replica reached)
+* ``GET /inspect``: a page to look inside the latents (the chunks' memories decoded beside their text)
 * ``GET /healthz`` (the ingress is up), ``GET /readyz`` (the index opens, matches the model and has rows,
   and the generator answers; 503 if not)
 
@@ -48,7 +49,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hmac
+import importlib.resources
 import json
 import logging
 import os
@@ -64,7 +67,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -277,6 +280,12 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+@functools.cache
+def _page() -> str:
+    """The inspection page (``serve/inspect.html``, package data)."""
+    return importlib.resources.files("serve").joinpath("inspect.html").read_text(encoding="utf-8")
+
+
 def create_api(backend: Any, limits: IngressConfig | None = None, settings: IngressSettings | None = None,
                tokens: Tokens | None = None, observe: Observer | None = None) -> FastAPI:
     """The FastAPI app over ``backend``, an object with the async methods ``retrieve(question, k,
@@ -447,6 +456,14 @@ def create_api(backend: Any, limits: IngressConfig | None = None, settings: Ingr
     @api.post("/v1/reload", summary="Pick up the newest index version now (admin)", dependencies=[Depends(admin)])
     async def reload() -> dict[str, int]:
         return {"index_version": await within_limit(backend.reload())}
+
+    if fixed.page:
+        @api.get("/inspect", response_class=HTMLResponse, include_in_schema=False)
+        async def inspect_page() -> HTMLResponse:
+            # the page calls the API above with the token typed into it; it holds no data itself
+            return HTMLResponse(_page(), headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                                  "Content-Security-Policy": "default-src 'self'; script-src "
+                                                  "'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:"})
 
     @api.get("/healthz", summary="Liveness of the ingress")
     async def healthz() -> dict[str, str]:

@@ -87,6 +87,9 @@ class AppArgs:
     #: Serve /docs (Swagger UI; the page loads its script and style from the jsdelivr CDN) and
     #: /openapi.json.
     docs: bool = True
+    #: Serve the inspection page at /inspect (plain HTML from the package, no CDN): a question's
+    #: chunks with scores, each chunk's memory decoded beside its text, answers from memory and text.
+    page: bool = True
 
     def __post_init__(self) -> None:
         for name in ("model", "index_uri", "table"):
@@ -119,7 +122,7 @@ class AppArgs:
     def ingress(self) -> IngressSettings:
         return IngressSettings(mode=self.mode, allow_mode_override=self.allow_mode_override,
                                api_token_env=self.api_token_env, admin_token_env=self.admin_token_env,
-                               docs=self.docs)
+                               docs=self.docs, page=self.page)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class IngressSettings:
     api_token_env: str | None = "CLARA_API_TOKEN"
     admin_token_env: str | None = "CLARA_ADMIN_TOKEN"
     docs: bool = True
+    page: bool = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,6 +303,23 @@ def test_api_bearer_tokens_guard_the_routes():
         assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
 
 
+def test_inspection_page_is_served_from_the_package_without_a_cdn():
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_api
+
+    with TestClient(create_api(FakeBackend())) as client:
+        r = client.get("/inspect")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        html = r.text
+        assert '<form id="ask">' in html and 'fetch(path' in html and '"v1/decode"' in html
+        assert "http://" not in html and "https://" not in html  # nothing loaded from elsewhere
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        assert "/inspect" not in client.get("/openapi.json").json()["paths"]
+    with TestClient(create_api(FakeBackend(), None, IngressSettings(page=False))) as client:
+        assert client.get("/inspect").status_code == 404
+
+
 def test_settings_printed_with_secrets_redacted(capsys, tmp_path):
     import json
 
@@ -776,6 +793,69 @@ def test_a_user_config_change_is_applied_live_without_a_new_replica(served, mode
         assert max(batches) <= 3 and max(batches) > 1, batches
     finally:
         serve.delete("clara-live")
+
+
+def _chrome():
+    """Headless Chromium through Selenium (Debian's chromium and chromium-driver), or a skip saying why."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("no chromium / chromedriver on PATH (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1400", "--disable-extensions"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+@pytest.mark.ray
+def test_inspection_page_in_a_real_browser(served, local, scp_records, tmp_path):
+    """Headless Chromium loads /inspect from the running app, asks a question: the answers from memory
+    and from text, the retrieved chunks with scores and each chunk's memory decoded (the same text the
+    library decodes) appear; a screenshot is written."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from clara.index.store import ChunkStore
+
+    browser = _chrome()
+    try:
+        browser.get(f"http://127.0.0.1:{served.port}/inspect")
+        assert browser.title == "CLaRa inspector"
+        browser.find_element(By.ID, "token").send_keys("served-admin")
+        browser.find_element(By.ID, "question").send_keys(scp_records[0].question)
+        top_k = browser.find_element(By.ID, "top_k")
+        top_k.clear()
+        top_k.send_keys("3")
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 180).until(
+            lambda b: b.find_element(By.ID, "status").get_attribute("data-done") == "1")
+        status = browser.find_element(By.ID, "status").text
+        assert status.startswith("done in"), status
+        memory_answer = browser.find_element(By.ID, "answer-memory").text
+        assert memory_answer and browser.find_element(By.ID, "answer-text").text
+        assert "retrieve_ms" in browser.find_element(By.ID, "timings-memory").text
+        rows = browser.find_elements(By.CSS_SELECTOR, "tr.chunk-row")
+        assert len(rows) == 3
+        store = ChunkStore.open(served.table, None, create=False)
+        for row in rows:
+            _, score, chunk_id, text, decoded = (td.text for td in row.find_elements(By.TAG_NAME, "td"))
+            assert float(score) > -1.0 and text
+            want = local.decode_memory(torch.from_numpy(store.get_memory([chunk_id])))[0]
+            assert decoded.strip() == want.strip()
+        shot = tmp_path / "inspect.png"
+        assert browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+        print(f"screenshot: {shot}")
+    finally:
+        browser.quit()
 
 
 @pytest.mark.ray
