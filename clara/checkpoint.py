@@ -1,16 +1,28 @@
 """CLaRa model directories: save, load, and import Apple's released checkpoint layout.
 
-Layout of a directory written by :func:`save_model`::
+Layout of a directory written by :func:`save_model` (format 2), in the ecosystem's own formats::
 
-    clara.json                    {"format": 1, "config": {...}, "compressor_version": "...",
-                                   "base": "reference" | "included"}
-    adapters.safetensors          "<adapter>.<peft key>" -> LoRA tensor, for the three adapters
-    memory_embeddings.safetensors "memory_embeddings" -> [n_mem, d]
+    clara.json                    {"format": 2, "config": {...}, "compressor_version": "...",
+                                   "base": "reference" | "included", "adapters": [...]}
+    adapters/<name>/              one PEFT LoRA adapter per folder (compressor, generator,
+                                  query_reasoner): adapter_config.json + adapter_model.safetensors,
+                                  what ``PeftModel.from_pretrained(base, folder)`` loads
+    memory_embeddings.safetensors "memory_embeddings" [n_mem, d], and the memory normalisation
+                                  ("memory_center" [n_mem, d], "memory_scale" [1])
     tokenizer/                    the tokenizer (optional for a referenced base: then the base's)
-    base/                         only when the base weights were trained (config.train_base):
-                                  config.json + base.safetensors (the full base model)
+    base/                         only when the base weights were trained (config.train_base): the
+                                  base in Hugging Face's layout (config.json + model.safetensors),
+                                  what ``AutoModelForCausalLM.from_pretrained(folder)`` loads
 
-A frozen base is referenced by ``config.base_model`` (a hub name or a path), not copied.
+So the generator is usable without this package::
+
+    base = AutoModelForCausalLM.from_pretrained(<base_model, or the directory's base/>)
+    generator = PeftModel.from_pretrained(base, "<dir>/adapters/generator")
+    # then feed inputs_embeds with the memory vectors in place of the <MEM> tokens
+
+A frozen base is referenced by ``config.base_model`` (a hub name or a path), not copied. Format 1
+(all adapters in one ``adapters.safetensors`` under ``<adapter>.<peft key>``, the base as
+``base/base.safetensors`` with PEFT-wrapped key names) is still read.
 A compact export (:func:`save_model` with ``adapters=`` a subset, ``storage_dtype=torch.bfloat16``,
 ``tokenizer=False``; ``clara export``) keeps only what a later stage starts from; the manifest
 lists the adapters it holds and the others start fresh on load. Such a directory can be shipped
@@ -31,8 +43,11 @@ import torch
 from clara.bases import resolve_base, resolve_model_dir
 from clara.config import ADAPTERS, ClaraConfig, LoraSettings
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)
 MANIFEST = "clara.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class CheckpointError(ValueError):
@@ -46,7 +61,34 @@ def _lora_state(model, adapter: str) -> dict[str, torch.Tensor]:
 
 
 def _base_state(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.peft.state_dict().items() if "lora_" not in k}
+    """The base's weights under Hugging Face's own names (the LoRA wrappers' ``base_layer`` folded away),
+    each shared tensor once (tied embeddings: the input embedding's name is kept)."""
+    state, seen = {}, set()
+    for k, v in model.peft.base_model.model.state_dict().items():
+        if "lora_" in k:
+            continue
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        state[k.replace(".base_layer.", ".")] = v.detach().contiguous().cpu()
+    return state
+
+
+def _write_adapter(model, adapter: str, folder: Path, cast) -> None:
+    """One adapter as PEFT writes it: ``adapter_config.json`` (PEFT's own serialisation, the base named
+    as the config names it) and ``adapter_model.safetensors`` (PEFT's key names)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    cfg = model.peft.peft_config[adapter]
+    saved_name, saved_mode = cfg.base_model_name_or_path, cfg.inference_mode
+    try:
+        cfg.base_model_name_or_path, cfg.inference_mode = model.config.base_model, True
+        cfg.save_pretrained(str(folder))
+    finally:
+        cfg.base_model_name_or_path, cfg.inference_mode = saved_name, saved_mode
+    save_file({k: cast(v) for k, v in _lora_state(model, adapter).items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
 
 
 def save_model(model, path: str | Path, *, adapters: tuple[str, ...] | list[str] = ADAPTERS,
@@ -74,11 +116,8 @@ def save_model(model, path: str | Path, *, adapters: tuple[str, ...] | list[str]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        saved = {}
         for a in adapters:
-            for k, v in _lora_state(model, a).items():
-                saved[f"{a}.{k}"] = cast(v)
-        save_file(saved, str(tmp / "adapters.safetensors"))
+            _write_adapter(model, a, tmp / "adapters" / a, cast)
         save_file({"memory_embeddings": cast(model.memory_embeddings),
                    "memory_center": cast(model.memory_center),
                    "memory_scale": cast(model.memory_scale.reshape(1))},
@@ -87,15 +126,11 @@ def save_model(model, path: str | Path, *, adapters: tuple[str, ...] | list[str]
             model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if model.config.train_base:
             (tmp / "base").mkdir()
-            model.base_model.config.save_pretrained(str(tmp / "base"))
-            # Tied weights share storage: safetensors wants each tensor once.
-            state, seen = {}, set()
-            for k, v in _base_state(model).items():
-                if v.data_ptr() in seen:
-                    continue
-                seen.add(v.data_ptr())
-                state[k] = v.detach().contiguous().cpu()
-            save_file(state, str(tmp / "base" / "base.safetensors"))
+            lm = model.peft.base_model.model
+            lm.config.save_pretrained(str(tmp / "base"))
+            if getattr(lm, "generation_config", None) is not None:
+                lm.generation_config.save_pretrained(str(tmp / "base"))
+            save_file(_base_state(model), str(tmp / "base" / "model.safetensors"), metadata={"format": "pt"})
         manifest = {
             "format": FORMAT,
             "config": model.config.to_dict(),
@@ -128,8 +163,9 @@ def read_manifest(path: str | Path) -> dict:
             hint = " (it looks like Apple's CLaRa layout: use ClaraModel.from_apple)"
         raise CheckpointError(f"{path} is not a CLaRa model directory: {MANIFEST} is missing{hint}")
     manifest = json.loads(f.read_text())
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: unsupported format {manifest.get('format')!r} (this version reads {FORMAT})")
+    if manifest.get("format") not in READS:
+        raise CheckpointError(f"{f}: unsupported format {manifest.get('format')!r} (this version reads "
+                              f"{', '.join(map(str, READS))})")
     return manifest
 
 
@@ -153,23 +189,34 @@ def load_model(model_cls, path: str | Path, device: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(resolve_base(config.base_model))
     else:
         raise CheckpointError(f"{path}: tokenizer/ is missing")
-    if manifest["base"] == "included":
+    old = manifest["format"] == 1
+    if manifest["base"] == "included" and not old:  # Hugging Face's layout: transformers reads it
+        lm = AutoModelForCausalLM.from_pretrained(str(path / "base"), dtype=dtype)
+    elif manifest["base"] == "included":
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path / "base")), dtype=dtype)
     else:
         lm = AutoModelForCausalLM.from_pretrained(resolve_base(config.base_model), dtype=dtype)
     model = model_cls(lm, tokenizer, config)
-    if manifest["base"] == "included":
+    if manifest["base"] == "included" and old:
         state = load_file(str(path / "base" / "base.safetensors"))
         missing, unexpected = model.peft.load_state_dict(state, strict=False)
         missing = [k for k in missing if "lora_" not in k and not _is_tied(model, k)]
         if missing or unexpected:
             raise CheckpointError(f"{path}/base: base weights do not match the model "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    adapters = load_file(str(path / "adapters.safetensors"))
     # Older directories hold all three adapters; a compact export lists its own (the rest start fresh).
-    for a in manifest.get("adapters", ADAPTERS):
-        prefix = f"{a}."
-        _load_adapter(model, a, {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}, path)
+    if old:
+        adapters = load_file(str(path / "adapters.safetensors"))
+        for a in manifest.get("adapters", ADAPTERS):
+            prefix = f"{a}."
+            _load_adapter(model, a, {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)},
+                          path)
+    else:
+        for a in manifest["adapters"]:
+            f = path / "adapters" / a / ADAPTER_WEIGHTS
+            if not f.is_file():
+                raise CheckpointError(f"{path}: adapter {a!r} is listed in {MANIFEST} but {f} is missing")
+            _load_adapter(model, a, load_file(str(f)), f)
     mem_state = load_file(str(path / "memory_embeddings.safetensors"))
     mem = mem_state["memory_embeddings"]
     if mem.shape != model.memory_embeddings.shape:

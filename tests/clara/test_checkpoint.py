@@ -39,6 +39,62 @@ def test_save_then_load_gives_identical_outputs(make_model, tmp_path, chunk, tra
         question, memory.unsqueeze(1), max_new_tokens=8)
 
 
+@pytest.mark.parametrize("train_base", [False, True])
+def test_the_directory_loads_with_plain_transformers_and_peft(make_model, tiny_base, tmp_path, train_base):
+    """Each adapter folder is PEFT's, the base (when trained) Hugging Face's: loaded without this
+    package, the generator and the compressor give the same logits as ClaraModel's on the same input
+    embeddings."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(train_base=train_base)
+    _randomise_adapters(model)
+    if train_base:
+        with torch.no_grad():
+            model.input_embeddings.weight.add_(0.01)
+            next(p for n, p in model.peft.named_parameters() if "mlp" in n and "lora_" not in n).mul_(1.1)
+    path = model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (path / "adapters").iterdir()) == ["compressor", "generator", "query_reasoner"]
+    cfg = json.loads((path / "adapters" / "generator" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == model.config.lora.r
+    lm = AutoModelForCausalLM.from_pretrained(path / "base" if train_base else tiny_base, dtype=torch.float32)
+    plain = PeftModel.from_pretrained(lm, path / "adapters" / "generator", adapter_name="generator")
+    plain.load_adapter(path / "adapters" / "compressor", adapter_name="compressor")
+    plain.eval()
+    model.eval()
+    embeds = torch.randn(2, 11, model.hidden_size, generator=torch.Generator().manual_seed(3)) * 0.05
+    for name in ("generator", "compressor"):
+        plain.set_adapter(name)
+        with torch.no_grad(), model.adapter(name):
+            want = model.peft(inputs_embeds=embeds).logits
+            got = plain(inputs_embeds=embeds).logits
+        assert torch.allclose(got, want, atol=1e-5), (name, (got - want).abs().max())
+
+
+def test_the_format_1_layout_still_loads(make_model, tmp_path, chunk):
+    """Directories written before the PEFT layout (one adapters.safetensors, format 1) load as before."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model()
+    _randomise_adapters(model)
+    path = model.save_pretrained(tmp_path / "m")
+    manifest = json.loads((path / "clara.json").read_text())
+    flat = {}
+    for a in manifest["adapters"]:
+        weights = load_file(str(path / "adapters" / a / "adapter_model.safetensors"))
+        flat.update({f"{a}.{k}": v for k, v in weights.items()})
+    save_file(flat, str(path / "adapters.safetensors"))
+    import shutil
+
+    shutil.rmtree(path / "adapters")
+    (path / "clara.json").write_text(json.dumps({**manifest, "format": 1}))
+    loaded = ClaraModel.from_pretrained(path)
+    assert torch.equal(loaded.compress([chunk]), model.compress([chunk]))
+    (path / "clara.json").write_text(json.dumps({**manifest, "format": 7}))
+    with pytest.raises(CheckpointError, match="unsupported format 7"):
+        ClaraModel.from_pretrained(path)
+
+
 def test_compressor_version_tracks_the_compressor_only(make_model):
     model = make_model()
     v = model.compressor_version()
