@@ -725,6 +725,11 @@ def run_train(cfg: TrainJobConfig, out: Callable[[str], None] = print,
         f"ZeRO-{cfg.zero_stage}, precision {cfg.precision}")
     if dry_run:
         return plan
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:  # checked on the driver, before a worker fails on it
+        raise SystemExit("the training job needs DeepSpeed, the `train` extra: pip install 'clara-on-ray[train]' "
+                         "(on a cluster, add deepspeed==0.19.8 to the job's runtime_env pip list)")
     if _claim_run_dir(cfg) is not None:
         out(f"[{cfg.stage}] run {cfg.run_name!r} exists in {cfg.storage_path}: continuing from its latest checkpoint")
     result = compat.fit_torch_trainer(

@@ -185,8 +185,10 @@ def write_report(reports: dict[str, EvalReport], out_dir: str | Path) -> dict[st
     paths["json"].write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2) + "\n")
     paths["markdown"].write_text("\n".join(f"## {k}\n\n{r.markdown()}" for k, r in reports.items()))
 
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the plots are the `plots` extra; the tables above are written without it
+        return paths
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

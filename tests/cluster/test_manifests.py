@@ -30,7 +30,8 @@ SERVE_CONFIG = ROOT / "serve" / "config.yaml"
 RAY_JOB_FILES = ("rayjob-synth.yaml", "rayjob-train-stage1.yaml", "rayjob-train-stage2.yaml",
                  "rayjob-train-stage3.yaml", "rayjob-index.yaml", "rayjob-evaluate.yaml")
 EXPECTED_FILES = (*RAY_JOB_FILES, "raycluster.yaml", "rayservice.yaml", "raycronjob-reindex.yaml",
-                  "cronjob-reindex.yaml", "cluster-launcher.yaml", "runtime_env.yaml", "serve-site.yaml", "README.md")
+                  "cronjob-reindex.yaml", "cluster-launcher.yaml", "runtime_env.yaml", "serve-site.yaml",
+                  "Dockerfile", "README.md")
 #: Files that are not Kubernetes resources.
 PLAIN_FILES = ("runtime_env.yaml", "cluster-launcher.yaml", "serve-site.yaml")
 
@@ -688,3 +689,18 @@ def test_rayservice_serve_config_is_produced_from_serve_config_yaml():
            {k: v for k, v in local["args"].items() if k not in SITE_APP_ARGS}
     for name in ("Ingress", "Retriever"):
         assert deployments[name] == check_deployments(local["deployments"])[name]
+
+
+def test_the_dockerfile_builds_on_the_pinned_ray_image_with_the_project_extras():
+    text = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE=(\S+)", text, re.M).group(1)
+    assert base == f"rayproject/ray:{ray_pin()}-py311" and re.search(r"^FROM \$\{BASE\}", text, re.M)
+    assert re.search(r"torch==2\.13\.0", text) and "download.pytorch.org/whl/cpu" in text  # a CPU torch by default
+    extras = set(pyproject()["project"]["optional-dependencies"])
+    default = re.search(r"^ARG EXTRAS=(\S*)", text, re.M).group(1)
+    named = set(default.split(",")) | {e for m in re.findall(r"EXTRAS=([\w,]+)", text) for e in m.split(",")}
+    assert named <= extras, named - extras
+    for path in re.findall(r"^COPY \S+ (\S+)", text, re.M):  # the package's folders, not the tests
+        assert not path.startswith("tests")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests"} <= set(ignored)
