@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clara.config import ADAPTERS, ClaraConfig
-from clara.prompts import BACKGROUND_HEADER, CHUNK_SEPARATOR, PARAPHRASE_INSTRUCTION, answer_text, question_text
-
-Background = int | Sequence[str] | None
+from clara.prompts import PARAPHRASE_INSTRUCTION, Background, GeneratorBatch, GeneratorPrompt, positions
 
 
 @dataclass
@@ -37,26 +35,6 @@ class EncoderOutput:
     memory: torch.Tensor  # (B, M, D)
     #: MSE between the mean memory-token state and the mean text-token state, averaged over B.
     mse: torch.Tensor  # ()
-
-
-@dataclass
-class GeneratorBatch:
-    input_ids: torch.Tensor  # (B, T) long; memory slots hold the pad id
-    attention_mask: torch.Tensor  # (B, T) long
-    position_ids: torch.Tensor  # (B, T) long
-    memory_mask: torch.Tensor  # (B, T) bool; True at memory slots
-    labels: torch.Tensor | None  # (B, T) long, -100 where no loss; None for generation
-
-    def to(self, device: torch.device) -> GeneratorBatch:
-        return GeneratorBatch(
-            *(t.to(device) if t is not None else None for t in
-              (self.input_ids, self.attention_mask, self.position_ids, self.memory_mask, self.labels))
-        )
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip padding, for left- or right-padded rows."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _check_texts(texts: Sequence[str]) -> None:
@@ -102,6 +80,8 @@ class ClaraModel(nn.Module):
             if tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
+        #: The generator's input layout (token ids around memory slots), shared with the vLLM engine.
+        self.prompt = GeneratorPrompt(tokenizer, config.n_mem, config.doc_max_tokens, config.query_max_tokens)
         lora = LoraConfig(
             r=config.lora.r,
             lora_alpha=config.lora.alpha,
@@ -279,7 +259,7 @@ class ClaraModel(nn.Module):
             mem = self.memory(len(rows), emb.dtype)  # (B, M, D)
             embeds = torch.cat([emb, mem], dim=1)  # (B, T, D)
             hidden = self._decoder()(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False
             ).last_hidden_state  # (B, T, D)
         states = hidden[:, -m:]  # (B, M, D)
         tm = text_mask.unsqueeze(-1).to(hidden.dtype)
@@ -363,73 +343,13 @@ class ClaraModel(nn.Module):
         self, questions: Sequence[str], backgrounds: Background | Sequence[Background],
         answers: Sequence[str] | None = None,
     ) -> GeneratorBatch:
-        """Token layout of the generator's input.
-
-        ``backgrounds`` per question: an int (that many chunks given as memory), a list of chunk
-        texts (plain-text RAG), or ``None`` (no background); or one such value for all questions.
-        With ``answers`` the batch is right-padded with labels on the answer tokens (training);
-        without, left-padded for generation.
-        """
-        n = len(questions)
-        if backgrounds is None or isinstance(backgrounds, int):
-            backgrounds = [backgrounds] * n
-        if len(backgrounds) != n or (answers is not None and len(answers) != n):
-            raise ValueError("questions, backgrounds and answers must have the same length")
-        m, pad = self.config.n_mem, self.tokenizer.pad_token_id
-        header, sep = self._tok([BACKGROUND_HEADER, CHUNK_SEPARATOR], 64)
-        qs = self._tok([question_text(q) for q in questions], self.config.query_max_tokens + 16)
-        prompts: list[tuple[list[int], list[bool]]] = []
-        for q, bg in zip(qs, backgrounds):
-            ids: list[int] = []
-            slots: list[bool] = []
-            if isinstance(bg, int) and bg > 0:
-                for _ in range(bg):
-                    ids += [pad] * m + sep
-                    slots += [True] * m + [False] * len(sep)
-                ids, slots = header + ids, [False] * len(header) + slots
-            elif bg is not None and not isinstance(bg, int):
-                for chunk in self._tok(list(bg), self.config.doc_max_tokens):
-                    ids += chunk + sep
-                ids = header + ids
-                slots = [False] * len(ids)
-            prompts.append((ids + q, slots + [False] * len(q)))
-        targets = None
-        if answers is not None:
-            eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-            targets = [a + eos for a in self._tok([answer_text(a) for a in answers], self.config.doc_max_tokens)]
-        lengths = [len(p) + (len(targets[i]) if targets else 0) for i, (p, _) in enumerate(prompts)]
-        t = max(lengths)
-        input_ids = torch.full((n, t), pad, dtype=torch.long)
-        mask = torch.zeros((n, t), dtype=torch.long)
-        mem_mask = torch.zeros((n, t), dtype=torch.bool)
-        labels = torch.full((n, t), -100, dtype=torch.long) if targets else None
-        for i, (ids, slots) in enumerate(prompts):
-            row = ids + (targets[i] if targets else [])
-            start = 0 if targets else t - len(row)  # right-pad to train, left-pad to generate
-            input_ids[i, start:start + len(row)] = torch.tensor(row)
-            mask[i, start:start + len(row)] = 1
-            mem_mask[i, start:start + len(slots)] = torch.tensor(slots, dtype=torch.bool)
-            if targets:
-                labels[i, len(ids):len(row)] = torch.tensor(targets[i])
-        return GeneratorBatch(input_ids, mask, _positions(mask), mem_mask, labels)
+        """Token layout of the generator's input (:meth:`clara.prompts.GeneratorPrompt.batch`)."""
+        return self.prompt.batch(questions, backgrounds, answers)
 
     def generator_embeddings(self, batch: GeneratorBatch, memory: torch.Tensor | Sequence[torch.Tensor] | None):
-        """Input embeddings ``[B, T, D]`` with the memory slots replaced by the memory vectors.
-
-        ``memory``: ``[B, k, M, D]``, or one ``[k_i, M, D]`` per question, in prompt order.
-        """
-        emb = self.input_embeddings(batch.input_ids)  # (B, T, D)
-        n_slots = int(batch.memory_mask.sum())
-        if memory is None or n_slots == 0:
-            if n_slots:
-                raise ValueError("the prompt has memory slots but no memory was given")
-            return emb
-        flat = memory.reshape(-1, memory.shape[-1]) if isinstance(memory, torch.Tensor) else torch.cat(
-            [mm.reshape(-1, mm.shape[-1]) for mm in memory])  # (sum k_i*M, D)
-        if flat.shape[0] != n_slots:
-            raise ValueError(f"the prompts hold {n_slots} memory slots but {flat.shape[0]} memory vectors were given")
-        # masked_scatter fills slots in row-major order: question by question, chunk by chunk.
-        return emb.masked_scatter(batch.memory_mask.unsqueeze(-1), flat.to(emb.dtype))
+        """Input embeddings ``[B, T, D]`` with the memory slots replaced by the memory vectors
+        (:meth:`clara.prompts.GeneratorPrompt.embeddings`)."""
+        return self.prompt.embeddings(self.input_embeddings, batch, memory)
 
     def _answer_logits(self, batch: GeneratorBatch, memory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits at the answer positions only: ``(logits [n, V], targets [n], keep [B, T-1])``."""

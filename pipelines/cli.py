@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--adapters", default="compressor,generator", help="comma-separated adapters to keep")
     ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ex.add_argument("--with-tokenizer", action="store_true", help="keep the tokenizer too")
+    ex.add_argument("--merged-generator", action="store_true",
+                    help="also write generator-merged/: the base with the generator adapter merged in (PEFT), a "
+                         "plain Hugging Face model that the Serve app's vLLM engine loads instead of merging at "
+                         "every replica start (adds the base's size)")
 
     for name, (module, summary) in PIPELINE_COMMANDS.items():
         sp = sub.add_parser(name, help=f"{summary} (python -m {module}; run `clara {name} --help`)", add_help=False)
@@ -312,6 +316,12 @@ def _export(args) -> int:
         model = ClaraModel.from_pretrained(args.src, device="cpu")
         out = save_model(model, args.out, adapters=[a.strip() for a in args.adapters.split(",") if a.strip()],
                          storage_dtype=getattr(torch, args.dtype), tokenizer=args.with_tokenizer)
+        if args.merged_generator:
+            from clara.vllm_engine import MERGED_DIR, export_generator
+
+            if "generator" not in args.adapters.split(","):
+                raise ValueError("--merged-generator needs the generator adapter in --adapters")
+            export_generator(out, out / MERGED_DIR)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"clara export: {e}", file=sys.stderr)
         return 2

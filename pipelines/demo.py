@@ -150,7 +150,7 @@ def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
     from clara.data.derive import DeriveSettings, derive_records, split_by_chunk
     from clara.data.records import chunks_of, iter_jsonl, parse_record
     from clara.tiny import build_tiny_model
-    from pipelines.compat import ensure_ray
+    from pipelines.compat import ensure_ray, ray_log_level
     from pipelines.evaluate import EvaluateJobSettings, run_evaluate
     from pipelines.index import IndexSettings, run_index
     from pipelines.synth import SynthSettings, run_synth
@@ -200,7 +200,9 @@ def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
         say(line)
 
     if not ray.is_initialized():
-        ensure_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # The training workers' step lines (step, loss, ETA) reach this console; Ray's own INFO logs
+        # stay off (CLARA_RAY_LOG_LEVEL) and Serve's access logs are off below.
+        ensure_ray(num_cpus=2, include_dashboard=False, log_to_driver=True)
     # The jobs' own progress goes to logs/main.log; keep Ray Data's per-dataset plans off the console.
     import logging
 
@@ -288,7 +290,8 @@ def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
     from serve.app import application
 
     port = s.port or _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                logging_config={"log_level": ray_log_level(), "enable_access_log": False})
     answers = []
     try:
         serve.run(application({"model": str(model_dir), "index_uri": str(index_uri)},

@@ -613,23 +613,30 @@ class RetrieverDeployment:
 
 @serve.deployment(name="Generator", ray_actor_options={"num_cpus": 1.0}, max_ongoing_requests=32)
 class GeneratorDeployment:
-    """Question + background (memory tensor or chunk texts) -> answer, batched; transformers or vLLM.
+    """Question + background (memory tensor or chunk texts) -> answer; transformers or vLLM.
 
+    transformers: requests are grouped by ``@serve.batch`` and run one batch at a time. vLLM: the
+    replica holds only the prompt layout and the token-embedding table beside vLLM's async engine
+    (no ClaraModel), and every request goes straight to the engine, which batches continuously.
     Built from its part of the app's args; tuned live by its ``user_config`` (:class:`GeneratorConfig`).
     """
 
     def __init__(self, model: str, device: str | None = None, engine: str = "hf",
                  vllm: dict[str, Any] | None = None) -> None:
-        from clara.model import ClaraModel
-
         self.engine_name = engine
-        self.model = ClaraModel.from_pretrained(model, device=device)
         if engine == "vllm":
             from clara.vllm_engine import VllmGenerator
 
-            self.engine = VllmGenerator(self.model, **(vllm or {}))
+            self.engine = VllmGenerator.from_model_dir(model, **(vllm or {}))
+            self.model = None
+            self._info = {"n_mem": self.engine.prompt.n_mem, "d": self.engine.embed.embedding_dim}
         else:
-            self.engine = self.model
+            from clara.model import ClaraModel
+
+            self.model = self.engine = ClaraModel.from_pretrained(model, device=device)
+            c = self.model.config
+            self._info = {"n_mem": c.n_mem, "d": self.model.hidden_size, "compression_rate": c.compression_rate,
+                          "device": str(self.model.device)}
         self._lock = threading.Lock()  # one model call at a time: adapters are switched in place
         self.health = EngineHealth()
         self.reconfigure({})
@@ -640,6 +647,23 @@ class GeneratorDeployment:
         self.generate.set_max_batch_size(c.max_batch_size)
         self.generate.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
         _set_threads(c.torch_threads)
+
+    async def answer(self, question: str, background) -> dict[str, Any]:
+        """One request: through the batch queue (transformers) or straight into vLLM's running batch."""
+        if self.engine_name != "vllm":
+            return await self.generate(question, background)
+        t0 = time.perf_counter()
+        try:
+            if isinstance(background, str) or not hasattr(background, "shape"):
+                texts = await self.engine.agenerate([question], [list(background)], None, self.config.max_new_tokens)
+            else:
+                texts = await self.engine.agenerate([question], [int(background.shape[0])], [background],
+                                                    self.config.max_new_tokens)
+        except Exception as exc:
+            self.health.observe([exc])
+            raise
+        self.health.observe(texts)
+        return {"answer": texts[0], "seconds": time.perf_counter() - t0, "batch_size": 1}
 
     def _generate(self, questions: list[str], backgrounds: list) -> list[dict[str, Any]]:
         from clara.index.retrieve import generate_answers
@@ -657,8 +681,9 @@ class GeneratorDeployment:
         return results
 
     def _decode(self, memory, max_new_tokens: int | None) -> str:
+        device = self.model.device if self.model is not None else "cpu"
         with self._lock:
-            return self.engine.decode_memory(memory.to(self.model.device),
+            return self.engine.decode_memory(memory.to(device),
                                              max_new_tokens=max_new_tokens or self.config.decode_max_new_tokens)[0]
 
     async def decode(self, memory, max_new_tokens: int | None = None) -> str:
@@ -671,11 +696,8 @@ class GeneratorDeployment:
         return text
 
     async def ready(self) -> dict[str, Any]:
-        c = self.model.config
-        return {"engine": self.engine_name, "n_mem": c.n_mem, "d": self.model.hidden_size,
-                "compression_rate": c.compression_rate, "device": str(self.model.device),
-                "replica": _replica_id(), "max_batch_size": self.config.max_batch_size,
-                "batch_wait_timeout_s": self.config.batch_wait_timeout_s}
+        return {"engine": self.engine_name, **self._info, "replica": _replica_id(),
+                "max_batch_size": self.config.max_batch_size, "batch_wait_timeout_s": self.config.batch_wait_timeout_s}
 
     def check_health(self) -> None:
         """Serve calls this periodically: a replica whose engine keeps failing is replaced."""
@@ -806,7 +828,7 @@ class Ingress:
         return r
 
     async def generate(self, question: str, background):
-        g = await self._call("generator", self.generator.generate.remote(question, background))
+        g = await self._call("generator", self.generator.answer.remote(question, background))
         self.metrics.generated(g)
         return g
 

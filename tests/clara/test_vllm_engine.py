@@ -3,10 +3,12 @@ with prompt embeddings answers as the transformers generator does (skipped witho
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
-from clara.vllm_engine import export_generator, merged_generator_state, vllm_available
+from clara.vllm_engine import export_generator, vllm_available
 
 
 def _with_trained_generator(model, seed: int = 1):
@@ -19,24 +21,28 @@ def _with_trained_generator(model, seed: int = 1):
     return model
 
 
-def test_export_is_the_base_with_the_generator_merged(make_model, tmp_path):
+def test_export_is_the_base_with_the_generator_merged_by_peft(make_model, tmp_path):
+    """From a model in memory and from its directory (PEFT folders, no ClaraModel built): a plain
+    Hugging Face model whose logits are the generator's."""
     from transformers import AutoModelForCausalLM
 
     model = _with_trained_generator(make_model())
-    state = merged_generator_state(model)
-    assert not any("lora_" in k or "base_layer" in k for k in state)
-    out = export_generator(model, tmp_path / "export")
-    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
     with torch.no_grad(), model.adapter("generator"):
         want = model.base_model(input_ids=ids).logits
-    with torch.no_grad():
-        got = plain(input_ids=ids).logits
-        bare = None
-        with model.adapter(None):
-            bare = model.base_model(input_ids=ids).logits
-    assert torch.allclose(got, want, atol=1e-4)
-    assert not torch.allclose(got, bare, atol=1e-3)  # the adapter really is in the weights
+    with torch.no_grad(), model.adapter(None):
+        bare = model.base_model(input_ids=ids).logits
+    for source in (model, model.save_pretrained(tmp_path / "model")):
+        out = export_generator(source, tmp_path / f"export-{type(source).__name__}")
+        plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        sd = plain.state_dict()
+        assert not any("lora_" in k or "base_layer" in k for k in sd)
+        with torch.no_grad():
+            got = plain(input_ids=ids).logits
+        assert torch.allclose(got, want, atol=1e-4)
+        assert not torch.allclose(got, bare, atol=1e-3)  # the adapter really is in the weights
+    with torch.no_grad(), model.adapter("generator"):  # merging a copy left the model's adapters alone
+        assert torch.equal(model.base_model(input_ids=ids).logits, want)
 
 
 @pytest.mark.slow
@@ -64,12 +70,19 @@ def test_vllm_greedy_matches_transformers(tmp_path_factory, scp_records):
     want_mem = model.generate(questions, per_q)
     want_text = model.generate_from_text(questions, [[chunks[i]] for i in range(6)])
     want_decode = model.decode_memory(memory[:2], max_new_tokens=16)
-    engine = VllmGenerator(model, max_model_len=1024, kv_cache_memory_bytes=256 * 2**20)
+    model_dir = model.save_pretrained(tmp_path_factory.mktemp("vllm") / "model")
+    # the Serve replica's way: the directory's PEFT folders merged, only the embedding table kept
+    engine = VllmGenerator.from_model_dir(model_dir, max_model_len=1024, kv_cache_memory_bytes=256 * 2**20)
     try:
         assert engine.generate(questions, per_q) == want_mem
         assert engine.generate(questions, list(per_q)) == want_mem  # one [k, M, D] per question
         assert engine.generate_from_text(questions, [[chunks[i]] for i in range(6)]) == want_text
         assert engine.decode_memory(memory[:2], max_new_tokens=16) == want_decode
+
+        async def concurrently():  # separate requests from another event loop join the engine's batch
+            return await asyncio.gather(*(engine.agenerate([q], [2], [per_q[i]]) for i, q in enumerate(questions)))
+
+        assert [a[0] for a in asyncio.run(concurrently())] == want_mem
     finally:
         engine.close()
     assert not engine.export_dir.exists()

@@ -966,5 +966,12 @@ def test_vllm_generator_served_matches_transformers(served, tmp_path_factory, sc
                     r = client.post("/v1/answer", json={"question": ex.question, "top_k": 3, "mode": mode})
                     assert r.status_code == 200, r.text
                     assert r.json()["answer"] == want[0], (mode, ex.question)
+            # concurrent requests go straight into vLLM's async engine (continuous batching)
+            qs = [ex.question for ex in scp_records[4:10]]
+            wants = [model.generate([q], torch.from_numpy(store.search(model.encode_query([q]), k=2,
+                                                                       candidates=50)[0].memory)[None])[0] for q in qs]
+            with ThreadPoolExecutor(6) as pool:
+                rs = list(pool.map(lambda q: client.post("/v1/answer", json={"question": q, "top_k": 2}), qs))
+            assert [r.json()["answer"] for r in rs] == wants
     finally:
         serve.delete("clara-vllm")
