@@ -104,6 +104,9 @@ class ClaimsSettings:
     #: tokens of their chunk: the window both the compressor and the text reader see. The sample's
     #: chunks run to ~160 tokens (median), so at 64 tokens most answers lie outside the window.
     answerable_in_window: bool = False
+    #: Stage 2 starts a fresh generator, as the production job does (the paper's recipe); ``False``
+    #: keeps stage 1's generator, which already reads memory (what a short CPU budget needs).
+    stage2_fresh_generator: bool = True
 
 
 def log(msg: str) -> None:
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--base-model", help="a real pretrained causal LM (name or directory): frozen, LoRA adapters "
                                         "only (r=16, as in the paper), instead of a tiny model from random weights")
     p.add_argument("--init", help="start stage 1 from this compressor (model directory or packaged name)")
+    p.add_argument("--stage2-keeps-generator", action="store_true",
+                   help="stage 2 continues stage 1's generator instead of starting a fresh one (the job's default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args(argv)
@@ -156,6 +161,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     preset = {**PRESETS[a.preset], **{k: v for k, v in (("init", a.init), ("base_model", a.base_model)) if v}}
     s = ClaimsSettings(data=a.data, out=a.out, **preset)
+    s.stage2_fresh_generator = not a.stage2_keeps_generator
     init_cfg = read_manifest(s.init)["config"] if s.init else None
     if init_cfg:
         if s.base_model and s.base_model != init_cfg["base_model"]:
@@ -228,7 +234,8 @@ def main(argv=None) -> int:
                            log_every=max(1, s.steps1 // 10), seed=s.seed)
         train(model, "scp", train_qa + recon, st, progress=progress("stage1", s.steps1))
         st = TrainSettings(steps=s.steps2, batch_size=max(4, s.batch_size // 4), lr=s.lr / 2, warmup_ratio=0.05,
-                           wrong_memory_negatives=s.negatives, log_every=max(1, s.steps2 // 5), seed=s.seed)
+                           wrong_memory_negatives=s.negatives, log_every=max(1, s.steps2 // 5), seed=s.seed,
+                           reinit_adapters=s.stage2_fresh_generator)
         train(model, "instruct", instruct, st, progress=progress("stage2", s.steps2))
         model.copy_adapter("compressor", "query_reasoner")
         stage2_rows = evaluate_examples(model, e2e_test, EvalSettings(modes=(), recall_ks=(1, 3, 5)))
