@@ -30,6 +30,20 @@ Measured on the 2-core, 24 GiB CPU machine, otherwise idle (2026-12-01), default
     ratio memory vs text: throughput 2.59x (hf), 1.60x (vllm); p50 latency 2.72x (hf), 1.51x (vllm);
     generator time 2.67x (hf), 1.63x (vllm); prompt tokens 6.82x
 
+Again on 2026-12-03, idle, after the vLLM generator moved to vLLM's async engine (each request goes
+straight into the engine's running batch; the replica keeps only the prompt layout and the embedding
+table) and the Serve settings moved to deployments / user_config:
+
+    engine  mode     req/s   p50 ms   p95 ms  gen ms/req  batch  prompt tok  answer tok
+    hf      memory    8.91      902     1137       108.1    2.2       125.2        18.0
+    hf      text      3.38     2267     2929       292.8    2.2       853.6       17.9
+    vllm    memory   12.36      605      857       375.1    1.0       125.2        18.1
+    vllm    text      7.14      950     2037       883.4    1.0       853.6       17.9
+    ratio memory vs text: throughput 2.64x (hf), 1.73x (vllm); p50 latency 2.51x (hf), 1.57x (vllm)
+
+(with vLLM, "gen ms/req" is each request's time inside the engine, queueing included, and "batch" is
+1 because requests are no longer grouped before the engine: it batches them itself.)
+
 An earlier run on a loaded machine (2026-11-23, load average 9-20) read 2.45x / 2.41x (hf) and 1.38x
 (vllm).
 (answer tok: the answers re-tokenised, so a little over the 16 generated.) With vLLM the generator's
