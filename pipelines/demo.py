@@ -200,9 +200,10 @@ def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
         say(line)
 
     if not ray.is_initialized():
-        # The training workers' step lines (step, loss, ETA) reach this console; Ray's own INFO logs
-        # stay off (CLARA_RAY_LOG_LEVEL) and Serve's access logs are off below.
-        ensure_ray(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        # Workers' output stays in Ray's log files: with log_to_driver=True the console also gets Ray
+        # Train's PlacementGroupCleaner warnings every second without a dashboard (measured: 900+
+        # lines in a tiny demo). Serve's access logs are off below.
+        ensure_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     # The jobs' own progress goes to logs/main.log; keep Ray Data's per-dataset plans off the console.
     import logging
 
