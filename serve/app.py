@@ -543,6 +543,13 @@ def _set_threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
+def _apply_batching(batched, config) -> None:
+    """A ``user_config``'s batch size, batch wait and torch threads, applied to a running replica."""
+    batched.set_max_batch_size(config.max_batch_size)
+    batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+    _set_threads(config.torch_threads)
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -570,11 +577,9 @@ class RetrieverDeployment:
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's ``user_config`` (at start and on every change)."""
         c = self.config = user_config("Retriever", config)
-        self.retrieve.set_max_batch_size(c.max_batch_size)
-        self.retrieve.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
+        _apply_batching(self.retrieve, c)
         self.retriever.candidates = c.candidates
         self.retriever.refresh_interval_s = c.index_refresh_s
-        _set_threads(c.torch_threads)
 
     def _retrieve(self, questions: list[str], ks: list[int], with_memory: list[bool]) -> list:
         return self.retriever.retrieve(questions, ks, None, with_memory)
@@ -643,10 +648,8 @@ class GeneratorDeployment:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's ``user_config`` (at start and on every change)."""
-        c = self.config = user_config("Generator", config)
-        self.generate.set_max_batch_size(c.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
-        _set_threads(c.torch_threads)
+        self.config = user_config("Generator", config)
+        _apply_batching(self.generate, self.config)
 
     async def answer(self, question: str, background) -> dict[str, Any]:
         """One request: through the batch queue (transformers) or straight into vLLM's running batch."""
@@ -654,11 +657,11 @@ class GeneratorDeployment:
             return await self.generate(question, background)
         t0 = time.perf_counter()
         try:
-            if isinstance(background, str) or not hasattr(background, "shape"):
-                texts = await self.engine.agenerate([question], [list(background)], None, self.config.max_new_tokens)
-            else:
+            if hasattr(background, "shape"):  # memory [k, n_mem, d]
                 texts = await self.engine.agenerate([question], [int(background.shape[0])], [background],
                                                     self.config.max_new_tokens)
+            else:  # chunk texts
+                texts = await self.engine.agenerate([question], [list(background)], None, self.config.max_new_tokens)
         except Exception as exc:
             self.health.observe([exc])
             raise
