@@ -245,7 +245,7 @@ class TrainJobConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainJobConfig:
         """Load a recipe and apply ``key=value`` overrides (dotted keys reach into mappings)."""
-        data = settings.read_file(path)
+        data = settings.read_file(recipe_path(path))
         for item in overrides:
             apply_override(data, item)
         return cls.from_mapping(data, source=str(path))
@@ -760,6 +760,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def recipe_path(path: str) -> Path:
+    """``--config``'s file: as given when it exists, else the shipped recipe of that name
+    (``pipelines/recipes/stage1_scp.yaml`` or ``stage1_scp`` resolve from any directory, so a job in the
+    project image needs no checkout)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    recipes = Path(__file__).resolve().parent / "recipes"
+    for candidate in (recipes.parent.parent / given, recipes / given, recipes / f"{given}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return given
+
+
 #: Fields a recipe or the command line must give.
 REQUIRED = ("stage", "data")
 
@@ -767,7 +781,7 @@ REQUIRED = ("stage", "data")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        base = settings.read_file(args.config) if args.config else {}
+        base = settings.read_file(recipe_path(args.config)) if args.config else {}
         for item in args.override:
             apply_override(base, item)
         cfg = settings.from_args(TrainJobConfig, args, config="", base=base, required=REQUIRED,

@@ -5,8 +5,9 @@
 
 The cluster's Serve application is the local one (``serve/config.yaml``) with a site's differences
 (``cluster/serve-site.yaml``: proxy location, host, absolute model and index locations, the
-generator's GPU) and the shared runtime environment (``cluster/runtime_env.yaml``) merged in. Edit
-those files and run this; never edit serveConfigV2 by hand.
+generator's GPU) merged in. The code and its dependencies come with the pods' image (the project image,
+``cluster/Dockerfile``), so the application needs no runtime environment. Edit those files and run this;
+never edit serveConfigV2 by hand.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "serve" / "config.yaml"
 SITE = ROOT / "cluster" / "serve-site.yaml"
-RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"
 MANIFEST = ROOT / "cluster" / "rayservice.yaml"
 _START, _END = "  serveConfigV2: |\n", "  rayClusterConfig:\n"
 
@@ -49,12 +49,8 @@ def merge(base: Any, over: Any) -> Any:
 
 
 def serve_config_v2() -> dict[str, Any]:
-    """The cluster's Serve config: serve/config.yaml + the site + the shared runtime_env."""
-    config = merge(yaml.safe_load(SERVE_CONFIG.read_text()), yaml.safe_load(SITE.read_text()))
-    runtime_env = yaml.safe_load(RUNTIME_ENV.read_text())
-    for app in config["applications"]:
-        app["runtime_env"] = merge(runtime_env, app.get("runtime_env") or {})
-    return config
+    """The cluster's Serve config: serve/config.yaml with the site's differences merged in."""
+    return merge(yaml.safe_load(SERVE_CONFIG.read_text()), yaml.safe_load(SITE.read_text()))
 
 
 def render() -> str:
@@ -66,8 +62,8 @@ def render() -> str:
     _, tail = rest.split(_END, 1)
     body = yaml.safe_dump(serve_config_v2(), sort_keys=False, width=110)
     block = "".join("    " + line + "\n" if line else "\n" for line in body.splitlines())
-    note = ("    # Produced by `python -m serve.rayservice` from serve/config.yaml, cluster/serve-site.yaml and\n"
-            "    # cluster/runtime_env.yaml: edit those and rerun it, not this block.\n")
+    note = ("    # Produced by `python -m serve.rayservice` from serve/config.yaml and cluster/serve-site.yaml:\n"
+            "    # edit those and rerun it, not this block.\n")
     return head + _START + note + block + _END + tail
 
 

@@ -49,7 +49,7 @@ RAY_JOB_SPEC = ({"entrypoint", "runtimeEnvYAML", "shutdownAfterJobFinishes", "tt
                  "activeDeadlineSeconds", "backoffLimit", "submissionMode", "rayClusterSpec", "clusterSelector",
                  "submitterPodTemplate", "submitterConfig", "metadata", "suspend", "entrypointNumCpus",
                  "entrypointNumGpus", "entrypointResources", "jobId", "managedBy", "deletionStrategy"},
-                {"entrypoint", "runtimeEnvYAML", "submissionMode", "shutdownAfterJobFinishes",
+                {"entrypoint", "submissionMode", "shutdownAfterJobFinishes",
                  "ttlSecondsAfterFinished", "rayClusterSpec"})
 RAY_SERVICE_SPEC = ({"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serviceUnhealthySecondThreshold",
                      "deploymentUnhealthySecondThreshold", "serveService", "excludeHeadPodFromServeSvc"},
@@ -58,6 +58,10 @@ RAY_CRON_JOB_SPEC = ({"schedule", "jobTemplate", "suspend"}, {"schedule", "jobTe
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars", "excludes", "config",
                     "py_executable", "image_uri", "worker_process_setup_hook"}
+
+#: The registry placeholder of the project's images, and their variants (cluster/Dockerfile's header).
+REGISTRY = "YOUR-REGISTRY"
+IMAGE_VARIANTS = ("cpu", "gpu", "serve", "serve-gpu")
 
 # The Serve application settings a site changes in cluster/rayservice.yaml; everything else in its
 # serveConfigV2 equals serve/config.yaml (see test_rayservice_serve_config_is_produced_from_serve_config_yaml).
@@ -239,12 +243,17 @@ def _pod_template_validator():
     return jsonschema.validators.Draft202012Validator(schema, registry=registry)
 
 
+def project_image(variant: str) -> str:
+    """The project's image of one role (``cpu``, ``gpu``, ``serve``, ``serve-gpu``; cluster/Dockerfile)."""
+    return f"{REGISTRY}/clara-on-ray:{pyproject()['project']['version']}-{variant}"
+
+
 def _check_container(c: dict, where: str, errors: list[str], ray_image: bool) -> None:
     image = c.get("image", "")
     if ray_image:
-        pin = re.escape(ray_pin())
-        if not re.fullmatch(rf"rayproject/ray:{pin}-py311(-gpu|-cu\d+)?", image):
-            errors.append(f"{where}: image {image!r} is not rayproject/ray:{ray_pin()}-py311[-gpu] (the pinned Ray)")
+        if image not in {project_image(v) for v in IMAGE_VARIANTS}:
+            errors.append(f"{where}: image {image!r} is not one of the project's images "
+                          f"{project_image('{' + ','.join(IMAGE_VARIANTS) + '}')} (cluster/Dockerfile)")
     elif not re.fullmatch(r"[\w./-]+:v?\d[\w.-]*(@sha256:[0-9a-f]{64})?", image):
         errors.append(f"{where}: image {image!r} is not pinned to a version tag")
     res = c.get("resources") or {}
@@ -255,7 +264,7 @@ def _check_container(c: dict, where: str, errors: list[str], ray_image: bool) ->
     if ray_image and (res.get("requests") != res.get("limits")):
         errors.append(f"{where}: a Ray container's requests should equal its limits (Ray sizes itself by them)")
     gpus = (res.get("limits") or {}).get("nvidia.com/gpu")
-    if ray_image and gpus and not image.endswith("-gpu") and "-cu" not in image:
+    if ray_image and gpus and not image.endswith("-gpu"):
         errors.append(f"{where}: asks for GPUs but runs the CPU image {image!r}")
     if ray_image and image.endswith("-gpu") and not gpus:
         errors.append(f"{where}: runs the GPU image without asking for a GPU")
@@ -330,7 +339,8 @@ def check_ray_job_spec(spec: Any, where: str, errors: list[str]) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "activeDeadlineSeconds" else 0):
             errors.append(f"{where}.{k}: must be a {'positive' if k == 'activeDeadlineSeconds' else 'non-negative'} "
                           f"integer, got {v!r}")
-    check_runtime_env_yaml(spec.get("runtimeEnvYAML"), f"{where}.runtimeEnvYAML", errors)
+    if "runtimeEnvYAML" in spec:
+        check_runtime_env_yaml(spec["runtimeEnvYAML"], f"{where}.runtimeEnvYAML", errors)
     check_ray_cluster_spec(spec.get("rayClusterSpec"), f"{where}.rayClusterSpec", errors)
 
 
@@ -365,7 +375,7 @@ def test_every_manifest_parses():
             assert isinstance(d, dict) and d.get("apiVersion") and d.get("kind"), f"{f}: a document lacks a kind"
     # the YAML embedded in strings parses too
     for where, spec in job_specs():
-        assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict), where
+        assert "runtimeEnvYAML" not in spec or isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict), where
     assert isinstance(serve_config_v2(), dict)
 
 
@@ -489,31 +499,91 @@ def test_the_scheduled_reindex_runs_exactly_the_index_job():
     assert index.get("activeDeadlineSeconds", 0) < 24 * 3600  # a stuck run ends before the next nightly one
 
 
-def test_every_runtime_env_is_the_shared_one_plus_the_code():
+def _images(template: dict) -> list[tuple[str, bool]]:
+    """``(image, asks for a GPU)`` of a pod template's Ray container."""
+    c = template["spec"]["containers"][0]
+    return [(c["image"], bool((c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu")))]
+
+
+def _cluster_images(spec: dict) -> list[tuple[str, bool]]:
+    out = _images(spec["headGroupSpec"]["template"])
+    for g in spec["workerGroupSpecs"]:
+        out += _images(g["template"])
+    return out
+
+
+def test_the_manifests_run_the_project_images_and_install_nothing_at_start():
+    """Jobs run the -cpu / -gpu images (training stack included), the RayService the -serve ones (without
+    it); no manifest pip-installs or uploads code at start; every image is one cluster/Dockerfile builds."""
+    clusters = [(w, spec["rayClusterSpec"], ("cpu", "gpu")) for w, spec in job_specs()]
+    clusters.append(("raycluster.yaml", one("raycluster.yaml", "RayCluster")["spec"], ("cpu", "gpu")))
+    clusters.append(("rayservice.yaml", one("rayservice.yaml", "RayService")["spec"]["rayClusterConfig"],
+                     ("serve", "serve-gpu")))
+    used = set()
+    for where, spec, (cpu, gpu) in clusters:
+        for image, wants_gpu in _cluster_images(spec):
+            assert image == project_image(gpu if wants_gpu else cpu), f"{where}: {image}"
+            used.add(image)
+    assert used == {project_image(v) for v in IMAGE_VARIANTS}
+    for where, spec in job_specs():
+        env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
+        assert not {"pip", "uv", "conda", "working_dir"} & set(env), f"{where}: installs at start: {sorted(env)}"
+    for app in serve_config_v2()["applications"]:
+        assert not {"pip", "uv", "conda", "working_dir"} & set(app.get("runtime_env") or {}), app["name"]
+
+    # each image is built by a command in the Dockerfile's header, the serve images without the training stack
+    text = (CLUSTER / "Dockerfile").read_text()
+    builds = {}
+    for command in re.findall(r"docker build (.+?)(?<!\\)$", re.sub(r"\\\n#\s*", " ", text), re.M):
+        tag = re.search(r"-t (\S+)", command).group(1)
+        extras = re.search(r"EXTRAS=(\S*)", command)
+        base = re.search(r"BASE=(\S+)", command)
+        builds[tag] = (extras.group(1) if extras else re.search(r"^ARG EXTRAS=(\S*)", text, re.M).group(1),
+                       base.group(1) if base else re.search(r"^ARG BASE=(\S+)", text, re.M).group(1))
+    assert set(builds) == {project_image(v) for v in IMAGE_VARIANTS}, sorted(builds)
+    for variant in IMAGE_VARIANTS:
+        extras, base = builds[project_image(variant)]
+        assert base.endswith("-gpu") == variant.endswith("gpu"), (variant, base)
+        roles = set(filter(None, extras.split(",")))
+        if variant.startswith("serve"):
+            assert not roles & {"all", "train"}, f"the {variant} image carries the training stack: {extras}"
+        else:
+            assert "all" in roles, f"the {variant} image lacks the jobs' extras: {extras}"
+
+
+def test_the_shared_runtime_env_is_the_project_dependencies_for_stock_ray_clusters():
+    """cluster/runtime_env.yaml serves `ray job submit --runtime-env` on a cluster of plain Ray images."""
     shared = shared_runtime_env()
     assert "working_dir" not in shared  # `ray job submit --working-dir .` supplies it from a checkout
     deps = pyproject()["project"]["dependencies"]
-    extras = {d for group in pyproject()["project"].get("optional-dependencies", {}).values() for d in group}
     assert sorted(shared["pip"]) == sorted(d for d in deps if not re.match(r"ray\b", d)), \
         "cluster/runtime_env.yaml's pip list is not pyproject.toml's dependencies (Ray left out)"
-    envs = [(w, yaml.safe_load(spec["runtimeEnvYAML"])) for w, spec in job_specs()]
-    envs += [(f"rayservice.yaml:{a['name']}", a["runtime_env"]) for a in serve_config_v2()["applications"]]
-    zips = set()
-    for where, env in envs:
-        zips.add(env.get("working_dir"))
-        assert {k: v for k, v in env.items() if k not in ("working_dir", "pip")} == \
-               {k: v for k, v in shared.items() if k != "pip"}, where
-        added = [p for p in env["pip"] if p not in shared["pip"]]
-        assert env["pip"][:len(shared["pip"])] == shared["pip"] and set(added) <= extras, \
-            f"{where}: pip must be the shared list (+ pyproject extras), got extra {added}"
-    (code,) = zips
-    assert re.fullmatch(r"(s3|gs|https?)://.+\.zip", code or ""), code
+    errors: list[str] = []
+    check_runtime_env_yaml(yaml.safe_dump(shared), "runtime_env.yaml", errors)
+    assert not errors, errors
+
+
+def test_recipes_resolve_from_any_directory(tmp_path, monkeypatch):
+    """The image has no checkout: a job's `--config pipelines/recipes/X.yaml` finds the shipped recipe."""
+    from pipelines.train import TrainJobConfig, recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("pipelines/recipes/stage1_scp.yaml", "stage1_scp", "stage1_scp.yaml"):
+        assert recipe_path(name) == ROOT / "pipelines" / "recipes" / "stage1_scp.yaml", name
+        assert TrainJobConfig.from_yaml(name).stage == "scp"
+    mine = tmp_path / "pipelines" / "recipes" / "stage1_scp.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("stage: scp\ndata: mine.jsonl\nmodel: {base_model: tiny}\n")
+    assert TrainJobConfig.from_yaml("pipelines/recipes/stage1_scp.yaml").data == ["mine.jsonl"]  # the user's wins
+    assert recipe_path("missing.yaml") == Path("missing.yaml")
 
 
 def test_manifests_name_one_object_store_bucket():
     text = "\n".join(p.read_text() for p in CLUSTER.glob("*.yaml"))
     buckets = set(re.findall(r"\b(s3|gs)://([\w.-]+)", text))
     assert buckets == {("s3", "YOUR-BUCKET")}, buckets  # one placeholder to replace (see README.md)
+    registries = set(re.findall(r"image: ([\w.-]+)/clara-on-ray:", text))
+    assert registries == {REGISTRY}, registries
 
 
 def test_the_jobs_are_wired_into_one_pipeline():
