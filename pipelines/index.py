@@ -67,6 +67,7 @@ from clara.index.build import (
     plan_index,
     read_compressor_info,
     refresh_ann_index,
+    refresh_text_index,
     source_chunks,
     store_settings_for,
     tag_version,
@@ -162,6 +163,9 @@ class IndexSettings:
     ann_index: str | None = field(default=None, metadata={"metavar": "KIND"})
     #: Fewer rows than this: no ANN index is built (searches scan, exact).
     ann_min_rows: int = 256
+    #: Keep a full-text (BM25) index on the chunk text in the same table, for hybrid retrieval (built when
+    #: missing, new rows folded in after each run).
+    text_index: bool = True
     #: Index only the first N documents (not with ``--delete-missing``).
     limit: int | None = None
     #: Rows per upsert commit (each commit is one table version).
@@ -236,6 +240,8 @@ class IndexSummary:
     #: The version the run started from (roll back to it to undo the run).
     start_version: int
     ann: str = ""
+    #: What was done to the full-text index (empty when nothing was).
+    text_index: str = ""
     #: The tag put on ``version`` (``index-v<N>``); empty when it was tagged already.
     tag: str = ""
     #: What the cleanup of old versions did (empty without ``cleanup_older_than_days``).
@@ -248,7 +254,9 @@ class IndexSummary:
             f"changed), {self.deleted} deleted; {self.rows} rows; {self.bytes_written / 2**20:.1f} MiB written in "
             f"{self.commits} commits; {self.seconds:.1f}s, {self.chunks_per_second:.1f} chunks/s; "
             f"version {self.start_version} -> {self.version}" + (f" (tagged {self.tag})" if self.tag else "")
-            + (f"; ANN: {self.ann}" if self.ann else "") + (f"; cleanup: {self.cleanup}" if self.cleanup else "")
+            + (f"; ANN: {self.ann}" if self.ann else "")
+            + (f"; text index: {self.text_index}" if self.text_index else "")
+            + (f"; cleanup: {self.cleanup}" if self.cleanup else "")
         )
 
 
@@ -315,6 +323,10 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     if s.ann_index and (total or deleted or not any(list(i.columns) == ["key"] for i in store.list_indices())):
         ann = refresh_ann_index(store, s.ann_index, min_rows=s.ann_min_rows)
         say(f"[index] ANN index: {ann}")
+    text = ""
+    if s.text_index and (total or deleted or not store.has_text_index):
+        text = refresh_text_index(store)
+        say(f"[index] text index: {text}")
     tag = tag_version(store, "index") or ""
     cleaned = ""
     if s.cleanup_older_than_days is not None:
@@ -326,7 +338,7 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
         compressed=writer.stats.rows, new=plan.new, changed=plan.changed, deleted=deleted, rows=store.count(),
         bytes_written=writer.stats.bytes, commits=writer.stats.commits, seconds=seconds,
         chunks_per_second=writer.stats.rows / seconds if seconds > 0 else 0.0, version=store.version,
-        start_version=start_version, ann=ann, tag=tag, cleanup=cleaned,
+        start_version=start_version, ann=ann, text_index=text, tag=tag, cleanup=cleaned,
     )
     say("[index] " + summary.format())
     return summary

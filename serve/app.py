@@ -580,6 +580,7 @@ class RetrieverDeployment:
         _apply_batching(self.retrieve, c)
         self.retriever.candidates = c.candidates
         self.retriever.refresh_interval_s = c.index_refresh_s
+        self.retriever.set_retrieval(c.retrieval, c.text_weight)
 
     def _retrieve(self, questions: list[str], ks: list[int], with_memory: list[bool]) -> list:
         return self.retriever.retrieve(questions, ks, None, with_memory)
@@ -608,7 +609,7 @@ class RetrieverDeployment:
         info = await asyncio.to_thread(self.retriever.health)
         info = {k: v for k, v in info.items() if k != "index_uri"}
         return {**info, "replica": _replica_id(), "max_batch_size": self.config.max_batch_size,
-                "candidates": self.retriever.candidates}
+                "candidates": self.retriever.candidates, "retrieval": self.retriever.retrieval}
 
     def check_health(self) -> None:
         # Serve replaces a replica whose check fails: an index that cannot be read, was rebuilt by

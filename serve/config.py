@@ -175,6 +175,11 @@ class RetrieverConfig:
     batch_wait_timeout_s: float = 0.01
     #: ANN candidates re-scored exactly on their full memory per question (at least the request's top_k).
     candidates: int = 50
+    #: latent: the query reasoner's memory against the chunks' memories; hybrid: latent and BM25 candidates
+    #: (the table's full-text index, kept by the index job) fused by reciprocal rank, re-scored on memory.
+    retrieval: Literal["latent", "hybrid"] = "latent"
+    #: hybrid: weight of BM25's rank term against the latent one (0: latent ranking over both candidate sets).
+    text_weight: float = 1.0
     #: A new index version is picked up within this many seconds (0: checked on every request; null:
     #: only on POST /v1/reload).
     index_refresh_s: float | None = 5.0
@@ -188,6 +193,8 @@ class RetrieverConfig:
             raise ConfigError(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s}")
         if self.index_refresh_s is not None and self.index_refresh_s < 0:
             raise ConfigError(f"index_refresh_s: must be >= 0 or null, got {self.index_refresh_s}")
+        if self.text_weight < 0:
+            raise ConfigError(f"text_weight: must be >= 0, got {self.text_weight}")
 
 
 @dataclass

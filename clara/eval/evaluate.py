@@ -54,6 +54,11 @@ class EvalSettings:
     max_new_tokens: int = 32
     #: Questions per model call (and per Ray Data batch).
     batch_size: int = 16
+    #: How the candidates are ranked: latent (the query reasoner) or hybrid (latent and BM25 over the
+    #: candidates, fused by reciprocal rank as the served hybrid retrieval fuses them).
+    retrieval: str = "latent"
+    #: hybrid: weight of BM25's rank term.
+    text_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.modes, self.settings = tuple(self.modes), tuple(self.settings)
@@ -63,6 +68,26 @@ class EvalSettings:
             raise ValueError(f"unknown mode/setting {bad}; modes are {MODES}, settings {SETTINGS}")
         if self.top_k <= 0 or self.batch_size <= 0 or any(k <= 0 for k in self.recall_ks):
             raise ValueError("top_k, batch_size and recall_ks must be positive")
+        if self.retrieval not in ("latent", "hybrid") or self.text_weight < 0:
+            raise ValueError(f"retrieval must be latent or hybrid and text_weight >= 0, got {self.retrieval!r}, "
+                             f"{self.text_weight}")
+
+
+def hybrid_scores(questions: Sequence[str], candidates: Sequence[Sequence[str]],
+                  latent: Sequence[Sequence[float]], text_weight: float = 1.0) -> list[list[float]]:
+    """Each question's latent scores fused with BM25 over its candidates (a candidate sharing no term
+    with the question gets no BM25 term), by :func:`clara.index.store.reciprocal_rank_fusion`."""
+    import numpy as np
+
+    from clara.data.derive import BM25
+    from clara.index.store import reciprocal_rank_fusion
+
+    out = []
+    for q, cands, lat in zip(questions, candidates, latent):
+        bm25 = BM25(list(cands)).scores(q)
+        text = np.array([bm25[j] if bm25.get(j, 0.0) > 0 else np.nan for j in range(len(cands))])
+        out.append(reciprocal_rank_fusion(np.asarray(lat), text, text_weight).tolist())
+    return out
 
 
 def _topk(scores: Sequence[float], k: int) -> list[int]:
@@ -94,6 +119,8 @@ def evaluate_examples(model, examples: Sequence[Example], settings: EvalSettings
             query = model.encode_query(questions)  # (B, M, D)
             scores = [model.score(query[i:i + 1], memory[[pos[c] for c in ex.chunks]])[0].tolist()
                       for i, ex in enumerate(batch)]
+            if s.retrieval == "hybrid":
+                scores = hybrid_scores(questions, [list(ex.chunks) for ex in batch], scores, s.text_weight)
         else:
             scores = ranker(questions, [list(ex.chunks) for ex in batch])
         ranked = [_topk(sc, len(sc)) for sc in scores]

@@ -530,6 +530,21 @@ def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebu
     return f"folded new rows into {key_index.name} ({n} rows) in {time.perf_counter() - t0:.1f}s"
 
 
+def refresh_text_index(store: ChunkStore) -> str:
+    """Build the full-text (BM25) index on ``text`` if there is none, else fold unindexed rows into it
+    (rows not yet folded in are searched anyway, by a slower scan); returns what was done."""
+    t0 = time.perf_counter()
+    index = next((i for i in store.list_indices() if list(i.columns) == ["text"]), None)
+    if index is None:
+        store.create_text_index()
+        return f"built on {store.count()} rows in {time.perf_counter() - t0:.1f}s"
+    unindexed = int(getattr(store.table.index_stats(index.name), "num_unindexed_rows", 0) or 0)
+    if not unindexed:
+        return "up to date"
+    store.optimize()
+    return f"folded {unindexed} new rows in {time.perf_counter() - t0:.1f}s"
+
+
 # --------------------------------------------------------------------------------------------
 # tags and cleanup of old versions
 
@@ -612,6 +627,7 @@ __all__ = [
     "plan_index",
     "read_compressor_info",
     "refresh_ann_index",
+    "refresh_text_index",
     "scp_doc_id",
     "scp_documents",
     "source_chunks",

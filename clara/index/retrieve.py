@@ -27,11 +27,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from clara.index.schema import DEFAULT_TABLE, IndexMismatchError, IndexNotFoundError, StoreSettings
+from clara.index.schema import (
+    DEFAULT_TABLE,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StoreSettings,
+    TextIndexMissingError,
+)
 from clara.index.store import ChunkStore
 from clara.model import ClaraModel
 
 logger = logging.getLogger(__name__)
+
+
+#: How :meth:`Retriever.retrieve` finds chunks (see :class:`Retriever`).
+RETRIEVAL_MODES = ("latent", "hybrid")
 
 
 class IndexUnavailableError(RuntimeError):
@@ -53,7 +63,7 @@ class Retrieved:
     chunk_ids: list[str]
     doc_ids: list[str]
     texts: list[str]
-    scores: list[float]  # exact CLaRa cosine, descending
+    scores: list[float]  # descending: exact CLaRa cosine (latent retrieval) or the fused score (hybrid)
     #: ``[k, n_mem, d]`` (float16 when the index stores float16, which is then exact; else float32),
     #: or ``None`` when memory was not asked for.
     memory: torch.Tensor | None
@@ -97,13 +107,19 @@ class Retriever:
     quiet refreshes and health checks. While the table cannot be read, calls raise
     :class:`IndexUnavailableError` and every refresh tries again: a restored table is served without a
     restart. :meth:`health` probes all of it for readiness checks.
+
+    ``retrieval``: ``latent`` (the query reasoner's memory against the chunks' memories) or ``hybrid``
+    (:meth:`ChunkStore.hybrid_search`: latent and BM25 candidates fused by reciprocal rank, BM25's term
+    weighted by ``text_weight``; needs the table's full-text index).
     """
 
     def __init__(self, model: ClaraModel, store: ChunkStore, *, candidates: int = 50,
                  refresh_interval_s: float | None = 5.0, clock: Callable[[], float] = time.monotonic,
-                 reopen: Callable[[], ChunkStore] | None = None) -> None:
+                 reopen: Callable[[], ChunkStore] | None = None, retrieval: str = "latent",
+                 text_weight: float = 1.0) -> None:
         if candidates <= 0:
             raise ValueError(f"candidates must be positive, got {candidates}")
+        self.set_retrieval(retrieval, text_weight, store)
         if refresh_interval_s is not None and refresh_interval_s < 0:
             raise ValueError(f"refresh_interval_s must be >= 0 or None, got {refresh_interval_s}")
         check_index(model, store.settings)
@@ -118,8 +134,21 @@ class Retriever:
         self._broken: Exception | None = None  # why the table cannot be read, until a refresh succeeds
 
     def __repr__(self) -> str:
-        return (f"Retriever(store={self.store!r}, candidates={self.candidates}, "
+        return (f"Retriever(store={self.store!r}, candidates={self.candidates}, retrieval={self.retrieval!r}, "
                 f"refresh_interval_s={self.refresh_interval_s})")
+
+    def set_retrieval(self, retrieval: str, text_weight: float = 1.0, store: ChunkStore | None = None) -> None:
+        """Switch between ``latent`` and ``hybrid`` retrieval (live: Serve's ``reconfigure`` calls it).
+        Raises :class:`TextIndexMissingError` for hybrid on a table without a full-text index."""
+        if retrieval not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}")
+        if text_weight < 0:
+            raise ValueError(f"text_weight must be >= 0, got {text_weight}")
+        store = store or self.store
+        if retrieval == "hybrid" and not store.has_text_index:
+            raise TextIndexMissingError(f"hybrid retrieval needs a full-text index on the chunk table {store.name!r}: "
+                                        "run the index job (it builds one unless --no-text-index)")
+        self.retrieval, self.text_weight = retrieval, float(text_weight)
 
     @classmethod
     def open(cls, model: str | Path | ClaraModel, index_uri: str | Path, table: str = DEFAULT_TABLE, *,
@@ -181,7 +210,7 @@ class Retriever:
         self.refresh()
         try:
             return op()
-        except (KeyError, IndexMismatchError):
+        except (KeyError, IndexMismatchError, TextIndexMissingError):
             raise
         except (OSError, RuntimeError, ValueError) as exc:
             logger.warning("index read failed (%s: %s); reopening the table", type(exc).__name__, str(exc)[:200])
@@ -228,8 +257,12 @@ class Retriever:
         with self._lock:
             query = self.model.encode_query(questions)  # (B, M, D)
             limit = max(ks)
-            results = self._read(lambda: self.store.search(query, k=limit,
-                                                           candidates=max(candidates or self.candidates, limit)))
+            pool = max(candidates or self.candidates, limit)
+            if self.retrieval == "hybrid":
+                results = self._read(lambda: self.store.hybrid_search(query, questions, k=limit, candidates=pool,
+                                                                      text_weight=self.text_weight))
+            else:
+                results = self._read(lambda: self.store.search(query, k=limit, candidates=pool))
             version = self.store.version
             if results and not len(results[0].chunk_ids):
                 raise IndexEmptyError(f"the index table {self.store.name!r} holds no chunks")
@@ -272,7 +305,7 @@ class Retriever:
             s = self.store.settings
             return {"n_mem": s.n_mem, "d": s.d, "compressor_version": s.compressor_version, "dtype": s.dtype,
                     "index_uri": self.store.uri, "table": self.store.name, "index_version": self.store.version,
-                    "rows": self.store.count()}
+                    "rows": self.store.count(), "retrieval": self.retrieval}
 
 
 def generate_answers(generator: Any, questions: Sequence[str], backgrounds: Sequence[Background],
@@ -312,5 +345,5 @@ def generate_answers(generator: Any, questions: Sequence[str], backgrounds: Sequ
     return [a if a is not None else "" for a in answers]
 
 
-__all__ = ["Background", "IndexEmptyError", "IndexUnavailableError", "Retrieved", "Retriever", "check_index",
-           "generate_answers"]
+__all__ = ["RETRIEVAL_MODES", "Background", "IndexEmptyError", "IndexUnavailableError", "Retrieved", "Retriever",
+           "check_index", "generate_answers"]

@@ -52,6 +52,11 @@ class IndexNotFoundError(FileNotFoundError):
     """The table does not exist and ``create=False`` was given."""
 
 
+class TextIndexMissingError(ValueError):
+    """Hybrid or BM25 retrieval was asked of a table without a full-text index on ``text`` (the index job
+    builds it unless ``--no-text-index``; :meth:`ChunkStore.create_text_index` builds it by hand)."""
+
+
 # --------------------------------------------------------------------------------------------
 # settings
 

@@ -43,6 +43,7 @@ from clara.index.schema import (
     IndexMismatchError,
     IndexNotFoundError,
     StoreSettings,
+    TextIndexMissingError,
     index_schema,
 )
 
@@ -66,7 +67,9 @@ class SearchResult:
     chunk_ids: list[str]
     doc_ids: list[str]
     texts: list[str]
-    scores: np.ndarray  # [k] float32, the exact CLaRa cosine
+    #: [k] float32, descending: the exact CLaRa cosine (:meth:`ChunkStore.search`), BM25
+    #: (:meth:`ChunkStore.text_search`) or the fused rank score (:meth:`ChunkStore.hybrid_search`).
+    scores: np.ndarray
     memory: np.ndarray  # [k, n_mem, d] float32 (dequantised)
 
     def __len__(self) -> int:
@@ -118,6 +121,22 @@ def _ann_config(kind: str, metric: str, num_partitions: int | None, num_sub_vect
     if num_sub_vectors is not None and kind in ("IVF_PQ", "IVF_HNSW_PQ"):
         kwargs["num_sub_vectors"] = num_sub_vectors
     return classes[kind](**kwargs)
+
+
+def reciprocal_rank_fusion(latent: np.ndarray, text: np.ndarray, text_weight: float = 1.0,
+                           rrf_k: int = 60) -> np.ndarray:
+    """Fused scores of ``n`` candidates: ``1 / (rrf_k + latent rank) + text_weight / (rrf_k + text rank)``,
+    ranks 1-based by descending score (ties by position); a NaN text score (not returned by the text
+    search) adds no text term. The one fusion formula of hybrid retrieval, served and evaluated."""
+    latent, text = np.asarray(latent, np.float64), np.asarray(text, np.float64)
+    if latent.shape != text.shape or latent.ndim != 1:
+        raise ValueError(f"latent and text scores must be two [n] arrays, got {latent.shape} and {text.shape}")
+    fused = np.zeros(len(latent))
+    fused[np.argsort(-latent, kind="stable")] = 1.0 / (rrf_k + np.arange(1, len(latent) + 1))
+    hit = np.flatnonzero(~np.isnan(text))
+    order = hit[np.argsort(-text[hit], kind="stable")]
+    fused[order] += text_weight / (rrf_k + np.arange(1, len(order) + 1))
+    return fused
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -545,6 +564,98 @@ class ChunkStore:
             results.append(self._result(sub, mem, flat_cosine(q[b], mem)[0], k))
         return results
 
+    # ---- full text (BM25) and hybrid
+
+    def create_text_index(self, replace: bool = True) -> None:
+        """Build LanceDB's full-text (BM25) index on ``text``. Rows added later are searched before they
+        are folded in (:meth:`optimize` folds them); deleted rows leave the results at once."""
+        from lancedb.index import FTS
+
+        self._table.create_index("text", config=FTS(with_position=False), replace=replace)
+
+    @property
+    def has_text_index(self) -> bool:
+        return any(list(i.columns) == ["text"] and str(i.index_type).upper() in ("FTS", "INVERTED")
+                   for i in self.list_indices())
+
+    def text_search(self, questions: Sequence[str], k: int = 50, *, filter: str | None = None) -> list[SearchResult]:
+        """BM25 over the chunks' text with the table's full-text index: one :class:`SearchResult` per question,
+        scores are BM25 scores. Raises :class:`TextIndexMissingError` when the table has no text index."""
+        if k <= 0:
+            raise ValueError("k must be positive")
+        if not self.has_text_index:
+            raise TextIndexMissingError(f"chunk table {self.name!r} has no full-text index on 'text': run the index "
+                                        "job (it builds one unless --no-text-index) or ChunkStore.create_text_index()")
+        out = []
+        for question in questions:
+            if not isinstance(question, str):
+                raise ValueError(f"questions must be strings, got {type(question).__name__}")
+            if not question.strip():
+                out.append(self._empty_result())
+                continue
+            query = (self._table.search(question, query_type="fts").limit(int(k))
+                     .select(["chunk_id", "doc_id", "text", *self._memory_columns, "_score"]))
+            if filter:
+                query = query.where(filter, prefilter=True)
+            rows = query.to_arrow()
+            if rows.num_rows == 0:
+                out.append(self._empty_result())
+                continue
+            scores = rows.column("_score").to_numpy().astype(np.float32)
+            out.append(self._result(rows, _decode_memory(rows, self.settings), scores, int(k)))
+        return out
+
+    def hybrid_search(
+        self,
+        query_memory: Any,
+        questions: Sequence[str],
+        k: int = 5,
+        candidates: int = 50,
+        *,
+        text_candidates: int | None = None,
+        text_weight: float = 1.0,
+        rrf_k: int = 60,
+        filter: str | None = None,
+        **ann: Any,
+    ) -> list[SearchResult]:
+        """Latent and BM25 candidates fused: the union of :meth:`search`'s ``candidates`` (ANN proposal on
+        the key) and :meth:`text_search`'s ``text_candidates`` (default: as many) is re-scored exactly on the
+        memories (CLaRa cosine), then ranked by reciprocal rank fusion,
+        ``1 / (rrf_k + cosine rank) + text_weight / (rrf_k + BM25 rank)`` (no BM25 term for a chunk BM25 did
+        not return). ``text_weight`` 0 is the latent ranking over the union; scores are the fused values.
+        ``ann``: ``nprobes`` / ``refine_factor`` / ``ef`` for the vector half.
+        """
+        q = self._queries(query_memory)
+        questions = list(questions)
+        if len(questions) != len(q):
+            raise ValueError(f"{len(q)} query memories but {len(questions)} questions")
+        if k <= 0:
+            raise ValueError("k must be positive")
+        if text_weight < 0 or rrf_k < 0:
+            raise ValueError(f"text_weight and rrf_k must be >= 0, got {text_weight}, {rrf_k}")
+        pool = max(int(candidates), int(k))
+        latent = self.search(q, k=pool, candidates=pool, filter=filter, **ann)
+        text = self.text_search(questions, int(text_candidates or pool), filter=filter)
+        out = []
+        for b, (lat, txt) in enumerate(zip(latent, text)):
+            ids, docs, texts, mems = list(lat.chunk_ids), list(lat.doc_ids), list(lat.texts), [lat.memory]
+            seen = set(ids)
+            extra = [i for i, c in enumerate(txt.chunk_ids) if c not in seen]
+            ids += [txt.chunk_ids[i] for i in extra]
+            docs += [txt.doc_ids[i] for i in extra]
+            texts += [txt.texts[i] for i in extra]
+            mems.append(txt.memory[extra])
+            if not ids:
+                out.append(self._empty_result())
+                continue
+            memory = np.concatenate(mems)
+            bm25 = dict(zip(txt.chunk_ids, txt.scores))
+            fused = reciprocal_rank_fusion(flat_cosine(q[b], memory)[0],
+                                           np.array([bm25.get(c, np.nan) for c in ids]), text_weight, rrf_k)
+            rows = pa.table({"chunk_id": ids, "doc_id": docs, "text": texts})
+            out.append(self._result(rows, memory, fused.astype(np.float32), int(k)))
+        return out
+
     def exact_search(
         self, query_memory: Any, k: int = 5, *, filter: str | None = None, batch_size: int = 2048
     ) -> list[SearchResult]:
@@ -587,6 +698,7 @@ __all__ = [
     "IndexReport",
     "SearchResult",
     "StoreSettings",
+    "TextIndexMissingError",
     "UpsertResult",
     "content_hash",
     "dequantize_int8",
@@ -596,5 +708,6 @@ __all__ = [
     "key_projection",
     "project_keys",
     "quantize_int8",
+    "reciprocal_rank_fusion",
     "to_float16",
 ]

@@ -66,3 +66,25 @@ def test_custom_ranker_and_oracle_insertion(make_model, examples):
 def test_bad_settings():
     with pytest.raises(ValueError, match="unknown mode"):
         EvalSettings(modes=("telepathy",))
+    with pytest.raises(ValueError, match="retrieval"):
+        EvalSettings(retrieval="psychic")
+
+
+def test_hybrid_retrieval_fuses_bm25_with_the_query_reasoner(make_model, examples):
+    """On the tiny random model the query reasoner ranks at chance; fused with BM25 over the candidates
+    (the served hybrid's formula), with BM25's term weighted up, the gold chunk comes first for most
+    questions (at weight 1 the two rank lists count alike: no better than their average)."""
+    from clara.eval.evaluate import hybrid_scores
+
+    model = make_model()
+    settings = dict(modes=(), top_k=2, recall_ks=(1,), max_new_tokens=2)
+    latent = aggregate(evaluate_examples(model, examples, EvalSettings(**settings)))
+    hybrid = aggregate(evaluate_examples(model, examples, EvalSettings(**settings, retrieval="hybrid",
+                                                                                   text_weight=10.0)))
+    assert hybrid.retrieval["recall@1"] >= 60 and hybrid.retrieval["recall@1"] > latent.retrieval["recall@1"]
+    # weight 0 keeps the latent order; a candidate with no shared term gets no BM25 term
+    lat = [[0.3, 0.2, 0.1]]
+    no_terms = hybrid_scores(["zzz"], [["a b", "c d", "e f"]], lat, 1.0)
+    assert no_terms == hybrid_scores(["q"], [["a", "b", "c"]], lat, 0.0)
+    fused = hybrid_scores(["cat"], [["a dog", "the cat", "a bird"]], lat, 1.0)[0]
+    assert max(range(3), key=fused.__getitem__) == 1

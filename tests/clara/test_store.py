@@ -421,3 +421,82 @@ def test_search_on_empty_table_and_bad_query(store):
     assert len(store.exact_search(memories(1)[0], k=3)[0]) == 0
     with pytest.raises(ValueError, match="shape"):
         store.search(np.zeros((N_MEM + 1, D), np.float32))
+
+
+# ---------------------------------------------------------------- full text and hybrid
+
+
+WORDS = ("granite quarry basalt harbour lighthouse orchard glacier monsoon violin cathedral falcon "
+         "copper tundra lagoon meteor saffron").split()
+
+
+def worded_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows whose text names two rare words each (row i: words i and i+1 of WORDS, cycled)."""
+    out = rows(n, seed)
+    for i, r in enumerate(out):
+        r["text"] = f"a note on the {WORDS[i % len(WORDS)]} and the {WORDS[(i + 1) % len(WORDS)]} of row {i}"
+    return out
+
+
+def test_text_search_is_bm25_on_the_text_index_and_follows_writes(store):
+    store.upsert(worded_rows(12))
+    with pytest.raises(ValueError, match="no full-text index"):
+        store.text_search(["granite"])
+    store.create_text_index()
+    assert store.has_text_index
+    (hit,) = store.text_search(["Where is the lighthouse?"], k=5)
+    assert set(hit.chunk_ids) == {"c3", "c4"}  # "lighthouse" is word 4: rows 3 and 4, no other row
+    assert np.all(np.diff(hit.scores) <= 0) and hit.memory.shape == (2, N_MEM, D)
+    np.testing.assert_allclose(hit.memory, store.get_memory(hit.chunk_ids))
+    # a later write is searched before the index is rebuilt; a delete leaves the results at once
+    extra = worded_rows(1, seed=5)[0] | {"chunk_id": "new", "text": "lighthouse lighthouse lighthouse keeper"}
+    store.upsert([extra])
+    assert store.text_search(["lighthouse"], k=5)[0].chunk_ids[0] == "new"
+    store.delete_chunks(["new", "c3"])
+    assert store.text_search(["lighthouse"], k=5)[0].chunk_ids == ["c4"]
+    empty, none = store.text_search(["   ", "zeppelin"], k=3)
+    assert len(empty) == 0 and len(none) == 0
+
+
+def test_hybrid_search_fuses_bm25_and_latent_ranks_over_the_exact_union(store):
+    data = worded_rows(30)
+    store.upsert(data)
+    store.create_text_index()
+    mem = np.stack([r["memory"] for r in data])
+    words = WORDS[5]  # 16 words cycled over 30 rows: word 5 is in rows 4, 5, 20 and 21 only
+    bm25_ids = store.text_search([words], k=10)[0].chunk_ids
+    assert set(bm25_ids) == {"c4", "c5", "c20", "c21"}
+    (latent,) = store.search(mem[7], k=5, candidates=30)  # the query's memory is row 7's
+    assert latent.chunk_ids[0] == "c7"
+    (only_latent,) = store.hybrid_search(mem[7], [words], k=5, candidates=30, text_weight=0.0)
+    assert only_latent.chunk_ids == latent.chunk_ids  # weight 0: the latent ranking of the union
+    (fused,) = store.hybrid_search(mem[7], [words], k=3, candidates=3)
+    latent_ids = store.search(mem[7], k=3, candidates=3)[0].chunk_ids
+    # BM25's hits outside the 3 latent candidates enter the top 3
+    assert (set(fused.chunk_ids) - set(latent_ids)) & set(bm25_ids)
+    assert np.all(np.diff(fused.scores) <= 0)
+    np.testing.assert_allclose(fused.memory, store.get_memory(fused.chunk_ids))
+    # by hand: exact cosine ranks over the union of 3 + 3 candidates, plus BM25 ranks (ties in union order)
+    (top3,) = store.text_search([words], k=3)
+    union = list(latent_ids) + [c for c in top3.chunk_ids if c not in latent_ids]
+    cos = flat_cosine(mem[7], store.get_memory(union))[0]
+    expect = {c: 1 / (60 + r) for r, c in enumerate(np.array(union)[np.argsort(-cos, kind="stable")], 1)}
+    bm25 = dict(zip(top3.chunk_ids, top3.scores))
+    by_bm25 = sorted((c for c in union if c in bm25), key=lambda c: (-bm25[c], union.index(c)))
+    for r, c in enumerate(by_bm25, 1):
+        expect[c] += 1 / (60 + r)
+    assert len(fused) == 3
+    for c, s in zip(fused.chunk_ids, fused.scores):
+        assert s == pytest.approx(expect[c], rel=1e-5)
+    with pytest.raises(ValueError, match="questions"):
+        store.hybrid_search(mem[:2], [words], k=5)
+
+
+def test_reciprocal_rank_fusion():
+    from clara.index.store import reciprocal_rank_fusion
+
+    fused = reciprocal_rank_fusion([0.9, 0.1, 0.5], [np.nan, 3.0, 1.0], text_weight=2.0, rrf_k=0)
+    np.testing.assert_allclose(fused, [1 / 1, 1 / 3 + 2 / 1, 1 / 2 + 2 / 2])
+    np.testing.assert_allclose(reciprocal_rank_fusion([0.2, 0.4], [np.nan, np.nan]), [1 / 62, 1 / 61])
+    with pytest.raises(ValueError):
+        reciprocal_rank_fusion([1.0], [1.0, 2.0])

@@ -114,6 +114,34 @@ def test_two_step_search_recall_against_brute_force(scp_index, make_model, scp_r
     np.testing.assert_allclose(ann[0].scores[:3], exact[0].scores[:3], atol=1e-5)
 
 
+def test_the_job_keeps_a_text_index_for_hybrid_retrieval(scp_index, model_dir, scp_records):
+    """The run built the full-text index; with the tiny random model, latent retrieval barely finds a
+    question's chunk, BM25 and hybrid (through the served Retriever) find most."""
+    from clara.index.retrieve import Retriever
+
+    s, summary, lines = scp_index
+    assert summary.text_index.startswith("built on 900 rows") and any("text index" in line for line in lines)
+    store = ChunkStore.open(s.table_uri, None, create=False)
+    assert store.has_text_index
+    examples = [ex for ex in scp_records][::41][:20]
+    gold = [f"{scp_doc_id(ex.chunks[0])}::0" for ex in examples]
+    questions = [ex.question for ex in examples]
+    retriever = Retriever.open(model_dir, s.table_uri, candidates=20, retrieval="hybrid")
+    hybrid = retriever.retrieve(questions, k=5, with_memory=False)
+    retriever.set_retrieval("latent")
+    latent = retriever.retrieve(questions, k=5, with_memory=False)
+    bm25 = store.text_search(questions, k=5)
+
+    def recall(results) -> float:
+        return float(np.mean([g in r.chunk_ids for g, r in zip(gold, results)]))
+
+    assert recall(bm25) >= 0.7 and recall(hybrid) >= 0.7 > recall(latent) + 0.3, \
+        (recall(latent), recall(bm25), recall(hybrid))
+    assert retriever.describe()["retrieval"] == "latent"
+    rerun = run_index(s)  # nothing changed: the text index is left alone
+    assert rerun.text_index == "" and rerun.version == rerun.start_version
+
+
 def test_other_compressor_wrong_shape_or_bad_input_leave_the_table_unchanged(scp_index, make_model, tmp_path):
     s, _, _ = scp_index
     store = ChunkStore.open(s.table_uri, None, create=False)

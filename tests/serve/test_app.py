@@ -751,6 +751,8 @@ def test_a_user_config_change_is_applied_live_without_a_new_replica(served, mode
     from ray.serve._private.api import serve_start  # the call behind `serve run` / `serve deploy`'s REST route
     from ray.serve.schema import ServeDeploySchema
 
+    from clara.index.build import scp_doc_id
+
     config = yaml.safe_load(CONFIG.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": served.port}
     app = config["applications"][0]
@@ -779,11 +781,24 @@ def test_a_user_config_change_is_applied_live_without_a_new_replica(served, mode
         gen = next(d for d in app["deployments"] if d["name"] == "Generator")
         ret = next(d for d in app["deployments"] if d["name"] == "Retriever")
         gen["user_config"] = {**gen["user_config"], "max_batch_size": 3, "batch_wait_timeout_s": 0.2}
-        ret["user_config"] = {**ret["user_config"], "candidates": 70}
+        ret["user_config"] = {**ret["user_config"], "candidates": 70, "retrieval": "hybrid"}
+        # questions about indexed chunks (the index holds the sample's first 80 documents)
+        asked = list({ex.chunks[0]: ex for ex in scp_records}.values())[:40:5]
+
+        def found() -> int:
+            rs = [httpx.post(f"http://127.0.0.1:{served.port}/live/v1/retrieve", json={"question": ex.question,
+                             "top_k": 3}, timeout=60).json() for ex in asked]
+            return sum(f"{scp_doc_id(ex.chunks[0])}::0" in [c["chunk_id"] for c in r["chunks"]]
+                       for ex, r in zip(asked, rs))
+
+        latent_found = found()
         after = deploy_and_read(3)
         assert after["generator"]["replica"] == before["generator"]["replica"] != ""  # not restarted
         assert after["retriever"]["replica"] == before["retriever"]["replica"]
         assert after["generator"]["batch_wait_timeout_s"] == 0.2 and after["retriever"]["candidates"] == 70
+        # hybrid retrieval switched on live (the index job keeps the text index): BM25 reads the words
+        assert (before["retriever"]["retrieval"], after["retriever"]["retrieval"]) == ("latent", "hybrid")
+        assert found() >= max(6, latent_found + 3), latent_found
         with ThreadPoolExecutor(8) as pool:  # in effect: no generator batch above 3
             rs = list(pool.map(lambda q: httpx.post(f"http://127.0.0.1:{served.port}/live/v1/answer",
                                                     json={"question": q}, timeout=120),
