@@ -41,6 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--dtype", default="float16", help="the index's memory storage dtype")
     p.add_argument("--json", type=Path, help="write the figures here too")
+    p.add_argument("--cache", type=Path, help="an .npy file of the chunks' memories: read if it exists, else written")
     a = p.parse_args(argv)
 
     import torch
@@ -60,7 +61,12 @@ def main(argv=None) -> dict:
     model_dir = resolve_model_dir(a.model)
     model = ClaraModel.from_pretrained(model_dir)
     t0 = time.perf_counter()
-    memory = torch.cat([model.compress(chunks[s:s + 16]) for s in range(0, len(chunks), 16)]).numpy()
+    if a.cache and a.cache.exists():
+        memory = np.load(a.cache)
+    else:
+        memory = torch.cat([model.compress(chunks[s:s + 16]) for s in range(0, len(chunks), 16)]).float().numpy()
+        if a.cache:
+            np.save(a.cache, memory)
     compress_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         store = ChunkStore.open(Path(tmp) / "db", store_settings_for(read_compressor_info(model_dir), dtype=a.dtype))
@@ -70,7 +76,7 @@ def main(argv=None) -> dict:
         store.create_text_index()
         questions = [ex.question for ex in asked]
         gold = [f"{scp_doc_id(ex.chunks[0])}::0" for ex in asked]
-        query = model.encode_query(questions).numpy()
+        query = model.encode_query(questions).float().numpy()
         kmax = max(a.ks)
         runs = {"latent (exact)": store.exact_search(query, k=kmax),
                 "BM25 (LanceDB FTS)": store.text_search(questions, k=kmax)}
