@@ -1,9 +1,9 @@
-"""Storage per chunk for float32, float16 and int8 memory, what each costs in retrieval and generation,
+"""Storage per chunk for float32, float16, int8 and int4 memory, what each costs in retrieval and generation,
 and the same figures extrapolated to a 7B compressor (d=4096, rate 16, 256-token chunks) and 10^9 chunks.
 
 The 900 chunks of ``../shared/data/scp_sample.jsonl`` are compressed once (float32 reference) and
-written three times, once per storage dtype, through the index job's own code (``ChunkCompressor`` ->
-``IndexWriter`` -> LanceDB), then compacted; bytes per chunk are measured on disk. Costs, per dtype,
+written once per storage dtype with the index job's row encoding (``ChunkStore.encode``, i.e.
+``encode_batch``) into LanceDB, then compacted; bytes per chunk are measured on disk. Costs, per dtype,
 against the float32 reference:
 
 * retrieval: recall@10 of the exact search over the stored memory against the float32 top-10, top-1
@@ -49,7 +49,8 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scp_sample.jsonl"
-BYTES = {"float32": 4, "float16": 2, "int8": 1}
+BYTES = {"float32": 4, "float16": 2, "int8": 1, "int4": 0.5}
+SCALE_BYTES = {"int8": 4, "int4": 2}  # per memory token
 
 
 def _dir_bytes(path: Path) -> int:
@@ -63,6 +64,9 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=300, help="questions for the retrieval figures")
     p.add_argument("--qa", type=int, default=100, help="questions answered for the generation figures (0: skip)")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--held-out", type=int, default=0,
+                   help="ask only about the N held-out chunks of benchmarks/memory_probe.py's split (48: the "
+                        "chunks the shipped compressor never saw); default: any chunk")
     p.add_argument("--chunks", type=float, default=1e9, help="corpus size for the extrapolation")
     p.add_argument("--target-d", type=int, default=4096)
     p.add_argument("--target-rate", type=int, default=16)
@@ -76,17 +80,14 @@ def main() -> None:
 
     from clara.config import ClaraConfig, LoraSettings
     from clara.data.records import read_records
-    from clara.eval.metrics import cover_em
+    from clara.eval.metrics import cover_em, token_f1
     from clara.index.build import (
-        ChunkCompressor,
         ChunkingSettings,
-        IndexWriter,
         chunking_salt,
         default_key_dim,
         read_compressor_info,
         source_chunks,
         store_settings_for,
-        work_blocks,
     )
     from clara.index.codec import flat_cosine
     from clara.index.store import ChunkStore
@@ -114,12 +115,21 @@ def main() -> None:
         ref = model.compress([c.text for c in chunks]).float().numpy()  # (N, M, D) the float32 reference
 
         rng = np.random.default_rng(0)
-        picked = [records[i] for i in sorted(rng.choice(len(records), min(a.questions, len(records)), replace=False))]
+        asked = records
+        if a.held_out:
+            import sys
+
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from memory_probe import probe_split
+
+            held = set(probe_split(records, a.held_out, 0, seed=0)[0])
+            asked = [ex for ex in records if ex.chunks[0] in held]
+        picked = [asked[i] for i in sorted(rng.choice(len(asked), min(a.questions, len(asked)), replace=False))]
         query = model.encode_query([ex.question for ex in picked]).float().numpy()
         gold = [index_of[ex.chunks[0]] for ex in picked]
         ref_scores = flat_cosine(query, ref)  # (Q, N)
         ref_top = np.argsort(-ref_scores, axis=1, kind="stable")[:, :10]
-        qa = [records[i] for i in sorted(rng.choice(len(records), min(a.qa, len(records)), replace=False))]
+        qa = [asked[i] for i in sorted(rng.choice(len(asked), min(a.qa, len(asked)), replace=False))]
         qa_idx = [index_of[ex.chunks[0]] for ex in qa]
 
         def answers(memory: np.ndarray) -> list[str]:
@@ -130,14 +140,13 @@ def main() -> None:
 
         ref_answers = answers(ref)
         rows = {}
-        for dtype in ("float32", "float16", "int8"):
+        metadata = [{"chunk_id": c.chunk_id, "doc_id": c.doc_id, "position": c.position, "text": c.text,
+                     "content_hash": c.content_hash} for c in chunks]
+        for dtype in ("float32", "float16", "int8", "int4"):
             settings = store_settings_for(info, dtype=dtype)
             store = ChunkStore.open(work / f"db-{dtype}", settings)
-            compressor = ChunkCompressor(model_dir, settings, device="cpu")
-            writer = IndexWriter(store, commit_rows=len(chunks))
-            for block in work_blocks(chunks, 32, 1):
-                writer.add(compressor(block))
-            writer.flush()
+            for start in range(0, len(chunks), 256):  # the rows the index job writes (its encode_batch)
+                store.upsert(store.encode(metadata[start:start + 256], ref[start:start + 256]))
             with warnings.catch_warnings():  # no other reader: dropping old versions is what is measured
                 warnings.simplefilter("ignore")
                 store.optimize(cleanup=True, older_than=dt.timedelta(0))
@@ -150,13 +159,15 @@ def main() -> None:
             scores = flat_cosine(query, stored)
             gold_r5 = np.mean([g in t[:5] for g, t in zip(gold, top)])
             outs = answers(stored)
-            scale_b = 4 * settings.n_mem if dtype == "int8" else 0
+            scale_b = SCALE_BYTES.get(dtype, 0) * settings.n_mem
             rows[dtype] = dict(
-                disk=disk / len(chunks), memory=settings.flat_dim * BYTES[dtype] + scale_b, key=4 * settings.key_dim,
+                disk=disk / len(chunks), memory=int(settings.flat_dim * BYTES[dtype] + scale_b),
+                key=4 * settings.key_dim,
                 recall=recall, top1=float(np.mean(top[:, 0] == ref_top[:, 0])),
                 dscore=float(np.abs(scores - ref_scores).max()), gold_r5=gold_r5,
                 same=float(np.mean([x == y for x, y in zip(outs, ref_answers)])) if qa else float("nan"),
                 cover=float(np.mean([cover_em(x, ex.answer) for x, ex in zip(outs, qa)])) if qa else float("nan"),
+                f1=float(np.mean([token_f1(x, ex.answer) for x, ex in zip(outs, qa)])) if qa else float("nan"),
             )
         text_bytes = np.mean([len(c.text.encode()) for c in chunks])
         tokens = np.mean([len(model.tokenizer(c.text, add_special_tokens=False)["input_ids"]) for c in chunks])
@@ -164,10 +175,10 @@ def main() -> None:
         print(f"\n{len(chunks)} chunks, memory {info.n_mem} x {info.d} (rate {info.compression_rate}), "
               f"{store_settings_for(info).key_dim}-d key; {len(picked)} questions for retrieval, {len(qa)} answered")
         print(f"{'dtype':8}{'disk B/chunk':>13}{'memory B':>10}{'recall@10':>11}{'top-1 =':>9}{'max dscore':>12}"
-              f"{'gold R@5':>10}{'same answer':>13}{'cover-EM':>10}")
+              f"{'gold R@5':>10}{'same answer':>13}{'cover-EM':>10}{'F1':>7}")
         for dtype, r in rows.items():
             print(f"{dtype:8}{r['disk']:>13.0f}{r['memory']:>10}{r['recall']:>11.3f}{r['top1']:>9.3f}"
-                  f"{r['dscore']:>12.2e}{r['gold_r5']:>10.3f}{r['same']:>13.2f}{r['cover']:>10.2f}")
+                  f"{r['dscore']:>12.2e}{r['gold_r5']:>10.3f}{r['same']:>13.2f}{r['cover']:>10.2f}{r['f1']:>7.3f}")
         f32 = rows["float32"]
         print("ratios to float32 (disk): " + ", ".join(f"{d} {r['disk'] / f32['disk']:.2f}" for d, r in rows.items()))
 
@@ -186,7 +197,7 @@ def main() -> None:
         print(f"{'dtype':8}{'memory KiB':>11}{'row KiB':>10}{'TiB total':>11}{'x float32':>11}")
         total32 = None
         for dtype in rows:
-            mem_b = n_mem * a.target_d * BYTES[dtype] + (4 * n_mem if dtype == "int8" else 0)
+            mem_b = n_mem * a.target_d * BYTES[dtype] + SCALE_BYTES.get(dtype, 0) * n_mem
             row_b = mem_b + 4 * key_dim + other
             total = row_b * a.chunks / 2**40
             total32 = total32 or total

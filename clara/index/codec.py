@@ -108,6 +108,54 @@ def dequantize_int8(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.asarray(codes, dtype=np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_rotation(d: int, seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(_stable_gaussian(seed + 1_000_003, d * d).reshape(d, d))
+    q = (q * np.sign(np.diag(r))).astype(np.float32)  # the Haar-distributed orthogonal matrix of the draw
+    q.setflags(write=False)
+    return q
+
+
+def token_rotation(d: int, seed: int = 0) -> np.ndarray:
+    """The fixed, seeded orthogonal ``[d, d]`` matrix that int4 storage turns each memory token by.
+
+    Why: last-layer states carry a few very large coordinates; a per-token 4-bit scale set by them would
+    round every other coordinate to zero. A random rotation spreads each token's energy over all
+    coordinates (near-Gaussian), so 15 levels resolve it. Rotation keeps norms and the CLaRa cosine.
+    """
+    if d <= 0 or seed < 0:
+        raise ValueError(f"bad rotation size/seed: d={d}, seed={seed}")
+    return _cached_rotation(int(d), int(seed))
+
+
+def quantize_int4(memory: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rotated, symmetric per-token int4: ``packed [N, ceil(n_mem*d/2)] uint8`` and ``scale [N, n_mem] float16``.
+
+    Each token ``t`` is rotated (:func:`token_rotation`), then ``t R ~= codes * scale`` with codes in
+    [-7, 7] stored offset by 8, two a byte (the first code in the low nibble). An all-zero token gets scale 0.
+    """
+    mem = _as_float32(memory)
+    if mem.ndim != 3:
+        raise ValueError(f"memory must be [N, n_mem, d], got shape {mem.shape}")
+    rotated = mem @ token_rotation(mem.shape[2], seed)
+    scale = (np.abs(rotated).max(axis=-1) / 7.0).astype(np.float16)
+    safe = np.where(scale > 0, scale.astype(np.float32), 1.0)
+    codes = (np.clip(np.rint(rotated / safe[..., None]), -7, 7) + 8).astype(np.uint8).reshape(len(mem), -1)
+    if codes.shape[1] % 2:
+        codes = np.concatenate([codes, np.full((len(codes), 1), 8, np.uint8)], axis=1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8), scale
+
+
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray, n_mem: int, d: int, seed: int = 0) -> np.ndarray:
+    """Inverse of :func:`quantize_int4`: ``float32 [N, n_mem, d]``."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    codes = np.empty((len(packed), packed.shape[1] * 2), np.int8)
+    codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
+    values = (codes[:, :n_mem * d].astype(np.float32) - 8.0).reshape(len(packed), n_mem, d)
+    values *= np.asarray(scale, dtype=np.float32)[..., None]
+    return values @ token_rotation(d, seed).T
+
+
 def to_float16(memory: Any) -> np.ndarray:
     """Cast memory to float16; raises ``ValueError`` if a value overflows the float16 range."""
     mem = _as_float32(memory)
@@ -259,6 +307,13 @@ def encode_batch(
         codes, scale = quantize_int8(mem)
         arrays["memory"] = _fixed_list(codes, settings.flat_dim)
         arrays["memory_scale"] = _fixed_list(scale, settings.n_mem)
+    elif settings.dtype == "int4":
+        packed, scale = quantize_int4(mem, settings.key_seed)
+        if not np.isfinite(scale).all():
+            bad = [c for c, ok in zip(ids, np.isfinite(scale).all(axis=1)) if not ok]
+            raise ValueError(f"memory overflows the float16 scale of int4 storage for chunks {_name_ids(bad)}")
+        arrays["memory"] = _fixed_list(packed, (settings.flat_dim + 1) // 2)
+        arrays["memory_scale"] = _fixed_list(scale, settings.n_mem)
     elif settings.dtype == "float16":
         with np.errstate(over="ignore"):
             half = mem.astype(np.float16)
@@ -341,12 +396,15 @@ def _decode_memory(batch: pa.Table | pa.RecordBatch, settings: StoreSettings) ->
     col = batch.column("memory")
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    mem = col.flatten().to_numpy(zero_copy_only=False).reshape(n, settings.n_mem, settings.d)
-    if settings.dtype == "int8":
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    if settings.dtype in ("int8", "int4"):
         scale = batch.column("memory_scale")
         if isinstance(scale, pa.ChunkedArray):
             scale = scale.combine_chunks()
-        return dequantize_int8(mem, scale.flatten().to_numpy(zero_copy_only=False).reshape(n, settings.n_mem))
-    return mem.astype(np.float32)
+        scale = scale.flatten().to_numpy(zero_copy_only=False).reshape(n, settings.n_mem)
+        if settings.dtype == "int4":
+            return dequantize_int4(flat.reshape(n, -1), scale, settings.n_mem, settings.d, settings.key_seed)
+        return dequantize_int8(flat.reshape(n, settings.n_mem, settings.d), scale)
+    return flat.reshape(n, settings.n_mem, settings.d).astype(np.float32)
 
 

@@ -1,7 +1,8 @@
 """The chunk index: one LanceDB table of compressed chunks, and the one module that owns its schema.
 
 Every row is one chunk: its ids and text, its CLaRa memory tokens (``[n_mem, d]``, stored flat as a
-fixed-size list in float32, float16, or int8 with a per-token scale) and a low-dimensional ``key``
+fixed-size list in float32, float16, int8 with a per-token scale, or int4: two 4-bit codes a byte of
+each token turned by a fixed seeded rotation, with a float16 per-token scale) and a low-dimensional ``key``
 (a fixed, seeded random projection of the flattened memory) that the ANN index searches. Search is
 two-step: the ANN search on ``key`` proposes candidates, which are re-scored with the exact CLaRa
 score (cosine of the flattened memories) on their full memory.
@@ -32,7 +33,7 @@ import pyarrow as pa
 METADATA_KEY = b"clara"
 FORMAT_VERSION = 1
 KEY_SCHEME = "pcg64-box-muller-gaussian-v1"  # bump if key_projection ever changes: old keys would no longer match
-DTYPES = ("float32", "float16", "int8")
+DTYPES = ("float32", "float16", "int8", "int4")
 ANN_KINDS = ("IVF_FLAT", "IVF_SQ", "IVF_PQ", "IVF_RQ", "IVF_HNSW_FLAT", "IVF_HNSW_SQ", "IVF_HNSW_PQ")
 METRICS = ("cosine", "dot")
 DEFAULT_TABLE = "chunks"
@@ -137,6 +138,11 @@ def index_schema(settings: StoreSettings) -> pa.Schema:
         memory_fields = [
             pa.field("memory", pa.list_(pa.int8(), settings.flat_dim), nullable=False),
             pa.field("memory_scale", pa.list_(pa.float32(), settings.n_mem), nullable=False),
+        ]
+    elif settings.dtype == "int4":  # two 4-bit codes a byte, of the rotated tokens (clara.index.codec)
+        memory_fields = [
+            pa.field("memory", pa.list_(pa.uint8(), (settings.flat_dim + 1) // 2), nullable=False),
+            pa.field("memory_scale", pa.list_(pa.float16(), settings.n_mem), nullable=False),
         ]
     else:
         value_type = pa.float16() if settings.dtype == "float16" else pa.float32()

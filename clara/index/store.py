@@ -328,7 +328,7 @@ class ChunkStore:
 
     @property
     def _memory_columns(self) -> list[str]:
-        return ["memory", "memory_scale"] if self.settings.dtype == "int8" else ["memory"]
+        return ["memory", "memory_scale"] if self.settings.dtype in ("int8", "int4") else ["memory"]
 
     def get_memory(self, chunk_ids: Sequence[str]) -> np.ndarray:
         """Dequantised memories ``float32 [n, n_mem, d]`` in the order of ``chunk_ids``; KeyError names missing ids."""
