@@ -781,7 +781,8 @@ def test_a_user_config_change_is_applied_live_without_a_new_replica(served, mode
         gen = next(d for d in app["deployments"] if d["name"] == "Generator")
         ret = next(d for d in app["deployments"] if d["name"] == "Retriever")
         gen["user_config"] = {**gen["user_config"], "max_batch_size": 3, "batch_wait_timeout_s": 0.2}
-        ret["user_config"] = {**ret["user_config"], "candidates": 70, "retrieval": "hybrid"}
+        # hybrid with BM25's rank term weighted up (the tiny random model's latent ranking is noise)
+        ret["user_config"] = {**ret["user_config"], "candidates": 70, "retrieval": "hybrid", "text_weight": 8.0}
         # questions about indexed chunks (the index holds the sample's first 80 documents)
         asked = list({ex.chunks[0]: ex for ex in scp_records}.values())[:40:5]
 
