@@ -47,7 +47,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clara.checkpoint import CheckpointError
@@ -73,7 +73,15 @@ from clara.index.build import (
     tag_version,
     work_blocks,
 )
-from clara.index.schema import ANN_KINDS, DEFAULT_TABLE, DTYPES, IndexMismatchError, IndexNotFoundError
+from clara.index.schema import (
+    ANN_KINDS,
+    DEFAULT_TABLE,
+    DTYPES,
+    IndexMismatchError,
+    IndexNotFoundError,
+    shard_of,
+    shard_table,
+)
 from clara.index.store import ChunkStore
 from clara.settings import add_config_flags, add_flags, from_args, print_config
 
@@ -166,6 +174,12 @@ class IndexSettings:
     #: Keep a full-text (BM25) index on the chunk text in the same table, for hybrid retrieval (built when
     #: missing, new rows folded in after each run).
     text_index: bool = True
+    #: Split the index into this many tables (``TABLE-00ofNN`` ...) by a hash of the document id; read them
+    #: as one with ``shards`` in the Serve app's args or ``Retriever.open(..., shards=N)``.
+    shards: int = 1
+    #: With ``--shards``: index only this shard (one job per shard, e.g. on different nodes); default: every
+    #: shard in turn.
+    shard: int | None = None
     #: Index only the first N documents (not with ``--delete-missing``).
     limit: int | None = None
     #: Rows per upsert commit (each commit is one table version).
@@ -193,8 +207,10 @@ class IndexSettings:
                 self.ann_index = None
             elif self.ann_index not in ANN_KINDS:
                 raise ValueError(f"IndexSettings.ann_index must be one of {ANN_KINDS} or none, got {self.ann_index!r}")
-        for name in ("batch_size", "actors", "commit_rows"):
+        for name in ("batch_size", "actors", "commit_rows", "shards"):
             positive(name, getattr(self, name))
+        if self.shard is not None and not 0 <= self.shard < self.shards:
+            raise ValueError(f"IndexSettings.shard must be in [0, {self.shards}) (--shards), got {self.shard}")
         for name in ("chunk_tokens", "key_dim", "limit", "threads_per_actor"):
             if getattr(self, name) is not None:
                 positive(name, getattr(self, name))
@@ -275,6 +291,17 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     (committed rows stay; rerun to resume).
     """
     say = progress or logger.info
+    in_shard: Callable[[str], bool] | None = None
+    if s.shards > 1:
+        if s.shard is None:
+            raise ValueError("IndexSettings.shard: run_index writes one shard (run_sharded writes them all)")
+        shard, shards = s.shard, s.shards
+
+        def in_shard(doc_id: str) -> bool:
+            return shard_of(doc_id, shards) == shard
+
+        s = replace(s, table_name=shard_table(s.table_name, shard, shards), shards=1, shard=None)
+        say(f"[index] shard {shard} of {shards}: table {s.table_name}")
     t0 = time.perf_counter()
     info = read_compressor_info(s.model)
     try:
@@ -292,6 +319,8 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     existing = store.existing_hashes() if store is not None else {}
     chunks = source_chunks(s.corpus, tokenizer, chunking, salt, id_field=s.id_field, text_field=s.text_field,
                            limit=s.limit)
+    if in_shard is not None:
+        chunks = (c for c in chunks if in_shard(c.doc_id))
     plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
     check_deletions(plan, len(existing), s.max_delete_fraction)
     if store is None:
@@ -342,6 +371,12 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     )
     say("[index] " + summary.format())
     return summary
+
+
+def run_sharded(s: IndexSettings, progress: Progress | None = None) -> list[IndexSummary]:
+    """Every shard of ``s.shards`` in turn (or only ``s.shard``), one :func:`run_index` pass each."""
+    shards = [s.shard] if s.shard is not None else range(s.shards)
+    return [run_index(replace(s, shard=i) if s.shards > 1 else s, progress) for i in shards]
 
 
 def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter) -> None:
@@ -532,8 +567,8 @@ def _run(a: argparse.Namespace) -> int:
     if a.print_config:
         print_config(s)
         return 0
-    summary = run_index(s, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(json.dumps(asdict(summary)) if a.json else summary.format())
+    for summary in run_sharded(s, progress=lambda line: print(line, file=sys.stderr, flush=True)):
+        print(json.dumps(asdict(summary)) if a.json else summary.format())
     return 0
 
 

@@ -564,12 +564,12 @@ class RetrieverDeployment:
     Built from its part of the app's args; tuned live by its ``user_config`` (:class:`RetrieverConfig`).
     """
 
-    def __init__(self, model: str, index_uri: str, table: str = "chunks",
+    def __init__(self, model: str, index_uri: str, table: str = "chunks", shards: int = 1,
                  storage_options: dict[str, str] | None = None, device: str | None = None) -> None:
         from clara.index.retrieve import Retriever
 
         self.config = RetrieverConfig()
-        self.retriever = Retriever.open(model, index_uri, table, device=device,
+        self.retriever = Retriever.open(model, index_uri, table, device=device, shards=shards,
                                         storage_options=storage_options or None, candidates=self.config.candidates,
                                         refresh_interval_s=self.config.index_refresh_s)
         self.reconfigure({})

@@ -61,6 +61,9 @@ class AppArgs:
     index_uri: str
     #: Chunk table in the database.
     table: str = "chunks"
+    #: The index is split into this many tables by the index job (``--shards``); the retriever searches
+    #: them all and merges.
+    shards: int = 1
     #: LanceDB storage options (object-store endpoint, region, ...; secrets belong in the replicas'
     #: environment, not here).
     storage_options: dict[str, str] = field(default_factory=dict, metadata={"flags": ("--storage-option",)})
@@ -95,6 +98,8 @@ class AppArgs:
         for name in ("model", "index_uri", "table"):
             if not str(getattr(self, name)).strip():
                 raise ConfigError(f"{name}: must not be empty")
+        if self.shards < 1:
+            raise ConfigError(f"shards: must be >= 1, got {self.shards}")
 
     def resolved(self, base: str | Path | None = None) -> AppArgs:
         """A copy with a relative local model and index path made absolute (against ``base`` or the cwd).
@@ -113,7 +118,7 @@ class AppArgs:
 
     # what each deployment receives: its own settings only
     def retriever(self) -> dict[str, Any]:
-        return {"model": self.model, "index_uri": self.index_uri, "table": self.table,
+        return {"model": self.model, "index_uri": self.index_uri, "table": self.table, "shards": self.shards,
                 "storage_options": dict(self.storage_options), "device": self.device}
 
     def generator(self) -> dict[str, Any]:

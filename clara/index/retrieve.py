@@ -34,6 +34,7 @@ from clara.index.schema import (
     StoreSettings,
     TextIndexMissingError,
 )
+from clara.index.shards import ShardedStore
 from clara.index.store import ChunkStore
 from clara.model import ClaraModel
 
@@ -113,7 +114,7 @@ class Retriever:
     weighted by ``text_weight``; needs the table's full-text index).
     """
 
-    def __init__(self, model: ClaraModel, store: ChunkStore, *, candidates: int = 50,
+    def __init__(self, model: ClaraModel, store: ChunkStore | ShardedStore, *, candidates: int = 50,
                  refresh_interval_s: float | None = 5.0, clock: Callable[[], float] = time.monotonic,
                  reopen: Callable[[], ChunkStore] | None = None, retrieval: str = "latent",
                  text_weight: float = 1.0) -> None:
@@ -128,6 +129,9 @@ class Retriever:
         self.candidates = int(candidates)
         self.refresh_interval_s = refresh_interval_s
         self.clock = clock
+        if reopen is None and isinstance(store, ShardedStore):
+            def reopen() -> ShardedStore:
+                return ShardedStore.open(store.uri, store.name, len(store.shards))
         self._reopen = reopen or (lambda: ChunkStore.open(store.uri, None, table=store.name, create=False))
         self._lock = threading.RLock()
         self._checked_at = clock()
@@ -137,7 +141,8 @@ class Retriever:
         return (f"Retriever(store={self.store!r}, candidates={self.candidates}, retrieval={self.retrieval!r}, "
                 f"refresh_interval_s={self.refresh_interval_s})")
 
-    def set_retrieval(self, retrieval: str, text_weight: float = 1.0, store: ChunkStore | None = None) -> None:
+    def set_retrieval(self, retrieval: str, text_weight: float = 1.0,
+                      store: ChunkStore | ShardedStore | None = None) -> None:
         """Switch between ``latent`` and ``hybrid`` retrieval (live: Serve's ``reconfigure`` calls it).
         Raises :class:`TextIndexMissingError` for hybrid on a table without a full-text index."""
         if retrieval not in RETRIEVAL_MODES:
@@ -152,16 +157,22 @@ class Retriever:
 
     @classmethod
     def open(cls, model: str | Path | ClaraModel, index_uri: str | Path, table: str = DEFAULT_TABLE, *,
-             device: str | None = None, storage_options: dict[str, str] | None = None, **kwargs: Any) -> Retriever:
-        """Load the model (a directory, or an already loaded :class:`ClaraModel`) and open its index.
+             device: str | None = None, storage_options: dict[str, str] | None = None, shards: int = 1,
+             **kwargs: Any) -> Retriever:
+        """Load the model (a directory, or an already loaded :class:`ClaraModel`) and open its index
+        (``shards`` > 1: the tables of a sharded index, read as one by :class:`ShardedStore`).
 
         Raises :class:`~clara.index.store.IndexNotFoundError` when the table does not exist and
         :class:`IndexMismatchError` when another compressor built it.
         """
         if not isinstance(model, ClaraModel):
             model = ClaraModel.from_pretrained(model, device=device)
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
 
-        def reopen() -> ChunkStore:
+        def reopen() -> ChunkStore | ShardedStore:
+            if shards > 1:
+                return ShardedStore.open(index_uri, table, shards, storage_options=storage_options)
             return ChunkStore.open(index_uri, None, table=table, create=False, storage_options=storage_options)
 
         return cls(model, reopen(), reopen=reopen, **kwargs)
@@ -305,7 +316,8 @@ class Retriever:
             s = self.store.settings
             return {"n_mem": s.n_mem, "d": s.d, "compressor_version": s.compressor_version, "dtype": s.dtype,
                     "index_uri": self.store.uri, "table": self.store.name, "index_version": self.store.version,
-                    "rows": self.store.count(), "retrieval": self.retrieval}
+                    "rows": self.store.count(), "retrieval": self.retrieval,
+                    "shards": len(getattr(self.store, "shards", [self.store]))}
 
 
 def generate_answers(generator: Any, questions: Sequence[str], backgrounds: Sequence[Background],

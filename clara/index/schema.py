@@ -22,6 +22,7 @@ back; :mod:`clara.index.store` is the table.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +44,26 @@ _IDENTITY_FIELDS = ("n_mem", "d", "compressor_version", "dtype", "key_dim", "key
 _EPS = 1e-12
 
 _ID_BATCH = 4096  # ids per IN-list when reading rows by id
+
+
+# --------------------------------------------------------------------------------------------
+# shards: one logical index in several tables
+
+
+def shard_of(doc_id: str, shards: int) -> int:
+    """The shard of a document: the first 8 bytes of SHA-256 of its id, modulo ``shards``. A document's
+    chunks, their updates and their deletion all land in one shard, so the index job's plan (diff,
+    deletes, ``--delete-missing``) is per shard."""
+    if shards <= 0:
+        raise ValueError(f"shards must be positive, got {shards}")
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % shards
+
+
+def shard_table(table: str, shard: int, shards: int) -> str:
+    """The table name of one shard: ``chunks-00of04`` ... ``chunks-03of04``; one shard is the table itself."""
+    if shards <= 0 or not 0 <= shard < shards:
+        raise ValueError(f"shard must be in [0, {shards}), got {shard}")
+    return table if shards == 1 else f"{table}-{shard:02d}of{shards:02d}"
 
 
 class IndexMismatchError(ValueError):

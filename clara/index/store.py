@@ -139,6 +139,42 @@ def reciprocal_rank_fusion(latent: np.ndarray, text: np.ndarray, text_weight: fl
     return fused
 
 
+def fuse_candidates(query: np.ndarray, latent: SearchResult, text: SearchResult, k: int, text_weight: float = 1.0,
+                    rrf_k: int = 60) -> SearchResult:
+    """One question's hybrid top-``k``: the union of its latent and BM25 candidates, re-scored exactly on
+    their memories (CLaRa cosine with ``query`` ``[n_mem, d]``) and ranked by :func:`reciprocal_rank_fusion`
+    of that cosine and BM25 (no BM25 term for a chunk BM25 did not return)."""
+    ids, docs, texts = list(latent.chunk_ids), list(latent.doc_ids), list(latent.texts)
+    seen = set(ids)
+    extra = [i for i, c in enumerate(text.chunk_ids) if c not in seen]
+    ids += [text.chunk_ids[i] for i in extra]
+    docs += [text.doc_ids[i] for i in extra]
+    texts += [text.texts[i] for i in extra]
+    if not ids:
+        return SearchResult([], [], [], np.zeros(0, np.float32), np.zeros((0, *query.shape), np.float32))
+    memory = np.concatenate([latent.memory.reshape(-1, *query.shape), text.memory[extra].reshape(-1, *query.shape)])
+    bm25 = dict(zip(text.chunk_ids, text.scores))
+    fused = reciprocal_rank_fusion(flat_cosine(query, memory)[0], np.array([bm25.get(c, np.nan) for c in ids]),
+                                   text_weight, rrf_k).astype(np.float32)
+    order = np.argsort(-fused, kind="stable")[:k]
+    return SearchResult([ids[i] for i in order], [docs[i] for i in order], [texts[i] for i in order], fused[order],
+                        memory[order])
+
+
+def merge_results(parts: Sequence[SearchResult], k: int) -> SearchResult:
+    """The top-``k`` of several :class:`SearchResult` of one query (shards), by score; each part is sorted."""
+    ids = [c for p in parts for c in p.chunk_ids]
+    if not ids:
+        return parts[0] if parts else SearchResult([], [], [], np.zeros(0, np.float32), np.zeros((0, 0, 0)))
+    docs = [d for p in parts for d in p.doc_ids]
+    texts = [t for p in parts for t in p.texts]
+    scores = np.concatenate([p.scores for p in parts if len(p)])
+    memory = np.concatenate([p.memory for p in parts if len(p)])
+    order = np.argsort(-scores, kind="stable")[:k]
+    return SearchResult([ids[i] for i in order], [docs[i] for i in order], [texts[i] for i in order],
+                        scores[order].astype(np.float32), memory[order])
+
+
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest scores, best first."""
     if len(scores) > k:
@@ -330,16 +366,22 @@ class ChunkStore:
     def _memory_columns(self) -> list[str]:
         return ["memory", "memory_scale"] if self.settings.dtype in ("int8", "int4") else ["memory"]
 
-    def get_memory(self, chunk_ids: Sequence[str]) -> np.ndarray:
-        """Dequantised memories ``float32 [n, n_mem, d]`` in the order of ``chunk_ids``; KeyError names missing ids."""
-        chunk_ids = [str(c) for c in chunk_ids]
-        wanted = sorted(set(chunk_ids))
+    def find_memory(self, chunk_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """``{chunk_id: float32 [n_mem, d]}`` of those of ``chunk_ids`` that are in the table."""
+        wanted = sorted({str(c) for c in chunk_ids})
         found: dict[str, np.ndarray] = {}
         for i in range(0, len(wanted), _ID_BATCH):
             where = _expr_in("chunk_id", wanted[i : i + _ID_BATCH])
             for batch in self._scan(["chunk_id", *self._memory_columns], where):
                 mem = _decode_memory(batch, self.settings)
                 found.update(zip(batch.column("chunk_id").to_pylist(), mem))
+        return found
+
+    def get_memory(self, chunk_ids: Sequence[str]) -> np.ndarray:
+        """Dequantised memories ``float32 [n, n_mem, d]`` in the order of ``chunk_ids``; KeyError names missing ids."""
+        chunk_ids = [str(c) for c in chunk_ids]
+        wanted = sorted(set(chunk_ids))
+        found = self.find_memory(wanted)
         missing = [c for c in wanted if c not in found]
         if missing:
             raise KeyError(f"chunks not in the index: {_name_ids(missing)}")
@@ -636,25 +678,8 @@ class ChunkStore:
         pool = max(int(candidates), int(k))
         latent = self.search(q, k=pool, candidates=pool, filter=filter, **ann)
         text = self.text_search(questions, int(text_candidates or pool), filter=filter)
-        out = []
-        for b, (lat, txt) in enumerate(zip(latent, text)):
-            ids, docs, texts, mems = list(lat.chunk_ids), list(lat.doc_ids), list(lat.texts), [lat.memory]
-            seen = set(ids)
-            extra = [i for i, c in enumerate(txt.chunk_ids) if c not in seen]
-            ids += [txt.chunk_ids[i] for i in extra]
-            docs += [txt.doc_ids[i] for i in extra]
-            texts += [txt.texts[i] for i in extra]
-            mems.append(txt.memory[extra])
-            if not ids:
-                out.append(self._empty_result())
-                continue
-            memory = np.concatenate(mems)
-            bm25 = dict(zip(txt.chunk_ids, txt.scores))
-            fused = reciprocal_rank_fusion(flat_cosine(q[b], memory)[0],
-                                           np.array([bm25.get(c, np.nan) for c in ids]), text_weight, rrf_k)
-            rows = pa.table({"chunk_id": ids, "doc_id": docs, "text": texts})
-            out.append(self._result(rows, memory, fused.astype(np.float32), int(k)))
-        return out
+        return [fuse_candidates(q[b], lat, txt, int(k), text_weight, rrf_k) for b, (lat, txt) in
+                enumerate(zip(latent, text))]
 
     def exact_search(
         self, query_memory: Any, k: int = 5, *, filter: str | None = None, batch_size: int = 2048
@@ -704,6 +729,8 @@ __all__ = [
     "dequantize_int8",
     "encode_batch",
     "flat_cosine",
+    "fuse_candidates",
+    "merge_results",
     "index_schema",
     "key_projection",
     "project_keys",

@@ -1,0 +1,126 @@
+"""A sharded index (several LanceDB tables on disk) reads as the one table that holds the same rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clara.index.schema import IndexMismatchError, StoreSettings, shard_of, shard_table
+from clara.index.shards import ShardedStore
+from clara.index.store import ChunkStore
+
+N_MEM, D = 4, 16
+WORDS = ("granite quarry basalt harbour lighthouse orchard glacier monsoon violin cathedral falcon "
+         "copper tundra lagoon meteor saffron").split()
+
+
+def settings(dtype: str = "float16") -> StoreSettings:
+    return StoreSettings(n_mem=N_MEM, d=D, compressor_version="comp-v1", dtype=dtype, key_dim=16, model="tiny")
+
+
+def memories(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, N_MEM, D)).astype(np.float32)
+
+
+def worded_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows whose text names two words of WORDS each (row i: words i and i+1, cycled)."""
+    mem = memories(n, seed)
+    return [{"chunk_id": f"c{i}", "doc_id": f"d{i}", "position": 0, "memory": mem[i],
+             "text": f"a note on the {WORDS[i % len(WORDS)]} and the {WORDS[(i + 1) % len(WORDS)]} of row {i}"}
+            for i in range(n)]
+
+
+def test_shard_routing_is_stable_and_spreads_documents():
+    assert shard_of("doc-1", 4) == shard_of("doc-1", 4)  # a pure function of the id
+    counts = np.bincount([shard_of(f"doc-{i}", 4) for i in range(4000)], minlength=4)
+    assert counts.min() > 900  # ~1000 each
+    assert shard_of("anything", 1) == 0
+    assert shard_table("chunks", 1, 4) == "chunks-01of04" and shard_table("chunks", 0, 1) == "chunks"
+    with pytest.raises(ValueError):
+        shard_table("chunks", 4, 4)
+
+
+@pytest.fixture
+def one_and_sharded(tmp_path):
+    """The same 60 rows in one table and, routed by document, in three shard tables (with text indices)."""
+    data = worded_rows(60, seed=3)
+    for i, r in enumerate(data):
+        r["doc_id"] = f"doc-{i // 2}"  # two chunks a document
+    single = ChunkStore.open(tmp_path / "db", settings(), table="chunks")
+    single.upsert(data)
+    single.create_text_index()
+    for s in range(3):
+        shard = ChunkStore.open(tmp_path / "db", settings(), table=shard_table("chunks", s, 3))
+        shard.upsert([r for r in data if shard_of(r["doc_id"], 3) == s])
+        shard.create_text_index()
+    sharded = ShardedStore.open(tmp_path / "db", "chunks", 3)
+    return data, single, sharded
+
+
+def test_sharded_reads_equal_one_table(one_and_sharded):
+    data, single, sharded = one_and_sharded
+    assert sharded.count() == single.count() == 60
+    assert all(0 < len(s) < 60 for s in sharded.shards)  # sizes follow the hash
+    query = memories(5, seed=9)
+    for got, want in zip(sharded.exact_search(query, k=7), single.exact_search(query, k=7)):
+        assert got.chunk_ids == want.chunk_ids
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+        np.testing.assert_allclose(got.memory, want.memory, atol=1e-6)
+    # two-step search: every shard proposes 60 (all its rows) and re-scores exactly: the same top-k
+    for got, want in zip(sharded.search(query, k=7, candidates=60), single.search(query, k=7, candidates=60)):
+        assert got.chunk_ids == want.chunk_ids
+    mem = np.stack([r["memory"] for r in data])
+    questions = [WORDS[5], WORDS[9] + " " + WORDS[2]]
+    for w in (0.0, 1.0):
+        for got, want in zip(sharded.hybrid_search(mem[[7, 30]], questions, k=5, candidates=60, text_weight=w),
+                             single.hybrid_search(mem[[7, 30]], questions, k=5, candidates=60, text_weight=w)):
+            if w == 0:
+                assert got.chunk_ids == want.chunk_ids
+            else:  # BM25's term statistics are per shard: its ranks may differ a little from one table's
+                assert len(set(got.chunk_ids) & set(want.chunk_ids)) >= 4, (got.chunk_ids, want.chunk_ids)
+    ids = ["c59", "c0", "c31"]
+    np.testing.assert_allclose(sharded.get_memory(ids), single.get_memory(ids))
+    with pytest.raises(KeyError, match="nope"):
+        sharded.get_memory(["c1", "nope"])
+    assert sharded.has_text_index and sharded.version == sum(s.version for s in sharded.shards)
+
+
+def test_the_retriever_reads_a_sharded_index(one_and_sharded, make_model, tmp_path):
+    """Retriever.open(shards=N) over shards written with a model's compressor = over one table."""
+    from clara.index.build import read_compressor_info, store_settings_for
+    from clara.index.retrieve import Retriever
+
+    model = make_model()
+    model_dir = model.save_pretrained(tmp_path / "model")
+    texts = [f"chunk {i} about {WORDS[i % len(WORDS)]} and {WORDS[(i + 3) % len(WORDS)]}" for i in range(24)]
+    memory = model.compress(texts).float().numpy()
+    st = store_settings_for(read_compressor_info(model_dir))
+    rows = [{"chunk_id": f"c{i}", "doc_id": f"d{i}", "position": 0, "text": t, "memory": m}
+            for i, (t, m) in enumerate(zip(texts, memory))]
+    ChunkStore.open(tmp_path / "idx", st).upsert(rows)
+    for s in range(2):
+        ChunkStore.open(tmp_path / "idx", st, table=shard_table("chunks", s, 2)).upsert(
+            [r for r in rows if shard_of(r["doc_id"], 2) == s])
+    one = Retriever.open(model, tmp_path / "idx", candidates=24)
+    two = Retriever.open(model, tmp_path / "idx", candidates=24, shards=2)
+    questions = ["what about the granite?", "the violin", "a meteor"]
+    for a, b in zip(one.retrieve(questions, k=4), two.retrieve(questions, k=4)):
+        assert a.chunk_ids == b.chunk_ids and np.allclose(a.scores, b.scores, atol=1e-6)
+        assert torch_equal(a.memory, b.memory)
+    assert two.describe()["shards"] == 2 and two.describe()["rows"] == 24
+    with pytest.raises(ValueError, match="shards"):
+        Retriever.open(model, tmp_path / "idx", shards=0)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def test_shards_of_other_settings_are_refused(tmp_path):
+    ChunkStore.open(tmp_path / "db", settings(), table=shard_table("chunks", 0, 2)).upsert(worded_rows(3))
+    ChunkStore.open(tmp_path / "db", settings(dtype="int8"), table=shard_table("chunks", 1, 2)).upsert(
+        worded_rows(3))
+    with pytest.raises(IndexMismatchError, match="dtype"):
+        ShardedStore.open(tmp_path / "db", "chunks", 2)
