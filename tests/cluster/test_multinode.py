@@ -220,23 +220,35 @@ def _runtime_env() -> dict:
 
 def _run_job(cluster: Cluster, argv: list[str], timeout: float, env_vars: dict | None = None) -> tuple[str, str]:
     """Submit ``python -m ...argv`` and wait for it; returns ``(Ray job id, logs)``; fails with the logs."""
+    (result,) = _run_jobs(cluster, [argv], timeout, env_vars)
+    return result
+
+
+def _run_jobs(cluster: Cluster, argvs: list[list[str]], timeout: float,
+              env_vars: dict | None = None) -> list[tuple[str, str]]:
+    """Submit several jobs at once and wait for all; ``[(Ray job id, logs)]``; fails with the logs."""
     from ray.job_submission import JobStatus
 
     client = cluster.jobs()
-    sid = f"{argv[2].replace('.', '-')}-{uuid.uuid4().hex[:8]}"
     runtime_env = _runtime_env()
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **(env_vars or {})}
-    client.submit_job(entrypoint=shlex.join(argv), runtime_env=runtime_env, submission_id=sid)
+    sids = []
+    for argv in argvs:
+        sids.append(f"{argv[2].replace('.', '-')}-{uuid.uuid4().hex[:8]}")
+        client.submit_job(entrypoint=shlex.join(argv), runtime_env=runtime_env, submission_id=sids[-1])
     deadline = time.monotonic() + timeout
-    status = client.get_job_status(sid)
-    while not status.is_terminal() and time.monotonic() < deadline:
+    statuses = {sid: client.get_job_status(sid) for sid in sids}
+    while not all(st.is_terminal() for st in statuses.values()) and time.monotonic() < deadline:
         time.sleep(2)
-        status = client.get_job_status(sid)
-    logs = client.get_job_logs(sid)
-    if not status.is_terminal():
-        client.stop_job(sid)
-    assert status == JobStatus.SUCCEEDED, f"{sid}: {status} after {timeout}s\n{logs[-6000:]}"
-    return client.get_job_info(sid).job_id, logs
+        statuses = {sid: client.get_job_status(sid) for sid in sids}
+    out = []
+    for sid, status in statuses.items():
+        logs = client.get_job_logs(sid)
+        if not status.is_terminal():
+            client.stop_job(sid)
+        assert status == JobStatus.SUCCEEDED, f"{sid}: {status} after {timeout}s\n{logs[-6000:]}"
+        out.append((client.get_job_info(sid).job_id, logs))
+    return out
 
 
 def _task_nodes(cluster: Cluster, job_id: str, name_part: str) -> set[str]:
@@ -257,6 +269,8 @@ def model_dir(tmp_path_factory, tiny_base) -> Path:
 
 
 def test_index_job_runs_on_both_nodes_and_writes_one_row_per_chunk(cluster, model_dir, scp_sample_path, tmp_path):
+    """One index job with an actor on each node; then the same corpus as two shards, one job per shard
+    at once (one on each node), read back by the Retriever as the one table."""
     from clara.data.corpus import load_scp_chunks
     from clara.index.store import ChunkStore
 
@@ -280,6 +294,27 @@ def test_index_job_runs_on_both_nodes_and_writes_one_row_per_chunk(cluster, mode
     assert store.settings.n_mem == 16 and store.version == summary["version"]
     # two one-CPU actors on nodes of one CPU each: one compressed on each node
     assert _task_nodes(cluster, job_id, "(ChunkCompressor)).submit") == {cluster.head_node, cluster.worker_node}
+
+    # The same corpus in two shards (--shards 2 --shard I), one job per shard at the same time: one on
+    # each node. The Retriever over both shards returns what it returns over the one table.
+    from clara.index.retrieve import Retriever
+    from clara.index.schema import shard_table
+
+    sharded = tmp_path / "sharded"
+    runs = _run_jobs(cluster, [
+        ["python", "-m", "pipelines.index", "--format", "scp", "--corpus", str(corpus), "--model", str(model_dir),
+         "--table-uri", str(sharded), "--actors", "1", "--num-cpus-per-actor", "1", "--batch-size", "8",
+         "--shards", "2", "--shard", str(i), "--json"] for i in range(2)], INDEX_TIMEOUT_S)
+    nodes = [_task_nodes(cluster, job_id, "(ChunkCompressor)).submit") for job_id, _ in runs]
+    assert len(nodes[0]) == len(nodes[1]) == 1 and nodes[0] | nodes[1] == {cluster.head_node, cluster.worker_node}
+    rows = [ChunkStore.open(str(sharded), None, table=shard_table("chunks", i, 2), create=False).count()
+            for i in range(2)]
+    assert sum(rows) == len(chunks) and min(rows) > 0
+    questions = [json.loads(line)["question"][0] for line in corpus.read_text().splitlines()[:10]]
+    one = Retriever.open(model_dir, table, candidates=50).retrieve(questions, k=5)
+    two = Retriever.open(model_dir, sharded, candidates=50, shards=2).retrieve(questions, k=5)
+    assert [r.chunk_ids for r in one] == [r.chunk_ids for r in two]
+    assert all(abs(x - y) < 1e-6 for a, b in zip(one, two) for x, y in zip(a.scores, b.scores))
 
 
 def test_training_job_runs_on_both_nodes_and_exports_a_model(cluster, tiny_base, scp_sample_path, tmp_path):
