@@ -31,7 +31,7 @@ RAY_JOB_FILES = ("rayjob-synth.yaml", "rayjob-train-stage1.yaml", "rayjob-train-
                  "rayjob-train-stage3.yaml", "rayjob-index.yaml", "rayjob-evaluate.yaml")
 EXPECTED_FILES = (*RAY_JOB_FILES, "raycluster.yaml", "rayservice.yaml", "raycronjob-reindex.yaml",
                   "cronjob-reindex.yaml", "cluster-launcher.yaml", "runtime_env.yaml", "serve-site.yaml",
-                  "Dockerfile", "README.md")
+                  "Dockerfile", "README.md", "SCALE.md")
 #: Files that are not Kubernetes resources.
 PLAIN_FILES = ("runtime_env.yaml", "cluster-launcher.yaml", "serve-site.yaml")
 
