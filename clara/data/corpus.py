@@ -12,7 +12,7 @@ import glob
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,6 +365,51 @@ def token_windows(n_tokens: int, max_tokens: int, overlap: int = 0) -> list[tupl
     return out
 
 
+def word_windows(starts_word: Sequence[bool], max_tokens: int, overlap: int = 0) -> list[tuple[int, int]]:
+    """:func:`token_windows` whose boundaries fall where a word starts (``starts_word[i]``: token ``i`` begins
+    a word). A window ends at the last word start that keeps it within ``max_tokens``, unless that would leave
+    it half full or less (a word longer than half a window is cut); the next window starts at ``end`` without
+    overlap, else at the last word start at or before ``end - overlap`` that is past the previous start (so
+    neighbours share at least ``overlap`` tokens), else at the first word start after it (less overlap),
+    else at ``end - overlap``."""
+    _check_window_settings(max_tokens, overlap)
+    n = len(starts_word)
+    out: list[tuple[int, int]] = []
+    start = 0
+    while start < n:
+        end = min(start + max_tokens, n)
+        if end < n:
+            e = end
+            while e > start and not starts_word[e]:
+                e -= 1
+            if e - start > max_tokens // 2:
+                end = e
+        out.append((start, end))
+        if end == n:
+            break
+        if overlap == 0:  # the chunks partition the tokens (a cut inside a long word stays a cut)
+            start = end
+            continue
+        nxt = end - overlap
+        s = nxt
+        while s > start and not starts_word[s]:
+            s -= 1
+        if s <= start:  # no word start in (start, nxt]: the first one after it, with less overlap
+            s = next((j for j in range(nxt + 1, end) if starts_word[j]), max(nxt, start + 1))
+        start = s
+    return out
+
+
+def _word_starts(text: str, offsets: list[tuple[int, int]]) -> list[bool]:
+    """Per token: it starts a word (the first token; else one with text that follows whitespace or begins with
+    it; a token of whitespace alone starts nothing, so it stays with the word before)."""
+    out = []
+    for i, (a, b) in enumerate(offsets):
+        piece = text[a:b]
+        out.append(i == 0 or (bool(piece.strip()) and (a == 0 or text[a - 1].isspace() or piece[0].isspace())))
+    return out
+
+
 def chunk_document(doc: Document, tokenizer, max_tokens: int = 256, overlap: int = 0, salt: str = "") -> list[Chunk]:
     """Split ``doc`` into windows of at most ``max_tokens`` tokens, ``overlap`` tokens shared by neighbours.
 
@@ -373,8 +418,10 @@ def chunk_document(doc: Document, tokenizer, max_tokens: int = 256, overlap: int
     start to the next window token's start, so with ``overlap=0`` the chunks partition the text
     (byte-level tokenizers cover every character: the chunks concatenate back to the document). A
     character whose bytes straddle two windows goes whole to the later window, which may then
-    re-encode to a token or two more than ``max_tokens``. Without offsets (slow tokenizers) the
-    text is the decoded window. Windows whose text is only whitespace are
+    re-encode to a token or two more than ``max_tokens``. With offsets, windows end and start where a
+    word starts (:func:`word_windows`), so no chunk begins or ends inside a word (but for a word longer
+    than half a chunk). Without offsets (slow tokenizers) the text is the decoded token window.
+    Windows whose text is only whitespace are
     dropped; positions are ``0..n-1`` over the chunks kept. Put the chunking settings (tokenizer,
     ``max_tokens``, ``overlap``) in ``salt`` so that changing them changes every ``content_hash``.
     """
@@ -395,7 +442,17 @@ def _window_chunks(doc: Document, ids: list[int], offsets: list[tuple[int, int]]
         return offsets[i][0] if i < n else offsets[n - 1][1]
 
     chunks: list[Chunk] = []
-    for start, end in token_windows(n, max_tokens - prefix_tokens, overlap):
+    budget = max_tokens - prefix_tokens
+    if offsets is not None:
+        windows: list[tuple[int, int]] = []
+        for start, end in word_windows(_word_starts(doc.text, offsets), budget, overlap):
+            if windows and not doc.text[char_at(start):char_at(end)].strip():
+                windows[-1] = (windows[-1][0], end)  # whitespace alone (a cut word's tail space) joins the one before
+            else:
+                windows.append((start, end))
+    else:
+        windows = token_windows(n, budget, overlap)
+    for start, end in windows:
         if offsets is not None:
             a = char_at(start)
             text = doc.text[a:max(a, char_at(end))]
