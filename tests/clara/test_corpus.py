@@ -20,8 +20,8 @@ from clara.data.corpus import (
     parse_chunk_id,
     read_documents,
     token_windows,
-    word_windows,
     wiki_summaries_path,
+    word_windows,
 )
 from clara.tiny import train_tokenizer
 
