@@ -18,6 +18,7 @@ This module never imports ``ray``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,6 +27,19 @@ import numpy as np
 
 from clara.index.schema import DEFAULT_TABLE, IndexMismatchError, shard_table
 from clara.index.store import ChunkStore, SearchResult, fuse_candidates, merge_results
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One thread pool for every sharded store of the process (a Retriever reopens its store on each refresh:
+    a pool per store would leave threads behind)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clara-shard")
+        return _POOL
 
 
 class ShardedStore:
@@ -43,7 +57,6 @@ class ShardedStore:
         self.shards = list(shards)
         self.settings = first
         self.uri, self.name = uri, name
-        self._pool = ThreadPoolExecutor(max_workers=len(self.shards), thread_name_prefix="clara-shard")
 
     @classmethod
     def open(cls, uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, *,
@@ -56,7 +69,7 @@ class ShardedStore:
         return f"ShardedStore({self.uri!r}, {self.name!r}, shards={len(self.shards)}, {self.settings})"
 
     def _each(self, call: Callable[[ChunkStore], Any]) -> list[Any]:
-        return list(self._pool.map(call, self.shards))
+        return list(_pool().map(call, self.shards))
 
     # ---- what retrieval reads
 
