@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -56,7 +57,7 @@ class EvalSettings:
     batch_size: int = 16
     #: How the candidates are ranked: latent (the query reasoner) or hybrid (latent and BM25 over the
     #: candidates, fused by reciprocal rank as the served hybrid retrieval fuses them).
-    retrieval: str = "latent"
+    retrieval: Literal["latent", "hybrid"] = "latent"
     #: hybrid: weight of BM25's rank term.
     text_weight: float = 1.0
 

@@ -32,7 +32,9 @@ CONFIG = REPO / "serve" / "config.yaml"
 def test_settings_validate_with_the_field_named():
     ok = load(AppArgs, {"model": "m", "index_uri": "i"})
     assert ok.mode == "memory" and ok.engine == "hf"
-    for bad, field in (({"mode": "latent"}, "mode"), ({"unknown": 1}, "unknown"), ({"model": " "}, "model")):
+    assert load(AppArgs, {"model": "m", "index_uri": "i", "shards": 4}).retriever()["shards"] == 4
+    for bad, field in (({"mode": "latent"}, "mode"), ({"unknown": 1}, "unknown"), ({"model": " "}, "model"),
+                       ({"shards": 0}, "shards")):
         with pytest.raises(ConfigError, match=field):
             load(AppArgs, {"model": "m", "index_uri": "i", **bad})
     resolved = load(AppArgs, {"model": "rel/model", "index_uri": "s3://bucket/idx"}).resolved("/base")
@@ -45,6 +47,8 @@ def test_settings_validate_with_the_field_named():
                              ("Ingress", {"max_top_k": 0}, "max_top_k"),
                              ("Generator", {"max_batch_size": "many"}, "max_batch_size"),
                              ("Retriever", {"index_refresh_s": -1}, "index_refresh_s"),
+                             ("Retriever", {"retrieval": "bm25"}, "retrieval"),
+                             ("Retriever", {"text_weight": -1}, "text_weight"),
                              ("Retriever", {"candiates": 5}, "candiates")):
         with pytest.raises(ConfigError, match=field):
             user_config(name, bad)
