@@ -318,9 +318,7 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     store = _open_store(s, settings) if existing_settings is not None else None
     existing = store.existing_hashes() if store is not None else {}
     chunks = source_chunks(s.corpus, tokenizer, chunking, salt, id_field=s.id_field, text_field=s.text_field,
-                           limit=s.limit)
-    if in_shard is not None:
-        chunks = (c for c in chunks if in_shard(c.doc_id))
+                           limit=s.limit, keep_doc=in_shard)
     plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
     check_deletions(plan, len(existing), s.max_delete_fraction)
     if store is None:
@@ -512,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(p.add_argument_group(title), IndexSettings, only=names, required=REQUIRED)
     add_flags(p.add_argument_group("table"), IndexSettings, required=REQUIRED,
                        exclude=[n for names in groups.values() for n in names])
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON (one line per shard with --shards and no --shard)")
     _debug_arg(p)
     return p
 

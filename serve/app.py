@@ -576,11 +576,12 @@ class RetrieverDeployment:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's ``user_config`` (at start and on every change)."""
-        c = self.config = user_config("Retriever", config)
+        c = user_config("Retriever", config)
+        self.retriever.set_retrieval(c.retrieval, c.text_weight)  # first: it refuses hybrid without a text index
+        self.config = c
         _apply_batching(self.retrieve, c)
         self.retriever.candidates = c.candidates
         self.retriever.refresh_interval_s = c.index_refresh_s
-        self.retriever.set_retrieval(c.retrieval, c.text_weight)
 
     def _retrieve(self, questions: list[str], ks: list[int], with_memory: list[bool]) -> list:
         return self.retriever.retrieve(questions, ks, None, with_memory)
@@ -766,8 +767,11 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
 def _index_unavailable(what: str, exc: BaseException) -> Unavailable | None:
     """The 503 for an index the retriever cannot serve now, else None."""
     from clara.index.retrieve import IndexEmptyError, IndexUnavailableError
-    from clara.index.schema import IndexMismatchError
+    from clara.index.schema import IndexMismatchError, TextIndexMissingError
 
+    if isinstance(exc, TextIndexMissingError):
+        return Unavailable(f"the {what} is set to hybrid retrieval but its index has no full-text index; "
+                           "rebuild it with the index job (text index on) or set retrieval: latent")
     if isinstance(exc, IndexMismatchError):
         return Unavailable(f"the {what} cannot serve its index: it was built by another compressor")
     if isinstance(exc, IndexEmptyError):

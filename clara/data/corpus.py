@@ -367,35 +367,40 @@ def token_windows(n_tokens: int, max_tokens: int, overlap: int = 0) -> list[tupl
 
 def word_windows(starts_word: Sequence[bool], max_tokens: int, overlap: int = 0) -> list[tuple[int, int]]:
     """:func:`token_windows` whose boundaries fall where a word starts (``starts_word[i]``: token ``i`` begins
-    a word). A window ends at the last word start that keeps it within ``max_tokens``, unless that would leave
-    it half full or less (a word longer than half a window is cut); the next window starts at ``end`` without
-    overlap, else at the last word start at or before ``end - overlap`` that is past the previous start (so
-    neighbours share at least ``overlap`` tokens), else at the first word start after it (less overlap),
-    else at ``end - overlap``."""
+    a word).
+
+    A window ends at the last word start that keeps it within ``max_tokens``, unless that would leave it half
+    full or less, or not reaching past the previous window (a word longer than half a window is cut). Without
+    overlap the next window starts where this one ends. With overlap it starts at the last word start in
+    ``(start, end - overlap]`` (neighbours share at least ``overlap`` tokens), else at the first one in
+    ``(end - overlap, end)``, else at ``end - overlap``; always past the previous start, so every window
+    advances and none lies inside the one before.
+    """
     _check_window_settings(max_tokens, overlap)
     n = len(starts_word)
     out: list[tuple[int, int]] = []
-    start = 0
+    start, prev_end = 0, 0
     while start < n:
         end = min(start + max_tokens, n)
         if end < n:
             e = end
             while e > start and not starts_word[e]:
                 e -= 1
-            if e - start > max_tokens // 2:
+            if e - start > max_tokens // 2 and e > prev_end:
                 end = e
         out.append((start, end))
         if end == n:
             break
-        if overlap == 0:  # the chunks partition the tokens (a cut inside a long word stays a cut)
+        prev_end = end
+        if overlap == 0:  # the windows partition the tokens (a cut inside a long word stays a cut)
             start = end
             continue
-        nxt = end - overlap
+        nxt = max(end - overlap, start + 1)
         s = nxt
-        while s > start and not starts_word[s]:
+        while s > start + 1 and not starts_word[s]:
             s -= 1
-        if s <= start:  # no word start in (start, nxt]: the first one after it, with less overlap
-            s = next((j for j in range(nxt + 1, end) if starts_word[j]), max(nxt, start + 1))
+        if not starts_word[s]:
+            s = next((j for j in range(nxt + 1, end) if starts_word[j]), nxt)
         start = s
     return out
 

@@ -220,8 +220,10 @@ def source_chunks(
     id_field: str = "id",
     text_field: str = "text",
     limit: int | None = None,
+    keep_doc: Callable[[str], bool] | None = None,
 ) -> Iterator[Chunk]:
-    """Chunks of the first ``limit`` documents of ``corpus`` (all when ``None``), in source order.
+    """Chunks of the first ``limit`` documents of ``corpus`` (all when ``None``), in source order; with
+    ``keep_doc``, only of the documents whose id it accepts (a shard's), chosen before they are tokenised.
 
     ``format="auto"``: JSONL, Parquet, ``.txt`` files or a directory of them (see
     :func:`clara.data.corpus.read_documents`), split into windows of ``chunk_tokens`` tokens sharing
@@ -238,6 +240,8 @@ def source_chunks(
         docs = read_documents(corpus, id_field=id_field, text_field=text_field, title_field=chunking.title_field)
     if limit is not None:
         docs = itertools.islice(docs, limit)
+    if keep_doc is not None:
+        docs = (d for d in docs if keep_doc(d.doc_id))
     if chunking.format == "scp":
         for doc in docs:
             yield Chunk(make_chunk_id(doc.doc_id, 0), doc.doc_id, 0, doc.text, content_hash(doc.text, salt))
@@ -534,7 +538,8 @@ def refresh_text_index(store: ChunkStore) -> str:
     """Build the full-text (BM25) index on ``text`` if there is none, else fold unindexed rows into it
     (rows not yet folded in are searched anyway, by a slower scan); returns what was done."""
     t0 = time.perf_counter()
-    index = next((i for i in store.list_indices() if list(i.columns) == ["text"]), None)
+    index = next((i for i in store.list_indices()
+                  if list(i.columns) == ["text"] and str(i.index_type).upper() in ("FTS", "INVERTED")), None)
     if index is None:
         store.create_text_index()
         return f"built on {store.count()} rows in {time.perf_counter() - t0:.1f}s"

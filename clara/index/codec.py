@@ -137,6 +137,8 @@ def quantize_int4(memory: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     mem = _as_float32(memory)
     if mem.ndim != 3:
         raise ValueError(f"memory must be [N, n_mem, d], got shape {mem.shape}")
+    if len(mem) == 0:
+        return np.zeros((0, (mem.shape[1] * mem.shape[2] + 1) // 2), np.uint8), np.zeros((0, mem.shape[1]), np.float16)
     rotated = mem @ token_rotation(mem.shape[2], seed)
     scale = (np.abs(rotated).max(axis=-1) / 7.0).astype(np.float16)
     safe = np.where(scale > 0, scale.astype(np.float32), 1.0)

@@ -93,6 +93,12 @@ def check_index(model: ClaraModel, settings: StoreSettings) -> None:
                                  + "; ".join(problems) + "); rebuild it with this model (the index job)")
 
 
+def _version_id(store: ChunkStore | ShardedStore) -> Any:
+    """What tells two versions of the served index apart: the table's version, or each shard's (a sum of shard
+    versions could stay equal when one shard is rebuilt while another moves on)."""
+    return tuple(store.versions_by_shard.values()) if isinstance(store, ShardedStore) else store.version
+
+
 class Retriever:
     """Query reasoner + chunk index. Thread-safe: model and table calls are serialised by a lock.
 
@@ -129,10 +135,14 @@ class Retriever:
         self.candidates = int(candidates)
         self.refresh_interval_s = refresh_interval_s
         self.clock = clock
-        if reopen is None and isinstance(store, ShardedStore):
-            def reopen() -> ShardedStore:
-                return ShardedStore.open(store.uri, store.name, len(store.shards))
-        self._reopen = reopen or (lambda: ChunkStore.open(store.uri, None, table=store.name, create=False))
+        if reopen is None:
+            uri, name, shards = store.uri, store.name, len(getattr(store, "shards", [store]))
+
+            def reopen() -> ChunkStore | ShardedStore:  # the location only: old handles are not kept alive
+                if shards > 1:
+                    return ShardedStore.open(uri, name, shards)
+                return ChunkStore.open(uri, None, table=name, create=False)
+        self._reopen = reopen
         self._lock = threading.RLock()
         self._checked_at = clock()
         self._broken: Exception | None = None  # why the table cannot be read, until a refresh succeeds
@@ -149,7 +159,7 @@ class Retriever:
             raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}")
         if text_weight < 0:
             raise ValueError(f"text_weight must be >= 0, got {text_weight}")
-        store = store or self.store
+        store = self.store if store is None else store
         if retrieval == "hybrid" and not store.has_text_index:
             raise TextIndexMissingError(f"hybrid retrieval needs a full-text index on the chunk table {store.name!r}: "
                                         "run the index job (it builds one unless --no-text-index)")
@@ -208,7 +218,7 @@ class Retriever:
             self._broken = IndexUnavailableError(f"the index table {self.store.name!r} cannot be opened "
                                                  f"({type(exc).__name__}: {str(exc)[:200]})")
         else:
-            if swap or self._broken is not None or fresh.version != self.store.version:
+            if swap or self._broken is not None or _version_id(fresh) != _version_id(self.store):
                 self.store = fresh
             if self._broken is not None:
                 logger.info("the index table %r can be read again (version %d)", self.store.name, fresh.version)
@@ -241,6 +251,9 @@ class Retriever:
                 raise self._broken
             if self.store.count() == 0:
                 raise IndexEmptyError(f"the index table {self.store.name!r} holds no chunks")
+            if self.retrieval == "hybrid" and not self.store.has_text_index:
+                raise TextIndexMissingError(f"hybrid retrieval, but the index table {self.store.name!r} has no "
+                                            "full-text index (rebuilt without one?)")
             return self.describe()
 
     # -- retrieval -------------------------------------------------------------------------------

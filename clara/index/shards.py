@@ -18,6 +18,7 @@ This module never imports ``ray``.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,18 +29,19 @@ import numpy as np
 from clara.index.schema import DEFAULT_TABLE, IndexMismatchError, shard_table
 from clara.index.store import ChunkStore, SearchResult, fuse_candidates, merge_results
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
 _POOL_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
     """One thread pool for every sharded store of the process (a Retriever reopens its store on each refresh:
-    a pool per store would leave threads behind)."""
+    a pool per store would leave threads behind); a forked child, which has none of its parent's threads,
+    makes its own."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clara-shard")
-        return _POOL
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=64, thread_name_prefix="clara-shard"))
+        return _POOL[1]
 
 
 class ShardedStore:
@@ -61,9 +63,13 @@ class ShardedStore:
     @classmethod
     def open(cls, uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, *,
              storage_options: dict[str, str] | None = None) -> ShardedStore:
-        """Open the ``shards`` tables of ``table`` in the LanceDB database at ``uri`` (all must exist)."""
-        return cls([ChunkStore.open(uri, None, table=shard_table(table, i, shards), create=False,
-                                    storage_options=storage_options) for i in range(shards)], str(uri), table)
+        """Open the ``shards`` tables of ``table`` in the LanceDB database at ``uri`` (all must exist), in
+        parallel."""
+        def one(i: int) -> ChunkStore:
+            return ChunkStore.open(uri, None, table=shard_table(table, i, shards), create=False,
+                                   storage_options=storage_options)
+
+        return cls(list(_pool().map(one, range(shards))), str(uri), table)
 
     def __repr__(self) -> str:
         return f"ShardedStore({self.uri!r}, {self.name!r}, shards={len(self.shards)}, {self.settings})"
@@ -119,6 +125,10 @@ class ShardedStore:
         questions = list(questions)
         if len(questions) != len(q):
             raise ValueError(f"{len(q)} query memories but {len(questions)} questions")
+        if k <= 0:
+            raise ValueError("k must be positive")
+        if text_weight < 0 or rrf_k < 0:
+            raise ValueError(f"text_weight and rrf_k must be >= 0, got {text_weight}, {rrf_k}")
         pool = max(int(candidates), int(k))
         latent = self.search(q, k=pool, candidates=pool, filter=filter, **ann)
         text = self.text_search(questions, int(text_candidates or pool), filter=filter)

@@ -614,17 +614,24 @@ class ChunkStore:
         from lancedb.index import FTS
 
         self._table.create_index("text", config=FTS(with_position=False), replace=replace)
+        self._text_index = True
 
     @property
     def has_text_index(self) -> bool:
-        return any(list(i.columns) == ["text"] and str(i.index_type).upper() in ("FTS", "INVERTED")
-                   for i in self.list_indices())
+        """The table has a full-text index on ``text`` (once seen, remembered by this handle: an index goes
+        away only with a rebuilt table, which a reader reopens)."""
+        if not getattr(self, "_text_index", False):
+            self._text_index = any(list(i.columns) == ["text"] and str(i.index_type).upper() in ("FTS", "INVERTED")
+                                   for i in self.list_indices())
+        return self._text_index
 
     def text_search(self, questions: Sequence[str], k: int = 50, *, filter: str | None = None) -> list[SearchResult]:
         """BM25 over the chunks' text with the table's full-text index: one :class:`SearchResult` per question,
         scores are BM25 scores. Raises :class:`TextIndexMissingError` when the table has no text index."""
         if k <= 0:
             raise ValueError("k must be positive")
+        from lancedb.query import MatchQuery
+
         if not self.has_text_index:
             raise TextIndexMissingError(f"chunk table {self.name!r} has no full-text index on 'text': run the index "
                                         "job (it builds one unless --no-text-index) or ChunkStore.create_text_index()")
@@ -635,7 +642,8 @@ class ChunkStore:
             if not question.strip():
                 out.append(self._empty_result())
                 continue
-            query = (self._table.search(question, query_type="fts").limit(int(k))
+            # a match query: the question's words, never parsed as query syntax (quotes, AND, ':')
+            query = (self._table.search(MatchQuery(question, "text"), query_type="fts").limit(int(k))
                      .select(["chunk_id", "doc_id", "text", *self._memory_columns, "_score"]))
             if filter:
                 query = query.where(filter, prefilter=True)

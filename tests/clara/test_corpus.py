@@ -103,6 +103,20 @@ def test_word_windows():
     assert word_windows(words, 4, overlap=1) == [(0, 3), (2, 6), (5, 9), (6, 10)]  # no word start in (0, 2]
     assert word_windows([True] * 10, 4) == token_windows(10, 4)  # every token a word: the token windows
     assert word_windows([], 4) == []
+    # any words, budget and overlap: every window advances, none lies inside the one before, all fit, the
+    # first starts at 0 and the last ends at the end
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n, budget = rng.randint(1, 120), rng.randint(1, 40)
+        overlap = rng.randint(0, budget - 1)
+        words = [i == 0 or rng.random() < rng.choice((0.05, 0.3, 0.9)) for i in range(n)]
+        ws = word_windows(words, budget, overlap)
+        assert ws[0][0] == 0 and ws[-1][1] == n and all(0 < e - s <= budget for s, e in ws), (words, budget, overlap)
+        assert all(s2 > s1 and e2 > e1 for (s1, e1), (s2, e2) in zip(ws, ws[1:])), (words, budget, overlap)
+        if overlap == 0:
+            assert all(e1 == s2 for (_, e1), (s2, _) in zip(ws, ws[1:]))
 
 
 def test_chunk_overlap(tok):

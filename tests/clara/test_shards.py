@@ -118,6 +118,26 @@ def torch_equal(a, b) -> bool:
     return bool(torch.equal(a, b))
 
 
+def test_a_retriever_opens_on_an_empty_index_and_says_so(make_model, tmp_path):
+    """An empty table (a first index run still to come) opens; retrieval and the health probe say it is
+    empty; hybrid on a table without a full-text index is refused, naming what to do."""
+    from clara.index.build import read_compressor_info, store_settings_for
+    from clara.index.retrieve import IndexEmptyError, Retriever
+    from clara.index.schema import TextIndexMissingError
+
+    model = make_model()
+    model_dir = model.save_pretrained(tmp_path / "model")
+    ChunkStore.open(tmp_path / "idx", store_settings_for(read_compressor_info(model_dir)))
+    retriever = Retriever.open(model, tmp_path / "idx")
+    with pytest.raises(IndexEmptyError):
+        retriever.retrieve(["anything?"], k=3)
+    with pytest.raises(IndexEmptyError):
+        retriever.health()
+    with pytest.raises(TextIndexMissingError, match="index job"):
+        retriever.set_retrieval("hybrid")
+    assert retriever.retrieval == "latent"
+
+
 def test_shards_of_other_settings_are_refused(tmp_path):
     ChunkStore.open(tmp_path / "db", settings(), table=shard_table("chunks", 0, 2)).upsert(worded_rows(3))
     ChunkStore.open(tmp_path / "db", settings(dtype="int8"), table=shard_table("chunks", 1, 2)).upsert(

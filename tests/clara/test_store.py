@@ -193,6 +193,8 @@ def test_int4_storage_is_a_quarter_of_float16_and_survives_outlier_coordinates()
     assert np.linalg.norm(dequantize_int4(p_odd, s_odd, 3, 5) - odd) / np.linalg.norm(odd) < 0.2
     zero_p, zero_s = quantize_int4(np.zeros((1, 2, 4), np.float32))
     assert (dequantize_int4(zero_p, zero_s, 2, 4) == 0).all()
+    none_p, none_s = quantize_int4(np.zeros((0, 6, 64), np.float32))  # no rows: empty arrays, as other dtypes
+    assert none_p.shape == (0, 192) and none_s.shape == (0, 6)
 
 
 def test_encode_batch_accepts_torch_and_rejects_bad_rows():
@@ -482,6 +484,10 @@ def test_text_search_is_bm25_on_the_text_index_and_follows_writes(store):
     assert store.text_search(["lighthouse"], k=5)[0].chunk_ids == ["c4"]
     empty, none = store.text_search(["   ", "zeppelin"], k=3)
     assert len(empty) == 0 and len(none) == 0
+    # a question is words, never query syntax: quotes (a phrase query needs positions), AND, a colon
+    for question in ('"Where is the lighthouse?"', "lighthouse AND", "text: lighthouse", "((("):
+        (hit,) = store.text_search([question], k=5)
+        assert hit.chunk_ids[:1] == (["c4"] if "lighthouse" in question else []), question
 
 
 def test_hybrid_search_fuses_bm25_and_latent_ranks_over_the_exact_union(store):
