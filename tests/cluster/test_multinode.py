@@ -307,9 +307,13 @@ def test_index_job_runs_on_both_nodes_and_writes_one_row_per_chunk(cluster, mode
          "--shards", "2", "--shard", str(i), "--json"] for i in range(2)], INDEX_TIMEOUT_S)
     nodes = [_task_nodes(cluster, job_id, "(ChunkCompressor)).submit") for job_id, _ in runs]
     assert len(nodes[0]) == len(nodes[1]) == 1 and nodes[0] | nodes[1] == {cluster.head_node, cluster.worker_node}
-    rows = [ChunkStore.open(str(sharded), None, table=shard_table("chunks", i, 2), create=False).count()
-            for i in range(2)]
+    from clara.index.schema import shard_of
+
+    shards = [ChunkStore.open(str(sharded), None, table=shard_table("chunks", i, 2), create=False) for i in range(2)]
+    rows = [s.count() for s in shards]
     assert sum(rows) == len(chunks) and min(rows) > 0
+    for i, s in enumerate(shards):  # each document in the shard of its hash
+        assert {shard_of(d, 2) for d in s.table.to_arrow().column("doc_id").to_pylist()} == {i}
     questions = [json.loads(line)["question"][0] for line in corpus.read_text().splitlines()[:10]]
     one = Retriever.open(model_dir, table, candidates=50).retrieve(questions, k=5)
     two = Retriever.open(model_dir, sharded, candidates=50, shards=2).retrieve(questions, k=5)
