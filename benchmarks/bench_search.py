@@ -53,8 +53,10 @@ flattens as candidates grow, so what misses is the graph search (one 10^6-node H
 scalar-quantised keys, ef 600), not the re-scoring; the knobs left are a larger ``ef``, more
 partitions (``--num-partitions``, several smaller graphs), ``m`` / ``ef_construction`` at build time
 and ``--refine-factor`` (re-rank on the float keys), which at 10^5 rows lift recall to 0.98-1.0 for
-~30-46 ms (above); a 21-minute build per run on 2 cores kept them untried at 10^6 rows. Tried at 10^6 rows on 2026-12-03 (``--ef 2000 --refine-factor 2 --candidates 200 500``; the build ran
-beside other jobs, 2209 s; the queries on an idle machine; results/bench_search_1e6_ef2000_refine2_2026-12-03.txt):
+~30-46 ms (above); a 21-minute build per run on 2 cores kept them untried at 10^6 rows.
+
+Tried at 10^6 rows on 2026-12-03 (``--ef 2000 --refine-factor 2 --candidates 200 500``; the build ran
+beside other jobs, 2209 s; the queries on an idle machine; results/bench_search_1e6_ef2000_refine2_*.txt):
 
     exact brute force, float32 in RAM            1.000     232.8     256.9
     IVF_HNSW_SQ + re-score 200 candidates        0.921      81.6     118.8   2.9x faster than in RAM

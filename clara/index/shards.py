@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from clara.index.schema import DEFAULT_TABLE, IndexMismatchError, shard_table
-from clara.index.store import ChunkStore, SearchResult, fuse_candidates, merge_results
+from clara.index.store import ChunkStore, SearchResult, hybrid_search, merge_results
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
 _POOL_LOCK = threading.Lock()
@@ -121,19 +121,8 @@ class ShardedStore:
                       text_candidates: int | None = None, text_weight: float = 1.0, rrf_k: int = 60,
                       filter: str | None = None, **ann: Any) -> list[SearchResult]:
         """As :meth:`ChunkStore.hybrid_search`, over the merged latent and BM25 candidates of all shards."""
-        q = self.shards[0]._queries(query_memory)
-        questions = list(questions)
-        if len(questions) != len(q):
-            raise ValueError(f"{len(q)} query memories but {len(questions)} questions")
-        if k <= 0:
-            raise ValueError("k must be positive")
-        if text_weight < 0 or rrf_k < 0:
-            raise ValueError(f"text_weight and rrf_k must be >= 0, got {text_weight}, {rrf_k}")
-        pool = max(int(candidates), int(k))
-        latent = self.search(q, k=pool, candidates=pool, filter=filter, **ann)
-        text = self.text_search(questions, int(text_candidates or pool), filter=filter)
-        return [fuse_candidates(q[b], lat, txt, int(k), text_weight, rrf_k)
-                for b, (lat, txt) in enumerate(zip(latent, text))]
+        return hybrid_search(self, self.shards[0]._queries(query_memory), questions, k, candidates, text_candidates,
+                             text_weight, rrf_k, filter, ann)
 
     def find_memory(self, chunk_ids: Iterable[str]) -> dict[str, np.ndarray]:
         wanted = sorted({str(c) for c in chunk_ids})

@@ -161,6 +161,25 @@ def fuse_candidates(query: np.ndarray, latent: SearchResult, text: SearchResult,
                         memory[order])
 
 
+def hybrid_search(store: Any, q: np.ndarray, questions: Sequence[str], k: int, candidates: int,
+                  text_candidates: int | None, text_weight: float, rrf_k: int, filter: str | None,
+                  ann: dict[str, Any]) -> list[SearchResult]:
+    """The hybrid search of a store (:class:`ChunkStore` or a sharded one: anything with ``search`` and
+    ``text_search``) for query memories ``q`` ``[B, n_mem, d]``: see :meth:`ChunkStore.hybrid_search`."""
+    questions = list(questions)
+    if len(questions) != len(q):
+        raise ValueError(f"{len(q)} query memories but {len(questions)} questions")
+    if k <= 0:
+        raise ValueError("k must be positive")
+    if text_weight < 0 or rrf_k < 0:
+        raise ValueError(f"text_weight and rrf_k must be >= 0, got {text_weight}, {rrf_k}")
+    pool = max(int(candidates), int(k))
+    latent = store.search(q, k=pool, candidates=pool, filter=filter, **ann)
+    text = store.text_search(questions, int(text_candidates or pool), filter=filter)
+    return [fuse_candidates(q[b], lat, txt, int(k), text_weight, rrf_k) for b, (lat, txt) in
+            enumerate(zip(latent, text))]
+
+
 def merge_results(parts: Sequence[SearchResult], k: int) -> SearchResult:
     """The top-``k`` of several :class:`SearchResult` of one query (shards), by score; each part is sorted."""
     ids = [c for p in parts for c in p.chunk_ids]
@@ -675,19 +694,8 @@ class ChunkStore:
         not return). ``text_weight`` 0 is the latent ranking over the union; scores are the fused values.
         ``ann``: ``nprobes`` / ``refine_factor`` / ``ef`` for the vector half.
         """
-        q = self._queries(query_memory)
-        questions = list(questions)
-        if len(questions) != len(q):
-            raise ValueError(f"{len(q)} query memories but {len(questions)} questions")
-        if k <= 0:
-            raise ValueError("k must be positive")
-        if text_weight < 0 or rrf_k < 0:
-            raise ValueError(f"text_weight and rrf_k must be >= 0, got {text_weight}, {rrf_k}")
-        pool = max(int(candidates), int(k))
-        latent = self.search(q, k=pool, candidates=pool, filter=filter, **ann)
-        text = self.text_search(questions, int(text_candidates or pool), filter=filter)
-        return [fuse_candidates(q[b], lat, txt, int(k), text_weight, rrf_k) for b, (lat, txt) in
-                enumerate(zip(latent, text))]
+        return hybrid_search(self, self._queries(query_memory), questions, k, candidates, text_candidates,
+                             text_weight, rrf_k, filter, ann)
 
     def exact_search(
         self, query_memory: Any, k: int = 5, *, filter: str | None = None, batch_size: int = 2048
