@@ -93,6 +93,21 @@ def check_index(model: ClaraModel, settings: StoreSettings) -> None:
                                  + "; ".join(problems) + "); rebuild it with this model (the index job)")
 
 
+def _shard_count(store: ChunkStore | ShardedStore) -> int:
+    return len(store.shards) if isinstance(store, ShardedStore) else 1
+
+
+def _opener(uri: Any, table: str, shards: int,
+            storage_options: dict[str, str] | None = None) -> Callable[[], ChunkStore | ShardedStore]:
+    """Opens the index afresh: one table, or the ``shards`` tables of a sharded one."""
+    def reopen() -> ChunkStore | ShardedStore:
+        if shards > 1:
+            return ShardedStore.open(uri, table, shards, storage_options=storage_options)
+        return ChunkStore.open(uri, None, table=table, create=False, storage_options=storage_options)
+
+    return reopen
+
+
 def _version_id(store: ChunkStore | ShardedStore) -> Any:
     """What tells two versions of the served index apart: the table's version, or each shard's (a sum of shard
     versions could stay equal when one shard is rebuilt while another moves on)."""
@@ -122,7 +137,7 @@ class Retriever:
 
     def __init__(self, model: ClaraModel, store: ChunkStore | ShardedStore, *, candidates: int = 50,
                  refresh_interval_s: float | None = 5.0, clock: Callable[[], float] = time.monotonic,
-                 reopen: Callable[[], ChunkStore] | None = None, retrieval: str = "latent",
+                 reopen: Callable[[], ChunkStore | ShardedStore] | None = None, retrieval: str = "latent",
                  text_weight: float = 1.0) -> None:
         if candidates <= 0:
             raise ValueError(f"candidates must be positive, got {candidates}")
@@ -135,14 +150,8 @@ class Retriever:
         self.candidates = int(candidates)
         self.refresh_interval_s = refresh_interval_s
         self.clock = clock
-        if reopen is None:
-            uri, name, shards = store.uri, store.name, len(getattr(store, "shards", [store]))
-
-            def reopen() -> ChunkStore | ShardedStore:  # the location only: old handles are not kept alive
-                if shards > 1:
-                    return ShardedStore.open(uri, name, shards)
-                return ChunkStore.open(uri, None, table=name, create=False)
-        self._reopen = reopen
+        # the location only, not the handle: old handles (and their caches) are not kept alive
+        self._reopen = reopen or _opener(store.uri, store.name, _shard_count(store))
         self._lock = threading.RLock()
         self._checked_at = clock()
         self._broken: Exception | None = None  # why the table cannot be read, until a refresh succeeds
@@ -179,12 +188,7 @@ class Retriever:
             model = ClaraModel.from_pretrained(model, device=device)
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
-
-        def reopen() -> ChunkStore | ShardedStore:
-            if shards > 1:
-                return ShardedStore.open(index_uri, table, shards, storage_options=storage_options)
-            return ChunkStore.open(index_uri, None, table=table, create=False, storage_options=storage_options)
-
+        reopen = _opener(index_uri, table, shards, storage_options)
         return cls(model, reopen(), reopen=reopen, **kwargs)
 
     # -- the index's version ------------------------------------------------------------------
@@ -330,7 +334,7 @@ class Retriever:
             return {"n_mem": s.n_mem, "d": s.d, "compressor_version": s.compressor_version, "dtype": s.dtype,
                     "index_uri": self.store.uri, "table": self.store.name, "index_version": self.store.version,
                     "rows": self.store.count(), "retrieval": self.retrieval,
-                    "shards": len(getattr(self.store, "shards", [self.store]))}
+                    "shards": _shard_count(self.store)}
 
 
 def generate_answers(generator: Any, questions: Sequence[str], backgrounds: Sequence[Background],

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from clara.index.schema import DEFAULT_TABLE, IndexMismatchError, shard_table
-from clara.index.store import ChunkStore, SearchResult, hybrid_search, merge_results
+from clara.index.store import ChunkStore, SearchResult, hybrid_search, memory_in_order, merge_results
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
 _POOL_LOCK = threading.Lock()
@@ -135,13 +135,7 @@ class ShardedStore:
         """Memories ``float32 [n, n_mem, d]`` in the order of ``chunk_ids`` from whichever shard holds each
         (a chunk id does not name its shard); KeyError names missing ids."""
         chunk_ids = [str(c) for c in chunk_ids]
-        found = self.find_memory(chunk_ids)
-        missing = [c for c in dict.fromkeys(chunk_ids) if c not in found]
-        if missing:
-            raise KeyError(f"chunks not in the index: {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-        if not chunk_ids:
-            return np.zeros((0, self.settings.n_mem, self.settings.d), np.float32)
-        return np.stack([found[c] for c in chunk_ids])
+        return memory_in_order(self.find_memory(chunk_ids), chunk_ids, self.settings)
 
     def refresh(self) -> int:
         for s in self.shards:

@@ -180,6 +180,17 @@ def hybrid_search(store: Any, q: np.ndarray, questions: Sequence[str], k: int, c
             enumerate(zip(latent, text))]
 
 
+def memory_in_order(found: dict[str, np.ndarray], chunk_ids: Sequence[str], settings: StoreSettings) -> np.ndarray:
+    """``float32 [n, n_mem, d]`` of ``chunk_ids`` in order from ``found`` (``find_memory``'s answer of a table
+    or of shards); KeyError names the ids not found."""
+    missing = [c for c in dict.fromkeys(chunk_ids) if c not in found]
+    if missing:
+        raise KeyError(f"chunks not in the index: {_name_ids(missing)}")
+    if not chunk_ids:
+        return np.zeros((0, settings.n_mem, settings.d), np.float32)
+    return np.stack([found[c] for c in chunk_ids])
+
+
 def merge_results(parts: Sequence[SearchResult], k: int) -> SearchResult:
     """The top-``k`` of several :class:`SearchResult` of one query (shards), by score; each part is sorted."""
     ids = [c for p in parts for c in p.chunk_ids]
@@ -399,14 +410,7 @@ class ChunkStore:
     def get_memory(self, chunk_ids: Sequence[str]) -> np.ndarray:
         """Dequantised memories ``float32 [n, n_mem, d]`` in the order of ``chunk_ids``; KeyError names missing ids."""
         chunk_ids = [str(c) for c in chunk_ids]
-        wanted = sorted(set(chunk_ids))
-        found = self.find_memory(wanted)
-        missing = [c for c in wanted if c not in found]
-        if missing:
-            raise KeyError(f"chunks not in the index: {_name_ids(missing)}")
-        if not chunk_ids:
-            return np.zeros((0, self.settings.n_mem, self.settings.d), np.float32)
-        return np.stack([found[c] for c in chunk_ids])
+        return memory_in_order(self.find_memory(chunk_ids), chunk_ids, self.settings)
 
     # ---- versions and maintenance
 
