@@ -57,8 +57,10 @@ def quiet_ray_logs() -> None:
     if logging.getLevelName(level) not in ("DEBUG", "INFO"):
         from ray.data import DataContext
 
-        # the jobs print their own progress; Ray Data's bars (one per operator, from every worker) go
+        # the jobs print their own progress; Ray Data's bars (one per operator, from every worker) go,
+        # and so does the warning that says they went
         DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data._internal.progress").setLevel("ERROR")
 
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:

@@ -50,20 +50,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import pyarrow as pa
+
 from clara.checkpoint import CheckpointError
 from clara.data.corpus import DocumentError
 from clara.index.build import (
     SOURCE_FORMATS,
     ChunkCompressor,
     ChunkingSettings,
+    ChunkPlanner,
     CleanupSummary,
     DeletionGuardError,
+    IndexPlan,
     IndexWriter,
     WriteStats,
     check_deletions,
     chunking_salt,
     cleanup_index,
+    doc_key,
     load_tokenizer,
+    plan_error,
     plan_index,
     read_compressor_info,
     refresh_ann_index,
@@ -94,6 +100,7 @@ PROG = "clara index"
 #: traceback (that is for ``--debug``). ``FileNotFoundError`` covers a missing corpus or table.
 USER_ERRORS = (DocumentError, DeletionGuardError, IndexMismatchError, CheckpointError, FileNotFoundError)
 DEFAULT_MAX_DELETE_FRACTION = 0.1
+READERS = ("auto", "driver", "ray-data")
 
 
 class IndexJobError(RuntimeError):
@@ -180,6 +187,14 @@ class IndexSettings:
     #: With ``--shards``: index only this shard (one job per shard, e.g. on different nodes); default: every
     #: shard in turn.
     shard: int | None = None
+    #: How the corpus is read and planned. ``driver``: this process reads it with the project's readers
+    #: (errors name file and line), chunks it and diffs a hash per chunk against the table: memory grows with
+    #: the corpus, fine to ~10^7 chunks of a path the driver sees. ``ray-data``: Ray Data's readers
+    #: (``read_text`` for JSONL, ``read_parquet``, ``read_binary_files`` for .txt; local paths or object-store
+    #: URIs, a file or a directory of them) and the chunking and the diff on the workers, a batch of documents
+    #: at a time (:class:`clara.index.build.ChunkPlanner`); the driver keeps 8 bytes per document, never
+    #: the chunks. ``auto``: ``ray-data`` for a URI with a scheme (``s3://``, ``gs://``), else ``driver``.
+    reader: str = field(default="auto", metadata={"choices": READERS})
     #: Index only the first N documents (not with ``--delete-missing``).
     limit: int | None = None
     #: Rows per upsert commit (each commit is one table version).
@@ -199,6 +214,8 @@ class IndexSettings:
         self.table_uri = str(self.table_uri)
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"IndexSettings.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if self.reader not in READERS:
+            raise ValueError(f"IndexSettings.reader must be one of {READERS}, got {self.reader!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"IndexSettings.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.ann_index is not None:
@@ -309,28 +326,33 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     except IndexNotFoundError:
         existing_settings = None
     settings = store_settings_for(info, existing_settings, dtype=s.dtype, key_dim=s.key_dim, key_seed=s.key_seed)
-    tokenizer = load_tokenizer(s.model)
     chunking = ChunkingSettings(chunk_tokens=s.chunk_tokens or info.doc_max_tokens, overlap=s.overlap,
                                 format=s.format, title_field=s.title_field)
+    tokenizer = load_tokenizer(s.model)
     salt = chunking_salt(chunking, info.compressor_version, tokenizer)
 
     # 1. read, chunk, diff: the whole corpus is validated before the table is created or written
     store = _open_store(s, settings) if existing_settings is not None else None
-    existing = store.existing_hashes() if store is not None else {}
-    chunks = source_chunks(s.corpus, tokenizer, chunking, salt, id_field=s.id_field, text_field=s.text_field,
-                           limit=s.limit, keep_doc=in_shard)
-    plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
-    check_deletions(plan, len(existing), s.max_delete_fraction)
+    if _reader(s) == "ray-data":
+        plan, source = _plan_on_workers(s, store, chunking, salt, keep_doc=in_shard)
+        table_rows = store.count() if store is not None else 0
+    else:
+        existing = store.existing_hashes() if store is not None else {}
+        chunks = source_chunks(s.corpus, tokenizer, chunking, salt, id_field=s.id_field,
+                               text_field=s.text_field, limit=s.limit, keep_doc=in_shard)
+        plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
+        source, table_rows = plan.to_compress, len(existing)
+    check_deletions(plan, table_rows, s.max_delete_fraction)
     if store is None:
         store = _open_store(s, settings, create=True)
     start_version = store.version
     say(f"[index] {plan.read} chunks from {plan.docs} documents in {time.perf_counter() - t0:.1f}s: "
         f"{plan.skipped} unchanged, {plan.new} new, {plan.changed} changed, {len(plan.stale_chunk_ids)} to delete; "
-        f"table {s.table_uri}/{s.table_name} at version {start_version} with {len(existing)} rows")
+        f"table {s.table_uri}/{s.table_name} at version {start_version} with {table_rows} rows")
 
     # 2-3. compress on the actor pool, upsert from here as batches stream back
     t_compress = time.perf_counter()
-    total = len(plan.to_compress)
+    total = plan.new + plan.changed
 
     def on_commit(w: WriteStats) -> None:
         sec = time.perf_counter() - t_compress
@@ -341,11 +363,14 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
 
     writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit)
     if total:
-        _compress_and_write(s, settings, plan.to_compress, writer)
+        _compress_and_write(s, settings, source, total, writer)
 
     deleted = store.delete_chunks(plan.stale_chunk_ids) if plan.stale_chunk_ids else 0
     if deleted:
         say(f"[index] deleted {deleted} stale rows")
+    made = store.create_scalar_indices()
+    if made:
+        say(f"[index] scalar indices on {', '.join(made)}")
     ann = ""
     if s.ann_index and (total or deleted or not any(list(i.columns) == ["key"] for i in store.list_indices())):
         ann = refresh_ann_index(store, s.ann_index, min_rows=s.ann_min_rows)
@@ -377,7 +402,212 @@ def run_sharded(s: IndexSettings, progress: Progress | None = None) -> list[Inde
     return [run_index(replace(s, shard=i) if s.shards > 1 else s, progress) for i in shards]
 
 
-def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter) -> None:
+# --------------------------------------------------------------------------------------------
+# the streamed plan (--reader ray-data)
+
+
+def _reader(s: IndexSettings) -> str:
+    if s.reader != "auto":
+        return s.reader
+    return "ray-data" if "://" in s.corpus else "driver"
+
+
+def _corpus_filesystem(corpus: str, options: dict[str, str]):
+    """``(pyarrow filesystem, path)`` of the corpus; an ``s3://`` URI takes the table's S3 storage options
+    (``aws_access_key_id``, ``aws_secret_access_key``, ``aws_region``, ``aws_endpoint``, ``allow_http``)."""
+    from pyarrow import fs as pafs
+
+    if "://" not in corpus:
+        return pafs.LocalFileSystem(), str(Path(corpus).expanduser().resolve())
+    if corpus.startswith("s3://") and options:
+        endpoint = options.get("aws_endpoint") or options.get("endpoint")
+        scheme = "https"
+        if endpoint and "://" in endpoint:
+            scheme, endpoint = endpoint.split("://", 1)
+        return pafs.S3FileSystem(access_key=options.get("aws_access_key_id"),
+                                 secret_key=options.get("aws_secret_access_key"),
+                                 region=options.get("aws_region") or options.get("region"),
+                                 endpoint_override=endpoint, scheme=scheme), corpus[len("s3://"):]
+    return pafs.FileSystem.from_uri(corpus)
+
+
+def corpus_files(corpus: str, options: dict[str, str] | None = None) -> tuple[object, list[str], str, str]:
+    """``(filesystem, files, kind, base)`` of a corpus for Ray Data's readers: a file, a directory or prefix
+    (searched recursively for .jsonl / .ndjson, .parquet or .txt files, one kind), or a local glob. ``base``
+    is what a text file's document id is relative to. Raises ``FileNotFoundError`` when nothing is found and
+    ``ValueError`` for a directory of several kinds."""
+    import glob as _glob
+
+    from pyarrow import fs as pafs
+
+    from clara.data.corpus import file_kind
+
+    if "://" not in corpus and any(c in corpus for c in "*?["):
+        files = sorted(str(Path(f).resolve()) for f in _glob.glob(corpus, recursive=True) if Path(f).is_file())
+        parts = Path(corpus).parts
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+        fs, base = pafs.LocalFileSystem(), str(Path(*parts[:fixed]).resolve()) if fixed else str(Path.cwd())
+    else:
+        fs, path = _corpus_filesystem(corpus, options or {})
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such file or directory: {corpus!r}")
+        if info.type == pafs.FileType.Directory:
+            files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                           if f.type == pafs.FileType.File and file_kind(f.path))
+            base = path
+        else:
+            files, base = [path], str(Path(path).parent)
+    kinds = sorted({file_kind(f) for f in files} - {None})
+    if not kinds:
+        raise FileNotFoundError(f"no .jsonl, .ndjson, .parquet or .txt files in {corpus!r}")
+    if len(kinds) > 1:
+        raise ValueError(f"{corpus!r} holds files of several kinds ({', '.join(kinds)}): give one kind")
+    return fs, [f for f in files if file_kind(f) == kinds[0]], kinds[0], base
+
+
+def corpus_dataset(s: IndexSettings):
+    """``(Ray Dataset of records, kind, base)``: the corpus through Ray Data's readers, as
+    :class:`~clara.index.build.ChunkPlanner` takes it (see :data:`~clara.index.build.RECORD_KINDS`)."""
+    import ray
+
+    fs, files, kind, base = corpus_files(s.corpus, s.storage_options)
+    if s.format == "scp":
+        if kind != "jsonl":
+            raise ValueError(f"--format scp reads stage-1 JSONL files, {s.corpus!r} holds {kind} files")
+        kind = "scp"
+    if kind in ("jsonl", "scp"):  # lines, parsed by the planner: its errors name the file and the record
+        ds = ray.data.read_text(files, filesystem=fs, include_paths=True)
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        names = set(pq.read_schema(files[0], filesystem=fs).names)
+        for name in (s.id_field, s.text_field):
+            if name not in names:
+                raise DocumentError(files[0], name, f"no such column (columns: {sorted(names)})")
+        columns = [s.id_field, s.text_field] + ([s.title_field] if s.title_field and s.title_field in names else [])
+        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True).select_columns([*columns, "path"])
+    else:
+        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+    return ds, kind, base
+
+
+def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: ChunkingSettings, salt: str,
+                     keep_doc: Callable[[str], bool] | None = None):
+    """The streamed plan: ``(IndexPlan without to_compress, the Ray Dataset of chunks to compress)``.
+
+    Workers read, validate, chunk and diff (:class:`~clara.index.build.ChunkPlanner`); the plan is
+    materialised in Ray's object store (spilled to disk when large), so that bad input and the deletion
+    guard fail before anything is written, as with the driver's reader. The driver streams only the small
+    columns back: statuses to count, stale ids, and one 8-byte :func:`~clara.index.build.doc_key` per
+    document, to find ids seen twice and, with ``delete_missing``, the documents gone from the corpus.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+    import ray
+    from ray.data.expressions import col
+
+    from pipelines import compat
+
+    compat.ensure_ray(s.ray_address)
+    records, kind, base = corpus_dataset(s)
+    if s.limit is not None:
+        records = records.limit(s.limit)
+    planner = records.map_batches(
+        ChunkPlanner,
+        batch_size=256,
+        batch_format="pyarrow",
+        fn_constructor_args=(s.model, chunking, salt),
+        fn_constructor_kwargs={"kind": kind, "table_uri": s.table_uri, "table_name": s.table_name,
+                               "storage_options": s.storage_options or None, "id_field": s.id_field,
+                               "text_field": s.text_field, "base": base, "keep_doc": keep_doc},
+        **compat.actor_pool(s.actors, num_cpus=s.num_cpus_per_actor),
+    )
+    planned = planner.materialize()
+    plan = IndexPlan(to_compress=[])
+    keys: list[np.ndarray] = []
+    for batch in planned.select_columns(["chunk_id", "status", "position", "doc_key"]).iter_batches(
+            batch_size=None, batch_format="pyarrow"):
+        status = batch.column("status")
+        if pc.any(pc.equal(status, "error")).as_py():
+            errors = planned.filter(expr=col("status") == "error").take(1)
+            raise plan_error(errors[0]["text"])
+        for row in pc.value_counts(status).to_pylist():
+            plan_field = {"new": "new", "changed": "changed", "unchanged": "skipped"}.get(row["values"])
+            if plan_field:
+                setattr(plan, plan_field, getattr(plan, plan_field) + row["counts"])
+        plan.stale_chunk_ids += pc.filter(batch.column("chunk_id"), pc.equal(status, "stale")).to_pylist()
+        first = pc.and_(pc.not_equal(status, "stale"), pc.equal(batch.column("position"), 0))
+        keys.append(pc.filter(batch.column("doc_key"), first).to_numpy())
+    doc_keys = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    twice = np.unique(doc_keys[1:][doc_keys[1:] == doc_keys[:-1]])
+    once = _records_seen_twice(planned, twice, kind, s.id_field, plan) if twice.size else None
+    doc_keys = np.unique(doc_keys)
+    plan.read, plan.docs = plan.new + plan.changed + plan.skipped, int(doc_keys.size)
+    if s.delete_missing and store is not None:
+        _missing_documents(store, doc_keys, plan)
+    plan.stale_chunk_ids.sort()
+    pending = planned.map_batches(_pending_rows, fn_kwargs={"drop_keys": set(twice.tolist())}, batch_format="pyarrow")
+    if once is not None:
+        pending = pending.union(ray.data.from_arrow(_pending_rows(once, set())))
+    return plan, pending
+
+
+def _records_seen_twice(planned, twice, kind: str, id_field: str, plan: IndexPlan) -> pa.Table:
+    """Documents whose id came in several records: an error naming the id, but for ``--format scp``, where the
+    same chunk stands in a record per question: each such chunk is planned once (its row is returned, the
+    counts corrected)."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(twice.tolist(), pa.int64())
+    parts = [pc.filter(b, pc.and_(pc.is_in(b.column("doc_key"), wanted), pc.equal(b.column("position"), 0)))
+             for b in planned.iter_batches(batch_size=None, batch_format="pyarrow")]
+    rows = pa.concat_tables(parts).sort_by([("doc_key", "ascending"), ("where", "ascending")])
+    keys = rows.column("doc_key").to_pylist()
+    if kind != "scp":
+        first = rows.slice(0, 1).to_pylist()[0]
+        raise DocumentError(first["where"], id_field,
+                            f"duplicate id {first['doc_id']!r}: {keys.count(first['doc_key'])} records have it")
+    firsts = [i for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
+    for i, status in enumerate(rows.column("status").to_pylist()):
+        if i not in firsts:
+            name = {"new": "new", "changed": "changed", "unchanged": "skipped"}[status]
+            setattr(plan, name, getattr(plan, name) - 1)
+    return rows.take(firsts)
+
+
+def _missing_documents(store: ChunkStore, doc_keys, plan: IndexPlan) -> None:
+    """Add the rows of the table's documents that the corpus no longer has to ``plan`` (streamed, not held)."""
+    import numpy as np
+
+    missing_docs: set[str] = set()
+    for batch in store.scan(["chunk_id", "doc_id"]):
+        doc_ids = batch.column("doc_id").to_pylist()
+        keys = np.fromiter((doc_key(d) for d in doc_ids), np.int64, len(doc_ids))
+        at = np.minimum(np.searchsorted(doc_keys, keys), max(doc_keys.size - 1, 0))
+        gone = np.flatnonzero(doc_keys[at] != keys) if doc_keys.size else np.arange(len(doc_ids))
+        chunk_ids = batch.column("chunk_id").to_pylist()
+        for i in gone.tolist():
+            plan.stale_chunk_ids.append(chunk_ids[i])
+            missing_docs.add(doc_ids[i])
+        plan.missing_rows += gone.size
+    plan.missing_docs = len(missing_docs)
+
+
+def _pending_rows(batch: pa.Table, drop_keys: set[int]) -> pa.Table:
+    """The planned rows to compress: new or changed, but not of the documents in ``drop_keys`` (planned
+    once elsewhere)."""
+    import pyarrow.compute as pc
+
+    keep = pc.is_in(batch.column("status"), pa.array(["new", "changed"]))
+    if drop_keys:
+        keep = pc.and_(keep, pc.invert(pc.is_in(batch.column("doc_key"), pa.array(sorted(drop_keys), pa.int64()))))
+    return batch.filter(keep)
+
+
+def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: IndexWriter) -> None:
+    """Compress ``source`` (the chunks of the driver's plan, or the streamed plan's Ray Dataset) on the actor
+    pool and write the rows as they come back."""
     import ray
 
     from pipelines import compat, faults
@@ -387,11 +617,14 @@ def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter)
     actor = ChunkCompressor
     if "fail_after_batches" in fault:
         actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
-    blocks = work_blocks(chunks, s.batch_size, s.actors)
+    if isinstance(source, list):
+        ds, batch_size = ray.data.from_arrow(work_blocks(source, s.batch_size, s.actors)), s.batch_size
+    else:  # in source order: a few forward passes a call, sorted by length inside (ChunkCompressor)
+        ds, batch_size = source, s.batch_size * 4
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
-    ds = ray.data.from_arrow(blocks).map_batches(
+    ds = ds.map_batches(
         actor,
-        batch_size=s.batch_size,
+        batch_size=batch_size,
         batch_format="pyarrow",
         fn_constructor_args=(s.model, settings),
         fn_constructor_kwargs={
@@ -411,7 +644,7 @@ def _compress_and_write(s: IndexSettings, settings, chunks, writer: IndexWriter)
     except Exception as exc:
         # What was committed is whole (each commit is one merge_insert); a rerun skips it.
         raise IndexJobError(
-            f"the index run failed after {writer.stats.rows} of {len(chunks)} chunks were written "
+            f"the index run failed after {writer.stats.rows} of {total} chunks were written "
             f"(table version {writer.stats.version}); rerun the same command to resume: {exc}",
             written=writer.stats.rows, version=writer.stats.version,
         ) from exc

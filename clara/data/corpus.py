@@ -27,6 +27,15 @@ _PARQUET_SUFFIXES = (".parquet",)
 _TEXT_SUFFIXES = (".txt",)
 
 
+def file_kind(path: str) -> str | None:
+    """``"jsonl"``, ``"parquet"`` or ``"txt"`` by the file's suffix (``None`` for any other file)."""
+    suffix = Path(path).suffix.lower()
+    for kind, suffixes in (("jsonl", _JSONL_SUFFIXES), ("parquet", _PARQUET_SUFFIXES), ("txt", _TEXT_SUFFIXES)):
+        if suffix in suffixes:
+            return kind
+    return None
+
+
 @dataclass(frozen=True)
 class Document:
     doc_id: str
@@ -193,7 +202,10 @@ def _title(value: Any, where: str, field_name: str) -> str | None:
     return value
 
 
-def _from_record(rec: Any, where: str, id_field: str, text_field: str, title_field: str | None) -> Document:
+def document_from_record(rec: Any, where: str, id_field: str = "id", text_field: str = "text",
+                         title_field: str | None = None) -> Document:
+    """The :class:`Document` of one record (a JSON object or a Parquet row as a dict), validated; a
+    :class:`DocumentError` names ``where`` and the field otherwise."""
     if not isinstance(rec, dict):
         raise DocumentError(where, "<record>", f"must be a JSON object, got {type(rec).__name__}")
     doc_id = _doc_id(rec.get(id_field), where, id_field)
@@ -212,7 +224,7 @@ def _read_jsonl(
     path: Path, id_field: str, text_field: str, title_field: str | None
 ) -> Iterator[tuple[str, Document]]:
     for where, rec in _jsonl_objects(path):
-        yield where, _from_record(rec, where, id_field, text_field, title_field)
+        yield where, document_from_record(rec, where, id_field, text_field, title_field)
 
 
 def _read_parquet(
@@ -231,7 +243,7 @@ def _read_parquet(
         for rec in _parquet_rows(batch, path, row):
             row += 1
             where = f"{path}:row {row}"
-            yield where, _from_record(rec, where, id_field, text_field, title_field)
+            yield where, document_from_record(rec, where, id_field, text_field, title_field)
     if row == 0:
         raise DocumentError(f"{path}:row 1", "<file>", "holds no rows (the file is empty)")
 
@@ -255,13 +267,18 @@ def _parquet_rows(batch, path: Path, rows_before: int) -> list[dict]:
         raise
 
 
-def _read_text_file(path: Path, base: Path) -> Iterator[tuple[str, Document]]:
+def text_file_id(path: str, base: str) -> str:
+    """A text file's document id: its path relative to ``base`` (else its name) without the ``.txt`` suffix."""
     try:
-        rel = path.relative_to(base)
+        rel = Path(path).relative_to(base)
     except ValueError:
-        rel = Path(path.name)
-    doc_id = rel.with_suffix("").as_posix()
-    raw = path.read_bytes()
+        rel = Path(Path(path).name)
+    return rel.with_suffix("").as_posix()
+
+
+def text_file_document(raw: bytes, path: str, doc_id: str) -> Document:
+    """The :class:`Document` of a text file's bytes: UTF-8 (a bad byte is a :class:`DocumentError` naming
+    line and column), universal newlines, not blank."""
     try:
         decoded = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -270,8 +287,11 @@ def _read_text_file(path: Path, base: Path) -> Iterator[tuple[str, Document]]:
         raise DocumentError(f"{path}:{line}", "text",
                             f"is not UTF-8: byte 0x{raw[e.start]:02x} at byte {column} of the line") from None
     decoded = decoded.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text gave
-    where = f"{path}:1"
-    yield where, Document(doc_id=doc_id, text=_text(decoded, where, "text"))
+    return Document(doc_id=doc_id, text=_text(decoded, f"{path}:1", "text"))
+
+
+def _read_text_file(path: Path, base: Path) -> Iterator[tuple[str, Document]]:
+    yield f"{path}:1", text_file_document(path.read_bytes(), str(path), text_file_id(str(path), str(base)))
 
 
 def read_documents(
@@ -314,14 +334,19 @@ def load_scp_chunks(path: str | Path) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
     for where, rec in _jsonl_objects(path):
-        docs = rec.get("docs") if isinstance(rec, dict) else None
-        if not isinstance(docs, list) or not docs:
-            raise DocumentError(where, "docs", "must be a non-empty list")
-        text = _text(docs[0], where, "docs[0]")
+        text = scp_chunk_text(rec, where)
         if text not in seen:
             seen.add(text)
             out.append(text)
     return out
+
+
+def scp_chunk_text(rec: Any, where: str) -> str:
+    """The chunk of one stage-1 (SCP) record: its ``docs[0]``, validated."""
+    docs = rec.get("docs") if isinstance(rec, dict) else None
+    if not isinstance(docs, list) or not docs:
+        raise DocumentError(where, "docs", "must be a non-empty list")
+    return _text(docs[0], where, "docs[0]")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from clara.data.corpus import (
     Chunk,
@@ -46,12 +47,16 @@ from clara.data.corpus import (
     DocumentError,
     chunk_documents,
     content_hash,
+    document_from_record,
     make_chunk_id,
     parse_chunk_id,
     read_documents,
+    scp_chunk_text,
+    text_file_document,
+    text_file_id,
 )
 from clara.index.codec import encode_batch
-from clara.index.schema import ANN_KINDS, IndexMismatchError, StoreSettings
+from clara.index.schema import ANN_KINDS, IndexMismatchError, IndexNotFoundError, StoreSettings
 from clara.index.store import ChunkStore, CleanupReport
 
 logger = logging.getLogger(__name__)
@@ -360,6 +365,160 @@ def check_deletions(plan: IndexPlan, table_rows: int, max_fraction: float) -> No
     )
 
 
+# --------------------------------------------------------------------------------------------
+# the streamed plan: chunking and the diff on the workers
+
+#: A chunk's status in the streamed plan; ``stale`` rows name a table row to delete (only ``chunk_id`` set),
+#: an ``error`` row stands for a batch with a malformed record (its ``text``: the
+#: :class:`~clara.data.corpus.DocumentError` as JSON, see :func:`plan_error`).
+PLAN_STATUSES = ("new", "changed", "unchanged", "stale", "error")
+#: The planner's output: the chunk columns, its status, where its record is (for error messages) and
+#: :func:`doc_key` of its document.
+PLAN_SCHEMA = pa.schema([
+    ("chunk_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int32()), ("text", pa.string()),
+    ("content_hash", pa.string()), ("status", pa.string()), ("where", pa.string()), ("doc_key", pa.int64()),
+])
+#: Record layouts the planner reads, as Ray Data's readers give them: ``jsonl`` and ``scp`` a ``text``
+#: column of lines (``read_text``), ``parquet`` the id / text / title columns (``read_parquet``), ``txt``
+#: a ``bytes`` column, one file a row (``read_binary_files``); each with the file in a ``path`` column.
+RECORD_KINDS = ("jsonl", "scp", "parquet", "txt")
+
+
+def doc_key(doc_id: str) -> int:
+    """A 63-bit hash of a document id: the driver of a streamed run holds one per document (8 bytes) to find
+    duplicate ids and, with ``delete_missing``, the table's documents that the corpus no longer has."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def _record_where(path: str, rec: Any, line: str, id_field: str) -> str:
+    if isinstance(rec, dict) and isinstance(rec.get(id_field), (str, int)):
+        return f"{path}: record {id_field}={rec[id_field]!r}"
+    return f"{path}: record {line[:60]!r}"
+
+
+def plan_error(row_text: str) -> DocumentError:
+    """The :class:`~clara.data.corpus.DocumentError` of a plan's ``error`` row."""
+    e = json.loads(row_text)
+    return DocumentError(e["where"], e["field"], e["msg"])
+
+
+class ChunkPlanner:
+    """Turns a batch of source records into chunks and diffs them against the table: the index job's plan,
+    computed on the workers so that the driver never holds a hash per chunk.
+
+    Called on a pyarrow Table of records in one of :data:`RECORD_KINDS`, returns :data:`PLAN_SCHEMA` rows:
+    each chunk of the batch's documents with its status against the table (``new``, ``changed``,
+    ``unchanged``: its text left out, it is not compressed), and a ``stale`` row for each table row of these
+    documents past their new end. All chunks of a document come from one record, so they are planned in
+    one call, and the table is asked only about the batch's documents (a filtered read on ``doc_id``; see
+    :meth:`~clara.index.store.ChunkStore.create_scalar_indices`). Documents whose :func:`doc_key` falls
+    outside ``keep_doc`` (another shard) are dropped before they are tokenised. A malformed record (or an id
+    seen twice in the batch; the driver finds duplicates across batches) makes the batch's plan one ``error``
+    row holding the :class:`~clara.data.corpus.DocumentError` that names the file, the record and the field.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        chunking: ChunkingSettings,
+        salt: str,
+        *,
+        kind: str,
+        table_uri: str,
+        table_name: str,
+        storage_options: dict[str, str] | None = None,
+        id_field: str = "id",
+        text_field: str = "text",
+        base: str = "",
+        keep_doc: Callable[[str], bool] | None = None,
+    ) -> None:
+        if kind not in RECORD_KINDS:
+            raise ValueError(f"kind must be one of {RECORD_KINDS}, got {kind!r}")
+        if (kind == "scp") != (chunking.format == "scp"):
+            raise ValueError(f"records of kind {kind!r} with chunking format {chunking.format!r}")
+        self.chunking, self.salt, self.kind = chunking, salt, kind
+        self.id_field, self.text_field, self.base, self.keep_doc = id_field, text_field, base, keep_doc
+        self.tokenizer = None if kind == "scp" else load_tokenizer(model_dir)
+        try:
+            self.store: ChunkStore | None = ChunkStore.open(table_uri, None, table=table_name, create=False,
+                                                            storage_options=storage_options)
+        except IndexNotFoundError:  # the first run: every chunk is new
+            self.store = None
+
+    def documents(self, batch: pa.Table) -> list[tuple[str, Document]]:
+        """``(where, document)`` of each record of the batch, validated."""
+        paths = batch.column("path").to_pylist()
+        out: list[tuple[str, Document]] = []
+        if self.kind == "txt":
+            for path, raw in zip(paths, batch.column("bytes").to_pylist()):
+                out.append((f"{path}:1", text_file_document(raw, path, text_file_id(path, self.base))))
+        elif self.kind == "parquet":
+            for path, rec in zip(paths, batch.drop_columns(["path"]).to_pylist()):
+                where = _record_where(path, rec, json.dumps(rec, default=str), self.id_field)
+                out.append((where, document_from_record(rec, where, self.id_field, self.text_field,
+                                                        self.chunking.title_field)))
+        else:
+            for path, line in zip(paths, batch.column("text").to_pylist()):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DocumentError(f"{path}: record {line[:60]!r}", "<record>",
+                                        f"is not valid JSON: {e.msg} at column {e.colno}") from None
+                where = _record_where(path, rec, line, self.id_field)
+                if self.kind == "scp":
+                    text = scp_chunk_text(rec, where)
+                    out.append((where, Document(doc_id=scp_doc_id(text), text=text)))
+                else:
+                    out.append((where, document_from_record(rec, where, self.id_field, self.text_field,
+                                                            self.chunking.title_field)))
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        try:
+            return self._plan(batch)
+        except DocumentError as e:  # as data: an exception would reach the driver as Ray's wrapped text
+            return pa.table({"chunk_id": [""], "doc_id": [""], "position": [-1], "text": [json.dumps(
+                {"where": e.where, "field": e.field, "msg": e.msg})], "content_hash": [""], "status": ["error"],
+                "where": [e.where], "doc_key": [0]}, schema=PLAN_SCHEMA)
+
+    def _plan(self, batch: pa.Table) -> pa.Table:
+        where_of: dict[str, str] = {}
+        docs: list[Document] = []
+        for where, doc in self.documents(batch):
+            if self.keep_doc is not None and not self.keep_doc(doc.doc_id):
+                continue
+            if doc.doc_id in where_of:
+                if self.kind == "scp":  # the same chunk in several records (one per question)
+                    continue
+                raise DocumentError(where, self.id_field,
+                                    f"duplicate id {doc.doc_id!r} (first seen at {where_of[doc.doc_id]})")
+            where_of[doc.doc_id] = where
+            docs.append(doc)
+        if self.kind == "scp":
+            chunks = [Chunk(make_chunk_id(d.doc_id, 0), d.doc_id, 0, d.text, content_hash(d.text, self.salt))
+                      for d in docs]
+        else:
+            chunks = list(chunk_documents(docs, self.tokenizer, max_tokens=self.chunking.chunk_tokens,
+                                          overlap=self.chunking.overlap, salt=self.salt, titles=True))
+        existing = self.store.hashes_of_docs(where_of) if self.store is not None and where_of else {}
+        plan = plan_index(chunks, existing)
+        pending = {c.chunk_id for c in plan.to_compress}
+        rows: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
+        for c in chunks:
+            status = ("changed" if c.chunk_id in existing else "new") if c.chunk_id in pending else "unchanged"
+            for name, value in (("chunk_id", c.chunk_id), ("doc_id", c.doc_id), ("position", c.position),
+                                ("text", c.text if status != "unchanged" else ""), ("content_hash", c.content_hash),
+                                ("status", status), ("where", where_of[c.doc_id]), ("doc_key", doc_key(c.doc_id))):
+                rows[name].append(value)
+        for chunk_id in plan.stale_chunk_ids:
+            for name, value in (("chunk_id", chunk_id), ("doc_id", ""), ("position", -1), ("text", ""),
+                                ("content_hash", ""), ("status", "stale"), ("where", ""), ("doc_key", 0)):
+                rows[name].append(value)
+        return pa.table(rows, schema=PLAN_SCHEMA)
+
+
 def chunks_table(chunks: Sequence[Chunk]) -> pa.Table:
     """The compressor's input: one row per chunk, columns :data:`CHUNK_COLUMNS`."""
     return pa.table({
@@ -436,6 +595,8 @@ class ChunkCompressor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
+        # by length, so that each forward pass pads little (a streamed run's batches come in source order)
+        batch = batch.take(pa.compute.sort_indices(pa.compute.utf8_length(batch.column("text"))))
         memory = self.model.compress(batch.column("text").to_pylist(), batch_size=self.batch_size)  # (n, M, D)
         self.batches += 1
         return encode_batch(batch.select(list(CHUNK_COLUMNS)), memory, self.settings)
@@ -613,8 +774,12 @@ def cleanup_index(store: ChunkStore, older_than: dt.timedelta, keep_tags: int | 
 __all__ = [
     "CHUNK_COLUMNS",
     "JOB_TAG",
+    "PLAN_SCHEMA",
+    "PLAN_STATUSES",
+    "RECORD_KINDS",
     "SOURCE_FORMATS",
     "ChunkCompressor",
+    "ChunkPlanner",
     "ChunkingSettings",
     "CleanupSummary",
     "CompressorInfo",
@@ -628,7 +793,9 @@ __all__ = [
     "chunks_table",
     "cleanup_index",
     "default_key_dim",
+    "doc_key",
     "load_tokenizer",
+    "plan_error",
     "plan_index",
     "read_compressor_info",
     "refresh_ann_index",

@@ -386,6 +386,34 @@ class ChunkStore:
                 out.update(zip(batch.column("chunk_id").to_pylist(), batch.column("content_hash").to_pylist()))
         return out
 
+    def scan(self, columns: Sequence[str], batch_size: int | None = None) -> Iterable[pa.RecordBatch]:
+        """The table's ``columns``, streamed in record batches (the whole table never in memory)."""
+        return self._scan(list(columns), batch_size=batch_size)
+
+    def hashes_of_docs(self, doc_ids: Iterable[str]) -> dict[str, str]:
+        """``{chunk_id: content_hash}`` of every row of the documents ``doc_ids`` (one filtered read a few
+        thousand ids at a time; fast with the scalar index of :meth:`create_scalar_indices`)."""
+        ids = sorted({str(d) for d in doc_ids})
+        out: dict[str, str] = {}
+        for i in range(0, len(ids), _ID_BATCH):
+            for batch in self._scan(["chunk_id", "content_hash"], _expr_in("doc_id", ids[i : i + _ID_BATCH])):
+                out.update(zip(batch.column("chunk_id").to_pylist(), batch.column("content_hash").to_pylist()))
+        return out
+
+    def create_scalar_indices(self, columns: Sequence[str] = ("chunk_id", "doc_id")) -> list[str]:
+        """B-tree indices on ``columns`` where there is none yet (returns the columns indexed now): the
+        index job's lookups of a batch's documents and the upserts on ``chunk_id`` then read the index
+        instead of scanning every row. Rows added later are found by a scan until :meth:`optimize`."""
+        from lancedb.index import BTree
+
+        have = {tuple(i.columns) for i in self.list_indices()}
+        made = []
+        for column in columns:
+            if (column,) not in have:
+                self._table.create_index(column, config=BTree(), replace=True)
+                made.append(column)
+        return made
+
     def doc_ids(self) -> set[str]:
         out: set[str] = set()
         for batch in self._scan(["doc_id"]):

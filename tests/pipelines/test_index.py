@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from clara.data.corpus import DocumentError, load_scp_chunks
-from clara.index.build import IndexWriter, scp_doc_id
+from clara.index.build import DeletionGuardError, IndexWriter, scp_doc_id
 from clara.index.schema import IndexMismatchError, IndexNotFoundError
 from clara.index.store import ChunkStore
 from pipelines.index import IndexJobError, IndexSettings, list_versions, main, run_index
@@ -448,3 +448,115 @@ def test_fault_injection_is_read_from_the_environment_only(monkeypatch):
     help_text = build_parser().format_help()
     assert "--fail-after-batches" not in help_text and "--crash-after-commits" not in help_text
     assert not {"fail_after_batches", "crash_after_commits"} & set(IndexSettings.__dataclass_fields__)
+
+
+# --------------------------------------------------------------------------------------------
+# --reader ray-data: Ray Data's readers, chunking and the diff on the workers
+
+
+def _write_corpus(path: Path, docs: dict[str, str], kind: str) -> Path:
+    """``docs`` as a JSONL file, a Parquet file, or a directory of .txt files (ids are the file paths)."""
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in docs.items()))
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), path)
+    else:
+        for k, v in docs.items():
+            (path / f"{k}.txt").parent.mkdir(parents=True, exist_ok=True)
+            (path / f"{k}.txt").write_text(v)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
+def test_ray_data_reader_plans_the_same_chunks_as_the_driver(ray_session, model_dir, scp_sample_path, tmp_path,
+                                                             kind):
+    """A table built by the driver's reader is complete for the Ray Data reader (same ids, same hashes: nothing
+    compressed), and for JSONL a table built by Ray Data alone has the very rows the driver's has."""
+    texts = load_scp_chunks(scp_sample_path)[:50]
+    docs = {(f"sub/d{i:02d}" if kind == "txt" and i % 2 else f"d{i:02d}"): t + " " + t for i, t in enumerate(texts)}
+    name = {"jsonl": "docs.jsonl", "parquet": "docs.parquet", "txt": "docs"}[kind]
+    corpus = _write_corpus(tmp_path / name, docs, kind)
+    driver = _settings(corpus, model_dir, tmp_path / "db", chunk_tokens=48, reader="driver")
+    built = run_index(driver)
+    assert built.chunks_read > len(docs)  # several windows a document
+    again = run_index(IndexSettings(**{**driver.__dict__, "reader": "ray-data"}))
+    assert (again.chunks_read, again.docs, again.skipped, again.compressed, again.deleted) == (
+        built.chunks_read, len(docs), built.chunks_read, 0, 0)
+    if kind == "jsonl":
+        streamed = run_index(IndexSettings(**{**driver.__dict__, "reader": "ray-data",
+                                              "table_uri": str(tmp_path / "db2")}))
+        assert streamed.compressed == built.compressed
+        drop = ("indexed_at",)
+        assert ({c: {k: v for k, v in r.items() if k not in drop} for c, r in _rows(tmp_path / "db2").items()}
+                == {c: {k: v for k, v in r.items() if k not in drop} for c, r in _rows(tmp_path / "db").items()})
+
+
+def test_ray_data_reader_updates_exactly_the_changed_rows(ray_session, model_dir, scp_sample_path, tmp_path):
+    """Edited, shortened and removed documents through the streamed plan: only their rows are touched, stale
+    positions go, --delete-missing removes the gone documents (behind the deletion guard), scp duplicates
+    are compressed once."""
+    texts = load_scp_chunks(scp_sample_path)[:300]
+    docs = {f"doc-{i:03d}": t for i, t in enumerate(texts)}
+    corpus = tmp_path / "corpus.jsonl"
+    _write_corpus(corpus, docs, "jsonl")
+    s = _settings(corpus, model_dir, tmp_path / "db", chunk_tokens=32, reader="ray-data", commit_rows=512)
+    first = run_index(s)
+    before = _rows(s.table_uri)
+    assert first.rows == first.compressed == len(before) > 300 and first.docs == 300
+
+    ids = sorted(docs)
+    edited, shortened, deleted = ids[10:13], ids[20:23], ids[280:]  # the deleted ones: 20 of 300, in a later batch
+    new_docs = {k: v for k, v in docs.items() if k not in deleted}
+    for k in edited:
+        new_docs[k] = "A new first sentence. " + docs[k]
+    for k in shortened:
+        new_docs[k] = docs[k][:40]
+    _write_corpus(corpus, new_docs, "jsonl")
+    second = run_index(s)
+    after = _rows(s.table_uri)
+    changed = {c for c in after if c not in before or after[c]["content_hash"] != before[c]["content_hash"]}
+    assert {after[c]["doc_id"] for c in changed} == set(edited) | set(shortened)
+    assert second.compressed == len(changed) and second.skipped == second.chunks_read - len(changed)
+    assert all(after[c] == before[c] for c in before if before[c]["doc_id"] not in set(edited) | set(shortened))
+    for k in shortened:
+        assert {c for c in after if after[c]["doc_id"] == k} == {f"{k}::0"}
+    assert second.deleted == sum(1 for c in before if before[c]["doc_id"] in shortened) - len(shortened)
+
+    gone = sum(1 for r in after.values() if r["doc_id"] in deleted)
+    with pytest.raises(DeletionGuardError, match=f"refusing to delete {gone} of"):
+        run_index(IndexSettings(**{**s.__dict__, "delete_missing": True, "max_delete_fraction": 0.01}))
+    assert _rows(s.table_uri) == after  # refused before anything was written
+    third = run_index(IndexSettings(**{**s.__dict__, "delete_missing": True}))
+    assert third.compressed == 0 and third.deleted == gone
+    assert {r["doc_id"] for r in _rows(s.table_uri).values()} == set(new_docs)
+
+    # stage-1 records repeat their chunk once per record: each chunk is compressed once
+    scp = tmp_path / "scp.jsonl"
+    lines = scp_sample_path.read_text().splitlines()[:20]
+    scp.write_text("\n".join(lines + lines[:5]) + "\n")
+    ran = run_index(_settings(scp, model_dir, tmp_path / "scp-db", format="scp", reader="ray-data"))
+    assert ran.compressed == ran.rows == ran.docs == len(set(load_scp_chunks(scp)))
+
+
+def test_ray_data_reader_bad_records_name_file_record_and_field(ray_session, model_dir, tmp_path, capsys):
+    """One line naming the file, the record and the field, exit status 2, nothing created; an id seen twice
+    in different batches names both records."""
+    corpus = tmp_path / "docs.jsonl"
+    rows = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(400)]
+    rows[333] = {"id": "d333", "body": "the text under another name"}
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--corpus", str(corpus), "--model", str(model_dir), "--table-uri", str(tmp_path / "db"),
+            "--reader", "ray-data", "--actors", "1", "--num-cpus-per-actor", "0.5"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"clara index: {corpus}: record id='d333': field 'text': missing"), err
+    rows[333] = {"id": "d7", "text": "a second document with the id of the eighth"}
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clara index: {corpus}: record id='d7': field 'id': duplicate id 'd7': 2 records"), err
+    with pytest.raises(IndexNotFoundError):
+        ChunkStore.open(tmp_path / "db", None, create=False)
