@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +86,71 @@ def bare_loop(model_dir: Path, texts: list[str], batch_size: int, procs: int, th
     return end - t0
 
 
+def _ray_processes() -> list:
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if (proc.info["name"] or "").startswith(("ray::", "raylet", "gcs_server")) or "ray/_private" in cmd:
+            out.append(proc)
+    return out
+
+
+def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[dict, list[tuple[float, str]], dict]:
+    """The index job as a user runs it (``python -m pipelines.index``, its own process, on a Ray started with
+    ``ray start``), its peak RSS sampled from outside: ``(summary, timed progress lines, peaks)``. Line times
+    count from the start of the job's run (its Python start-up is not the job's)."""
+    import subprocess
+    import threading
+
+    import psutil
+
+    env = {**os.environ, "RAY_ADDRESS": "auto"}
+    subprocess.run(["ray", "start", "--head", f"--num-cpus={cores}", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env)
+    try:
+        cmd = [sys.executable, "-m", "pipelines.index", "--corpus", str(corpus), "--model", str(model_dir),
+               "--table-uri", str(table), "--batch-size", str(a.batch_size), "--actors", str(a.actors),
+               "--num-cpus-per-actor", str(a.cpus_per_actor), "--dtype", a.dtype, "--commit-rows",
+               str(a.commit_rows), "--reader", a.reader, "--no-text-index", "--json"]
+        if a.threads_per_actor:
+            cmd += ["--threads-per-actor", str(a.threads_per_actor)]
+        t0 = time.perf_counter()
+        job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=Path(__file__).resolve().parents[1])
+        peak = {"driver": 0, "worker": 0, "total": 0}
+        done = threading.Event()
+
+        def sample() -> None:
+            driver = psutil.Process(job.pid)
+            while not done.is_set():
+                try:
+                    rss = [p.memory_info().rss for p in _ray_processes()]
+                    d = driver.memory_info().rss
+                except psutil.Error:
+                    rss, d = [], 0
+                peak["driver"] = max(peak["driver"], d)
+                peak["worker"] = max(peak["worker"], max(rss, default=0))
+                peak["total"] = max(peak["total"], d + sum(rss))
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        lines = [(time.perf_counter() - t0, line.rstrip()) for line in job.stderr]
+        out = job.stdout.read()
+        job.wait()
+        done.set()
+        sampler.join()
+        if job.returncode:
+            raise RuntimeError(f"the index job failed ({job.returncode}):\n" + "\n".join(x for _, x in lines[-30:]))
+        summary = json.loads(out.strip().splitlines()[-1])
+        start = (time.perf_counter() - t0) - summary["seconds"]  # the job's clock starts after its imports
+        return summary, [(t - start, x) for t, x in lines if x.startswith("[index]")], peak
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=None, help="Wikipedia summaries to index (default: all 10,033)")
@@ -99,27 +165,29 @@ def main() -> None:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--commit-rows", type=int, default=8192, help="rows per upsert commit (the job's default)")
     p.add_argument("--bare", nargs="+", default=None, metavar="PROCSxTHREADS",
-                   help="bare-loop layouts to time, e.g. 2x1 1x2 (default: CORESx1 and 1xCORES)")
+                   help="bare-loop layouts to time, e.g. 2x1 1x2 (default: CORESx1 and 1xCORES; none: only the job)")
+    p.add_argument("--repeat", type=int, default=1, help="write each summary this many times, under other ids")
+    p.add_argument("--reader", choices=("driver", "ray-data"), default="driver", help="the job's --reader")
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     a = p.parse_args()
     cores = os.cpu_count() or 1
-    a.bare = a.bare or sorted({f"{cores}x1", f"1x{cores}"})
-
-    import ray
+    a.bare = [] if a.bare == ["none"] else a.bare or sorted({f"{cores}x1", f"1x{cores}"})
 
     from clara.config import ClaraConfig, LoraSettings
     from clara.data.corpus import load_wiki_summaries
     from clara.index.build import ChunkingSettings, chunking_salt, load_tokenizer, read_compressor_info, source_chunks
     from clara.model import ClaraModel
     from clara.tiny import TinyModelSpec, build_tiny_model
-    from pipelines.index import IndexSettings, run_index
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-index-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         docs = load_wiki_summaries(limit=a.docs)
         corpus = work / "corpus.jsonl"
-        corpus.write_text("".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in docs))
+        with corpus.open("w") as f:  # --repeat: the summaries again under other ids (a larger corpus, same text)
+            for r in range(a.repeat):
+                f.writelines(json.dumps({"id": d.doc_id + (f"#{r}" if r else ""), "text": d.text}) + "\n"
+                             for d in docs)
         spec = TinyModelSpec(vocab_size=4096, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=4,
                              intermediate_size=2 * a.hidden)
         base = build_tiny_model(work / "base", [d.text for d in docs[:3000]], spec)
@@ -132,6 +200,9 @@ def main() -> None:
         chunking = ChunkingSettings(chunk_tokens=a.chunk_tokens)
         tok = load_tokenizer(model_dir)
         texts = [c.text for c in source_chunks(corpus, tok, chunking, chunking_salt(chunking, "bench", tok))]
+        n_chunks = len(texts)
+        if not a.bare:
+            del texts
 
         bare: dict[str, float] = {}
 
@@ -145,41 +216,39 @@ def main() -> None:
 
         time_bare()
 
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        lines: list[tuple[float, str]] = []
-        t0 = time.perf_counter()
-        settings = IndexSettings(corpus=corpus, model=model_dir, table_uri=work / "db", batch_size=a.batch_size,
-                                 actors=a.actors, num_cpus_per_actor=a.cpus_per_actor,
-                                 threads_per_actor=a.threads_per_actor, dtype=a.dtype, commit_rows=a.commit_rows)
-        summary = run_index(settings, progress=lambda line: lines.append((time.perf_counter() - t0, line)))
-        ray.shutdown()
-        print(f"  job: {summary.seconds:.1f}s", flush=True)
+        summary, lines, peak = run_job(a, corpus, model_dir, work / "db", cores)
+        print(f"  job: {summary['seconds']:.1f}s", flush=True)
         time_bare()
-        bare_name, bare_s = min(bare.items(), key=lambda kv: kv[1])  # the faster layout is the reference
-        plan_s = lines[0][0]
+        plan_s = next(t for t, line in lines if " chunks from " in line)
         commits = [(t, int(line.split("]", 1)[1].split("/", 1)[0])) for t, line in lines
                    if "compressed and written" in line]
         first = commits[0][0] if commits else float("nan")
-
-        bare_rate = len(texts) / bare_s
-        job_rate = summary.compressed / summary.seconds
+        job_rate = summary["compressed"] / summary["seconds"]
         print(f"\nmodel: Llama {a.layers} layers x {a.hidden} wide, rate {a.rate} -> {info.n_mem} memory tokens of "
-              f"d={info.d}; {len(docs)} docs -> {len(texts)} chunks of <= {a.chunk_tokens} tokens; {cores} cores")
+              f"d={info.d}; {len(docs) * a.repeat} docs -> {n_chunks} chunks of <= {a.chunk_tokens} tokens; "
+              f"{cores} cores; --reader {a.reader}")
         print(f"{'':34}{'chunks':>8}{'seconds':>10}{'chunks/s':>11}")
         for name, sec in bare.items():
-            print(f"{'bare compressor, ' + name:34}{len(texts):>8}{sec:>10.1f}{len(texts) / sec:>11.1f}")
-        print(f"{'index job (end to end)':34}{summary.compressed:>8}{summary.seconds:>10.1f}{job_rate:>11.1f}"
-              f"   ratio {job_rate / bare_rate:.2f} of the faster bare loop ({bare_name}; target >= 0.85)")
-        print(f"job phases: plan {plan_s:.1f} s, compress+write {summary.seconds - plan_s:.1f} s "
+            print(f"{'bare compressor, ' + name:34}{n_chunks:>8}{sec:>10.1f}{n_chunks / sec:>11.1f}")
+        line = f"{'index job (end to end)':34}{summary['compressed']:>8}{summary['seconds']:>10.1f}{job_rate:>11.1f}"
+        if bare:
+            bare_name, bare_s = min(bare.items(), key=lambda kv: kv[1])  # the faster layout is the reference
+            bare_rate = n_chunks / bare_s
+            line += f"   ratio {job_rate / bare_rate:.2f} of the faster bare loop ({bare_name}; target >= 0.85)"
+        print(line)
+        print(f"job phases: plan {plan_s:.1f} s, compress+write {summary['seconds'] - plan_s:.1f} s "
               f"(first rows written after {first:.1f} s: actor start-up and model load); "
-              f"{summary.bytes_written / 2**20:.0f} MiB in {summary.commits} commits; "
+              f"{summary['bytes_written'] / 2**20:.0f} MiB in {summary['commits']} commits; "
               f"{a.actors} actors x {a.cpus_per_actor} CPU")
         if len(commits) > 1:  # between the first and the last commit: start-up and planning excluded
             (t1, r1), (t2, r2) = commits[0], commits[-1]
             steady = (r2 - r1) / (t2 - t1)
-            print(f"steady state (commit 1 -> {len(commits)}): {steady:.1f} chunks/s, {steady / bare_rate:.2f} of the "
-                  f"bare loop")
-        assert summary.compressed == len(texts), (summary.compressed, len(texts))
+            print(f"steady state (commit 1 -> {len(commits)}): {steady:.1f} chunks/s"
+                  + (f", {steady / bare_rate:.2f} of the bare loop" if bare else ""))
+        print(f"peak RSS: driver {peak['driver'] / 2**20:.0f} MiB, largest Ray worker "
+              f"{peak['worker'] / 2**20:.0f} MiB, driver and all Ray processes {peak['total'] / 2**20:.0f} MiB "
+              "(sampled every 0.2 s)")
+        assert summary["compressed"] == n_chunks, (summary["compressed"], n_chunks)
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -505,6 +505,7 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
     import numpy as np
     import pyarrow.compute as pc
     import ray
+    from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
     from pipelines import compat
@@ -521,7 +522,9 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
         fn_constructor_kwargs={"kind": kind, "table_uri": s.table_uri, "table_name": s.table_name,
                                "storage_options": s.storage_options or None, "id_field": s.id_field,
                                "text_field": s.text_field, "base": base, "keep_doc": keep_doc},
-        **compat.actor_pool(s.actors, num_cpus=s.num_cpus_per_actor),
+        # from one actor up: a fixed pool of full-CPU actors could take every CPU and starve the read tasks
+        compute=ActorPoolStrategy(min_size=1, max_size=s.actors),
+        num_cpus=s.num_cpus_per_actor,
     )
     planned = planner.materialize()
     plan = IndexPlan(to_compress=[])
