@@ -86,15 +86,19 @@ def bare_loop(model_dir: Path, texts: list[str], batch_size: int, procs: int, th
     return end - t0
 
 
-def _ray_processes() -> list:
+def _ray_processes() -> tuple[list, list]:
+    """``(workers, others)``: Ray's worker processes (``ray::...``: tasks and actors) and its daemons (raylet,
+    GCS, monitors). RSS counts the object store's shared pages in each process that maps them."""
     import psutil
 
-    out = []
+    workers, others = [], []
     for proc in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if (proc.info["name"] or "").startswith(("ray::", "raylet", "gcs_server")) or "ray/_private" in cmd:
-            out.append(proc)
-    return out
+        name, cmd = proc.info["name"] or "", " ".join(proc.info["cmdline"] or [])
+        if name.startswith("ray::") or cmd.startswith("ray::"):
+            workers.append(proc)
+        elif name.startswith(("raylet", "gcs_server")) or "ray/_private" in cmd or "ray/dashboard" in cmd:
+            others.append(proc)
+    return workers, others
 
 
 def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[dict, list[tuple[float, str]], dict]:
@@ -117,7 +121,8 @@ def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[
         if a.threads_per_actor:
             cmd += ["--threads-per-actor", str(a.threads_per_actor)]
         t0 = time.perf_counter()
-        job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        out_file = tempfile.TemporaryFile("w+")  # a file: a pipe left unread while stderr is read could fill
+        job = subprocess.Popen(cmd, stdout=out_file, stderr=subprocess.PIPE, text=True, env=env,
                                cwd=Path(__file__).resolve().parents[1])
         peak = {"driver": 0, "worker": 0, "total": 0}
         done = threading.Event()
@@ -125,21 +130,24 @@ def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[
         def sample() -> None:
             driver = psutil.Process(job.pid)
             while not done.is_set():
+                workers, others = _ray_processes()
                 try:
-                    rss = [p.memory_info().rss for p in _ray_processes()]
+                    w = [p.memory_info().rss for p in workers]
+                    rest = [p.memory_info().rss for p in others]
                     d = driver.memory_info().rss
-                except psutil.Error:
-                    rss, d = [], 0
+                except psutil.Error:  # a process ended between listing and reading: next sample
+                    w, rest, d = [], [], 0
                 peak["driver"] = max(peak["driver"], d)
-                peak["worker"] = max(peak["worker"], max(rss, default=0))
-                peak["total"] = max(peak["total"], d + sum(rss))
+                peak["worker"] = max(peak["worker"], max(w, default=0))
+                peak["total"] = max(peak["total"], d + sum(w) + sum(rest))
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         lines = [(time.perf_counter() - t0, line.rstrip()) for line in job.stderr]
-        out = job.stdout.read()
         job.wait()
+        out_file.seek(0)
+        out = out_file.read()
         done.set()
         sampler.join()
         if job.returncode:
@@ -167,6 +175,7 @@ def main() -> None:
     p.add_argument("--bare", nargs="+", default=None, metavar="PROCSxTHREADS",
                    help="bare-loop layouts to time, e.g. 2x1 1x2 (default: CORESx1 and 1xCORES; none: only the job)")
     p.add_argument("--repeat", type=int, default=1, help="write each summary this many times, under other ids")
+    p.add_argument("--docs-per-file", type=int, default=1000, help="the corpus is JSONL files of this many documents")
     p.add_argument("--reader", choices=("driver", "ray-data"), default="driver", help="the job's --reader")
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     a = p.parse_args()
@@ -183,11 +192,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         docs = load_wiki_summaries(limit=a.docs)
-        corpus = work / "corpus.jsonl"
-        with corpus.open("w") as f:  # --repeat: the summaries again under other ids (a larger corpus, same text)
-            for r in range(a.repeat):
-                f.writelines(json.dumps({"id": d.doc_id + (f"#{r}" if r else ""), "text": d.text}) + "\n"
-                             for d in docs)
+        corpus = work / "corpus"  # files of --docs-per-file documents, as a large corpus comes
+        corpus.mkdir()
+        rows = [json.dumps({"id": d.doc_id + (f"#{r}" if r else ""), "text": d.text}) + "\n"
+                for r in range(a.repeat) for d in docs]  # --repeat: the summaries again under other ids
+        for i in range(0, len(rows), a.docs_per_file):
+            (corpus / f"part-{i // a.docs_per_file:05d}.jsonl").write_text("".join(rows[i:i + a.docs_per_file]))
+        del rows
         spec = TinyModelSpec(vocab_size=4096, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=4,
                              intermediate_size=2 * a.hidden)
         base = build_tiny_model(work / "base", [d.text for d in docs[:3000]], spec)
@@ -199,7 +210,8 @@ def main() -> None:
         # the chunks the job will compress, cut the same way, for the bare loop
         chunking = ChunkingSettings(chunk_tokens=a.chunk_tokens)
         tok = load_tokenizer(model_dir)
-        texts = [c.text for c in source_chunks(corpus, tok, chunking, chunking_salt(chunking, "bench", tok))]
+        texts = [c.text for c in source_chunks(f"{corpus}/*.jsonl", tok, chunking,
+                                                 chunking_salt(chunking, "bench", tok))]
         n_chunks = len(texts)
         if not a.bare:
             del texts
@@ -219,7 +231,8 @@ def main() -> None:
         summary, lines, peak = run_job(a, corpus, model_dir, work / "db", cores)
         print(f"  job: {summary['seconds']:.1f}s", flush=True)
         time_bare()
-        plan_s = next(t for t, line in lines if " chunks from " in line)
+        plan_s = next(float(line.split(" documents in ")[1].split("s:")[0]) for _, line in lines
+                      if " chunks from " in line)  # the job's own figure
         commits = [(t, int(line.split("]", 1)[1].split("/", 1)[0])) for t, line in lines
                    if "compressed and written" in line]
         first = commits[0][0] if commits else float("nan")
@@ -245,7 +258,7 @@ def main() -> None:
             steady = (r2 - r1) / (t2 - t1)
             print(f"steady state (commit 1 -> {len(commits)}): {steady:.1f} chunks/s"
                   + (f", {steady / bare_rate:.2f} of the bare loop" if bare else ""))
-        print(f"peak RSS: driver {peak['driver'] / 2**20:.0f} MiB, largest Ray worker "
+        print(f"peak RSS: driver {peak['driver'] / 2**20:.0f} MiB, largest Ray worker (task or actor) "
               f"{peak['worker'] / 2**20:.0f} MiB, driver and all Ray processes {peak['total'] / 2**20:.0f} MiB "
               "(sampled every 0.2 s)")
         assert summary["compressed"] == n_chunks, (summary["compressed"], n_chunks)

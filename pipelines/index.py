@@ -10,22 +10,28 @@
         --cleanup-older-than-days 7 --keep-tags 30      # a scheduled reindex that also bounds storage
     ray job submit --working-dir . -- python -m pipelines.index --corpus /mnt/corpus/docs.parquet \\
         --model /mnt/models/stage3 --table-uri s3://bucket/clara/index --actors 8 --num-gpus-per-actor 1
+    python -m pipelines.index --corpus s3://bucket/corpus/ --model /mnt/models/stage3 \\
+        --table-uri s3://bucket/clara/index --storage-option region=us-east-1   # --reader ray-data
 
-The corpus is read from a path the driver sees (a shared volume); the table may be a local
-directory or an object-store URI.
+The table may be a local directory or an object-store URI; so may the corpus with ``--reader ray-data``.
 
 (``clara index ...`` is the same command.) One run:
 
-1. driver: read the corpus, chunk it by tokens of the compressor's tokenizer, and diff the chunks'
+1. plan: read the corpus, chunk it by tokens of the compressor's tokenizer, and diff the chunks'
    ``content_hash`` (salted with the chunking settings and the compressor version) against the table:
-   unchanged chunks are skipped. Bad input fails here, naming file, line and field, before anything
-   is compressed or written; so does a run that would delete more than --max-delete-fraction of the
-   table (a truncated corpus with --delete-missing).
+   unchanged chunks are skipped. ``--reader driver`` (local paths): on the driver, which holds a hash
+   per chunk of the table. ``--reader ray-data`` (object-store URIs, or asked for): Ray Data's readers,
+   the chunking and the diff on the workers a batch of documents at a time (each batch asks the table
+   for its documents' rows only), the plan kept in Ray's object store; the driver holds 8 bytes per
+   document. Bad input fails here, naming file and line (driver) or file and record (ray-data) and the
+   field, before anything is compressed or written; so does a run that would delete more than
+   --max-delete-fraction of the table (a truncated corpus with --delete-missing).
 2. Ray Data: the chunks to compress go through ``map_batches`` on a pool of actors, each of which
    loads the model once and returns encoded index rows (memory in the storage dtype, ``key``).
 3. driver: rows stream back (``iter_batches``) and are upserted on ``chunk_id`` a few thousand per
-   commit; then stale rows are deleted, the ANN index is built or refreshed, and the version the run
-   ended on is tagged ``index-v<N>``.
+   commit; then stale rows are deleted, the B-tree indices on ``chunk_id`` / ``doc_id``, the ANN index
+   and the full-text index are built or refreshed, and the version the run ended on is tagged
+   ``index-v<N>``.
 
 Rerunning is always safe: a run that crashes part-way leaves only whole commits, whose chunks the
 rerun skips, so the table ends with exactly one row per chunk. The summary reports the table version
@@ -44,6 +50,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +63,7 @@ from clara.checkpoint import CheckpointError
 from clara.data.corpus import DocumentError
 from clara.index.build import (
     SOURCE_FORMATS,
+    STATUS_FIELDS,
     ChunkCompressor,
     ChunkingSettings,
     ChunkPlanner,
@@ -101,6 +109,9 @@ PROG = "clara index"
 USER_ERRORS = (DocumentError, DeletionGuardError, IndexMismatchError, CheckpointError, FileNotFoundError)
 DEFAULT_MAX_DELETE_FRACTION = 0.1
 READERS = ("auto", "driver", "ray-data")
+#: CPUs of a Ray Data read task of the streamed plan: reading is I/O; a full CPU each would wait behind the
+#: planner actors on a small cluster.
+READ_CPUS = 0.25
 
 
 class IndexJobError(RuntimeError):
@@ -199,7 +210,9 @@ class IndexSettings:
     limit: int | None = None
     #: Rows per upsert commit (each commit is one table version).
     commit_rows: int = 8192
-    #: Object-store options passed to LanceDB, e.g. ``region=us-east-1``.
+    #: Object-store options passed to LanceDB, e.g. ``region=us-east-1``; with an ``s3://`` corpus read by
+    #: ``--reader ray-data`` its S3 options too (``aws_access_key_id``, ``aws_secret_access_key``,
+    #: ``aws_region``, ``aws_endpoint``; without any, the environment's credentials).
     storage_options: dict[str, str] = field(default_factory=dict, metadata={"flags": ("--storage-option",)})
     #: Ray address (default: the running Ray, $RAY_ADDRESS, or a new local one).
     ray_address: str | None = None
@@ -418,7 +431,7 @@ def _corpus_filesystem(corpus: str, options: dict[str, str]):
     from pyarrow import fs as pafs
 
     if "://" not in corpus:
-        return pafs.LocalFileSystem(), str(Path(corpus).expanduser().resolve())
+        return pafs.LocalFileSystem(), os.path.abspath(Path(corpus).expanduser())
     if corpus.startswith("s3://") and options:
         endpoint = options.get("aws_endpoint") or options.get("endpoint")
         scheme = "https"
@@ -435,7 +448,7 @@ def corpus_files(corpus: str, options: dict[str, str] | None = None) -> tuple[ob
     """``(filesystem, files, kind, base)`` of a corpus for Ray Data's readers: a file, a directory or prefix
     (searched recursively for .jsonl / .ndjson, .parquet or .txt files, one kind), or a local glob. ``base``
     is what a text file's document id is relative to. Raises ``FileNotFoundError`` when nothing is found and
-    ``ValueError`` for a directory of several kinds."""
+    :class:`~clara.data.corpus.DocumentError` for a directory of several kinds."""
     import glob as _glob
 
     from pyarrow import fs as pafs
@@ -443,10 +456,11 @@ def corpus_files(corpus: str, options: dict[str, str] | None = None) -> tuple[ob
     from clara.data.corpus import file_kind
 
     if "://" not in corpus and any(c in corpus for c in "*?["):
-        files = sorted(str(Path(f).resolve()) for f in _glob.glob(corpus, recursive=True) if Path(f).is_file())
+        # abspath, not resolve: a linked file keeps its own name (its document id)
+        files = sorted(os.path.abspath(f) for f in _glob.glob(corpus, recursive=True) if Path(f).is_file())
         parts = Path(corpus).parts
         fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
-        fs, base = pafs.LocalFileSystem(), str(Path(*parts[:fixed]).resolve()) if fixed else str(Path.cwd())
+        fs, base = pafs.LocalFileSystem(), os.path.abspath(Path(*parts[:fixed])) if fixed else os.getcwd()
     else:
         fs, path = _corpus_filesystem(corpus, options or {})
         info = fs.get_file_info(path)
@@ -462,7 +476,7 @@ def corpus_files(corpus: str, options: dict[str, str] | None = None) -> tuple[ob
     if not kinds:
         raise FileNotFoundError(f"no .jsonl, .ndjson, .parquet or .txt files in {corpus!r}")
     if len(kinds) > 1:
-        raise ValueError(f"{corpus!r} holds files of several kinds ({', '.join(kinds)}): give one kind")
+        raise DocumentError(corpus, "<corpus>", f"holds files of several kinds ({', '.join(kinds)}): give one kind")
     return fs, [f for f in files if file_kind(f) == kinds[0]], kinds[0], base
 
 
@@ -474,11 +488,9 @@ def corpus_dataset(s: IndexSettings):
     fs, files, kind, base = corpus_files(s.corpus, s.storage_options)
     if s.format == "scp":
         if kind != "jsonl":
-            raise ValueError(f"--format scp reads stage-1 JSONL files, {s.corpus!r} holds {kind} files")
+            raise DocumentError(s.corpus, "<corpus>", f"--format scp reads stage-1 JSONL files, not {kind} files")
         kind = "scp"
-    if kind in ("jsonl", "scp"):  # lines, parsed by the planner: its errors name the file and the record
-        ds = ray.data.read_text(files, filesystem=fs, include_paths=True)
-    elif kind == "parquet":
+    if kind == "parquet":
         import pyarrow.parquet as pq
 
         names = set(pq.read_schema(files[0], filesystem=fs).names)
@@ -486,9 +498,10 @@ def corpus_dataset(s: IndexSettings):
             if name not in names:
                 raise DocumentError(files[0], name, f"no such column (columns: {sorted(names)})")
         columns = [s.id_field, s.text_field] + ([s.title_field] if s.title_field and s.title_field in names else [])
-        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True).select_columns([*columns, "path"])
-    else:
-        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=READ_CPUS)
+        ds = ds.select_columns([*columns, "path"])
+    else:  # a file a row: the planner parses JSONL as the driver's reader does (errors name file and line)
+        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, num_cpus=READ_CPUS)
     return ds, kind, base
 
 
@@ -512,19 +525,23 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
 
     compat.ensure_ray(s.ray_address)
     records, kind, base = corpus_dataset(s)
-    if s.limit is not None:
+    if s.limit is not None:  # the first N records as Ray Data delivers them (with several files: not a fixed N)
         records = records.limit(s.limit)
+    if store is not None:  # each batch asks the table for its documents' rows: by index, not by a scan
+        store.create_scalar_indices()
+    table_uri = s.table_uri if "://" in s.table_uri else os.path.abspath(s.table_uri)  # the workers' cwd differs
     planner = records.map_batches(
         ChunkPlanner,
-        batch_size=256,
+        batch_size=256 if kind == "parquet" else 1,  # rows, or whole files
         batch_format="pyarrow",
         fn_constructor_args=(s.model, chunking, salt),
-        fn_constructor_kwargs={"kind": kind, "table_uri": s.table_uri, "table_name": s.table_name,
+        fn_constructor_kwargs={"kind": kind, "table_uri": table_uri, "table_name": s.table_name,
                                "storage_options": s.storage_options or None, "id_field": s.id_field,
-                               "text_field": s.text_field, "base": base, "keep_doc": keep_doc},
-        # from one actor up: a fixed pool of full-CPU actors could take every CPU and starve the read tasks
+                               "text_field": s.text_field, "base": base, "keep_doc": keep_doc,
+                               "table_exists": store is not None},
+        # from one actor up, at most a CPU each: a fixed pool of full-CPU actors could take every CPU
         compute=ActorPoolStrategy(min_size=1, max_size=s.actors),
-        num_cpus=s.num_cpus_per_actor,
+        num_cpus=min(1.0, s.num_cpus_per_actor),
     )
     planned = planner.materialize()
     plan = IndexPlan(to_compress=[])
@@ -536,9 +553,9 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
             errors = planned.filter(expr=col("status") == "error").take(1)
             raise plan_error(errors[0]["text"])
         for row in pc.value_counts(status).to_pylist():
-            plan_field = {"new": "new", "changed": "changed", "unchanged": "skipped"}.get(row["values"])
-            if plan_field:
-                setattr(plan, plan_field, getattr(plan, plan_field) + row["counts"])
+            name = STATUS_FIELDS.get(row["values"])
+            if name:
+                setattr(plan, name, getattr(plan, name) + row["counts"])
         plan.stale_chunk_ids += pc.filter(batch.column("chunk_id"), pc.equal(status, "stale")).to_pylist()
         first = pc.and_(pc.not_equal(status, "stale"), pc.equal(batch.column("position"), 0))
         keys.append(pc.filter(batch.column("doc_key"), first).to_numpy())
@@ -550,31 +567,33 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
     if s.delete_missing and store is not None:
         _missing_documents(store, doc_keys, plan)
     plan.stale_chunk_ids.sort()
-    pending = planned.map_batches(_pending_rows, fn_kwargs={"drop_keys": set(twice.tolist())}, batch_format="pyarrow")
+    # a light filter: no CPU asked, so that it never waits behind the compressor actors
+    pending = planned.map_batches(_pending_rows, fn_kwargs={"drop_keys": twice}, batch_format="pyarrow", num_cpus=0)
     if once is not None:
-        pending = pending.union(ray.data.from_arrow(_pending_rows(once, set())))
+        pending = pending.union(ray.data.from_arrow(_pending_rows(once, twice[:0])))
     return plan, pending
 
 
 def _records_seen_twice(planned, twice, kind: str, id_field: str, plan: IndexPlan) -> pa.Table:
-    """Documents whose id came in several records: an error naming the id, but for ``--format scp``, where the
-    same chunk stands in a record per question: each such chunk is planned once (its row is returned, the
-    counts corrected)."""
+    """The documents of :func:`~clara.index.build.doc_key` values seen in several records: an id in two
+    records is an error naming both, but for ``--format scp``, where the same chunk stands in a record per
+    question, each chunk is planned once. Returns the rows to plan, one per document id (a key shared by
+    two ids, a hash collision, keeps both), and corrects the counts."""
     import pyarrow.compute as pc
 
-    wanted = pa.array(twice.tolist(), pa.int64())
+    wanted = pa.array(twice, pa.int64())
     parts = [pc.filter(b, pc.and_(pc.is_in(b.column("doc_key"), wanted), pc.equal(b.column("position"), 0)))
              for b in planned.iter_batches(batch_size=None, batch_format="pyarrow")]
-    rows = pa.concat_tables(parts).sort_by([("doc_key", "ascending"), ("where", "ascending")])
-    keys = rows.column("doc_key").to_pylist()
-    if kind != "scp":
-        first = rows.slice(0, 1).to_pylist()[0]
-        raise DocumentError(first["where"], id_field,
-                            f"duplicate id {first['doc_id']!r}: {keys.count(first['doc_key'])} records have it")
-    firsts = [i for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
+    rows = pa.concat_tables(parts).sort_by([("doc_id", "ascending"), ("where", "ascending")])
+    doc_ids, wheres = rows.column("doc_id").to_pylist(), rows.column("where").to_pylist()
+    firsts = [i for i in range(len(doc_ids)) if i == 0 or doc_ids[i - 1] != doc_ids[i]]
+    if kind != "scp" and len(firsts) < len(doc_ids):
+        i = next(i for i in range(1, len(doc_ids)) if doc_ids[i - 1] == doc_ids[i])
+        raise DocumentError(wheres[i], id_field, f"duplicate id {doc_ids[i]!r} (first seen at {wheres[i - 1]})")
+    keep = set(firsts)
     for i, status in enumerate(rows.column("status").to_pylist()):
-        if i not in firsts:
-            name = {"new": "new", "changed": "changed", "unchanged": "skipped"}[status]
+        if i not in keep:
+            name = STATUS_FIELDS[status]
             setattr(plan, name, getattr(plan, name) - 1)
     return rows.take(firsts)
 
@@ -586,7 +605,7 @@ def _missing_documents(store: ChunkStore, doc_keys, plan: IndexPlan) -> None:
     missing_docs: set[str] = set()
     for batch in store.scan(["chunk_id", "doc_id"]):
         doc_ids = batch.column("doc_id").to_pylist()
-        keys = np.fromiter((doc_key(d) for d in doc_ids), np.int64, len(doc_ids))
+        keys = np.fromiter((doc_key(d or "") for d in doc_ids), np.int64, len(doc_ids))
         at = np.minimum(np.searchsorted(doc_keys, keys), max(doc_keys.size - 1, 0))
         gone = np.flatnonzero(doc_keys[at] != keys) if doc_keys.size else np.arange(len(doc_ids))
         chunk_ids = batch.column("chunk_id").to_pylist()
@@ -597,14 +616,14 @@ def _missing_documents(store: ChunkStore, doc_keys, plan: IndexPlan) -> None:
     plan.missing_docs = len(missing_docs)
 
 
-def _pending_rows(batch: pa.Table, drop_keys: set[int]) -> pa.Table:
-    """The planned rows to compress: new or changed, but not of the documents in ``drop_keys`` (planned
-    once elsewhere)."""
+def _pending_rows(batch: pa.Table, drop_keys) -> pa.Table:
+    """The planned rows to compress: new or changed, but not of the documents of ``drop_keys`` (an int64
+    array; those are planned once by :func:`_records_seen_twice`)."""
     import pyarrow.compute as pc
 
     keep = pc.is_in(batch.column("status"), pa.array(["new", "changed"]))
-    if drop_keys:
-        keep = pc.and_(keep, pc.invert(pc.is_in(batch.column("doc_key"), pa.array(sorted(drop_keys), pa.int64()))))
+    if len(drop_keys):
+        keep = pc.and_(keep, pc.invert(pc.is_in(batch.column("doc_key"), pa.array(drop_keys, pa.int64()))))
     return batch.filter(keep)
 
 

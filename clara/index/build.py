@@ -55,6 +55,7 @@ from clara.data.corpus import (
     text_file_document,
     text_file_id,
 )
+from clara.data.jsonl import jsonl_lines, parse_jsonl
 from clara.index.codec import encode_batch
 from clara.index.schema import ANN_KINDS, IndexMismatchError, IndexNotFoundError, StoreSettings
 from clara.index.store import ChunkStore, CleanupReport
@@ -208,6 +209,11 @@ def scp_doc_id(text: str) -> str:
     return SCP_DOC_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
+def scp_chunk(doc: Document, salt: str) -> Chunk:
+    """A stage-1 chunk is its own document's only chunk, as is (not re-split)."""
+    return Chunk(make_chunk_id(doc.doc_id, 0), doc.doc_id, 0, doc.text, content_hash(doc.text, salt))
+
+
 def scp_documents(path: str | Path) -> Iterator[Document]:
     """The unique chunks (``docs[0]``) of a stage-1 (SCP) JSONL file as documents, in file order."""
     from clara.data.corpus import load_scp_chunks
@@ -249,7 +255,7 @@ def source_chunks(
         docs = (d for d in docs if keep_doc(d.doc_id))
     if chunking.format == "scp":
         for doc in docs:
-            yield Chunk(make_chunk_id(doc.doc_id, 0), doc.doc_id, 0, doc.text, content_hash(doc.text, salt))
+            yield scp_chunk(doc, salt)
         return
     # documents are tokenised a few hundred at a time (one batched, multi-threaded call)
     yield from chunk_documents(docs, tokenizer, max_tokens=chunking.chunk_tokens, overlap=chunking.overlap,
@@ -378,10 +384,13 @@ PLAN_SCHEMA = pa.schema([
     ("chunk_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int32()), ("text", pa.string()),
     ("content_hash", pa.string()), ("status", pa.string()), ("where", pa.string()), ("doc_key", pa.int64()),
 ])
-#: Record layouts the planner reads, as Ray Data's readers give them: ``jsonl`` and ``scp`` a ``text``
-#: column of lines (``read_text``), ``parquet`` the id / text / title columns (``read_parquet``), ``txt``
-#: a ``bytes`` column, one file a row (``read_binary_files``); each with the file in a ``path`` column.
+#: Record layouts the planner reads, as Ray Data's readers give them, each with the file in a ``path``
+#: column: ``jsonl``, ``scp`` and ``txt`` a ``bytes`` column, one file a row (``read_binary_files``: JSONL
+#: errors then name file and line, as the driver's reader does), ``parquet`` the id / text / title columns
+#: (``read_parquet``, a row group at a time: errors name file and record id).
 RECORD_KINDS = ("jsonl", "scp", "parquet", "txt")
+#: The plan's statuses counted in :class:`IndexPlan` fields.
+STATUS_FIELDS = {"new": "new", "changed": "changed", "unchanged": "skipped"}
 
 
 def doc_key(doc_id: str) -> int:
@@ -390,10 +399,10 @@ def doc_key(doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def _record_where(path: str, rec: Any, line: str, id_field: str) -> str:
-    if isinstance(rec, dict) and isinstance(rec.get(id_field), (str, int)):
+def _row_where(path: str, rec: dict, id_field: str) -> str:
+    if isinstance(rec.get(id_field), (str, int)):
         return f"{path}: record {id_field}={rec[id_field]!r}"
-    return f"{path}: record {line[:60]!r}"
+    return f"{path}: record {json.dumps(rec, default=str)[:60]!r}"
 
 
 def plan_error(row_text: str) -> DocumentError:
@@ -431,6 +440,7 @@ class ChunkPlanner:
         text_field: str = "text",
         base: str = "",
         keep_doc: Callable[[str], bool] | None = None,
+        table_exists: bool = False,
     ) -> None:
         if kind not in RECORD_KINDS:
             raise ValueError(f"kind must be one of {RECORD_KINDS}, got {kind!r}")
@@ -442,29 +452,27 @@ class ChunkPlanner:
         try:
             self.store: ChunkStore | None = ChunkStore.open(table_uri, None, table=table_name, create=False,
                                                             storage_options=storage_options)
-        except IndexNotFoundError:  # the first run: every chunk is new
-            self.store = None
+        except IndexNotFoundError:
+            if table_exists:  # not "empty": every chunk would be compressed again, stale rows kept
+                raise IndexNotFoundError(f"{table_uri}/{table_name}: the driver sees the table, this worker does "
+                                         "not; give a URI or path that every node can read") from None
+            self.store = None  # the first run: every chunk is new
 
     def documents(self, batch: pa.Table) -> list[tuple[str, Document]]:
         """``(where, document)`` of each record of the batch, validated."""
         paths = batch.column("path").to_pylist()
         out: list[tuple[str, Document]] = []
-        if self.kind == "txt":
-            for path, raw in zip(paths, batch.column("bytes").to_pylist()):
-                out.append((f"{path}:1", text_file_document(raw, path, text_file_id(path, self.base))))
-        elif self.kind == "parquet":
+        if self.kind == "parquet":
             for path, rec in zip(paths, batch.drop_columns(["path"]).to_pylist()):
-                where = _record_where(path, rec, json.dumps(rec, default=str), self.id_field)
+                where = _row_where(path, rec, self.id_field)
                 out.append((where, document_from_record(rec, where, self.id_field, self.text_field,
                                                         self.chunking.title_field)))
-        else:
-            for path, line in zip(paths, batch.column("text").to_pylist()):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DocumentError(f"{path}: record {line[:60]!r}", "<record>",
-                                        f"is not valid JSON: {e.msg} at column {e.colno}") from None
-                where = _record_where(path, rec, line, self.id_field)
+            return out
+        for path, raw in zip(paths, batch.column("bytes").to_pylist()):
+            if self.kind == "txt":
+                out.append((f"{path}:1", text_file_document(raw, path, text_file_id(path, self.base))))
+                continue
+            for where, rec in parse_jsonl(jsonl_lines(raw), path, DocumentError):
                 if self.kind == "scp":
                     text = scp_chunk_text(rec, where)
                     out.append((where, Document(doc_id=scp_doc_id(text), text=text)))
@@ -497,8 +505,7 @@ class ChunkPlanner:
             where_of[doc.doc_id] = where
             docs.append(doc)
         if self.kind == "scp":
-            chunks = [Chunk(make_chunk_id(d.doc_id, 0), d.doc_id, 0, d.text, content_hash(d.text, self.salt))
-                      for d in docs]
+            chunks = [scp_chunk(d, self.salt) for d in docs]
         else:
             chunks = list(chunk_documents(docs, self.tokenizer, max_tokens=self.chunking.chunk_tokens,
                                           overlap=self.chunking.overlap, salt=self.salt, titles=True))
@@ -778,6 +785,7 @@ __all__ = [
     "PLAN_STATUSES",
     "RECORD_KINDS",
     "SOURCE_FORMATS",
+    "STATUS_FIELDS",
     "ChunkCompressor",
     "ChunkPlanner",
     "ChunkingSettings",
@@ -800,6 +808,7 @@ __all__ = [
     "read_compressor_info",
     "refresh_ann_index",
     "refresh_text_index",
+    "scp_chunk",
     "scp_doc_id",
     "scp_documents",
     "source_chunks",

@@ -532,31 +532,66 @@ def test_ray_data_reader_updates_exactly_the_changed_rows(ray_session, model_dir
     assert third.compressed == 0 and third.deleted == gone
     assert {r["doc_id"] for r in _rows(s.table_uri).values()} == set(new_docs)
 
-    # stage-1 records repeat their chunk once per record: each chunk is compressed once
-    scp = tmp_path / "scp.jsonl"
+    # stage-1 records repeat their chunk once per record, in one file or two: each chunk is compressed once
+    scp = tmp_path / "scp"
+    scp.mkdir()
     lines = scp_sample_path.read_text().splitlines()[:20]
-    scp.write_text("\n".join(lines + lines[:5]) + "\n")
+    (scp / "a.jsonl").write_text("\n".join(lines + lines[:3]) + "\n")
+    (scp / "b.jsonl").write_text("\n".join(lines[10:]) + "\n")
     ran = run_index(_settings(scp, model_dir, tmp_path / "scp-db", format="scp", reader="ray-data"))
-    assert ran.compressed == ran.rows == ran.docs == len(set(load_scp_chunks(scp)))
+    assert ran.compressed == ran.rows == ran.docs == ran.chunks_read == len(set(load_scp_chunks(scp / "a.jsonl")))
 
 
-def test_ray_data_reader_bad_records_name_file_record_and_field(ray_session, model_dir, tmp_path, capsys):
-    """One line naming the file, the record and the field, exit status 2, nothing created; an id seen twice
-    in different batches names both records."""
-    corpus = tmp_path / "docs.jsonl"
+def test_ray_data_reader_bad_records_name_file_line_and_field(ray_session, model_dir, tmp_path, capsys):
+    """One line naming the file, the line and the field, exit status 2, nothing created; an id in two files
+    (two planner batches) names both records."""
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
     rows = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(400)]
+
+    def write() -> None:
+        for part in range(2):
+            (corpus / f"part-{part}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[200 * part:][:200]))
+
     rows[333] = {"id": "d333", "body": "the text under another name"}
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write()
     args = ["--corpus", str(corpus), "--model", str(model_dir), "--table-uri", str(tmp_path / "db"),
             "--reader", "ray-data", "--actors", "1", "--num-cpus-per-actor", "0.5"]
     assert main(args) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"clara index: {corpus}: record id='d333': field 'text': missing"), err
+    assert err.startswith(f"clara index: {corpus}/part-1.jsonl:134: field 'text': missing"), err
     rows[333] = {"id": "d7", "text": "a second document with the id of the eighth"}
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write()
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"clara index: {corpus}: record id='d7': field 'id': duplicate id 'd7': 2 records"), err
+    assert err.startswith(f"clara index: {corpus}/part-1.jsonl:134: field 'id': duplicate id 'd7' (first seen at "
+                          f"{corpus}/part-0.jsonl:8)"), err
     with pytest.raises(IndexNotFoundError):
         ChunkStore.open(tmp_path / "db", None, create=False)
+
+
+def test_ray_data_reader_reads_a_corpus_prefix_in_an_object_store_into_one_shard(ray_session, model_dir,
+                                                                                  scp_sample_path, s3_server):
+    """A corpus of two JSONL files under an S3 prefix (a local S3 server), read by Ray Data (the default for a
+    URI) into shard 1 of 2 of a table in the same bucket: exactly that shard's documents, rerun idempotent."""
+    from clara.index.schema import shard_of, shard_table
+
+    endpoint, bucket, client = s3_server
+    options = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "aws_endpoint": endpoint,
+               "aws_region": "us-east-1", "allow_http": "true"}
+    texts = load_scp_chunks(scp_sample_path)[:80]
+    for part in range(2):
+        body = "".join(json.dumps({"id": f"p{part}-{i}", "text": t}) + "\n" for i, t in enumerate(texts[part::2]))
+        client.put_object(Bucket=bucket, Key=f"corpus/part-{part}.jsonl", Body=body.encode())
+    client.put_object(Bucket=bucket, Key="corpus/README.md", Body=b"not a corpus file")
+    ids = [f"p{part}-{i}" for part in range(2) for i in range(len(texts[part::2]))]
+    mine = {d for d in ids if shard_of(d, 2) == 1}
+    uri = f"s3://{bucket}/clara/index"
+    s = _settings(f"s3://{bucket}/corpus/", model_dir, uri, storage_options=options, shards=2, shard=1)
+    first = run_index(s)
+    assert first.docs == len(mine) and first.rows == first.compressed == first.chunks_read >= len(mine)
+    store = ChunkStore.open(uri, None, table=shard_table("chunks", 1, 2), create=False, storage_options=options)
+    assert set(store.table.to_arrow().column("doc_id").to_pylist()) == mine
+    again = run_index(s)
+    assert (again.compressed, again.skipped, again.version) == (0, first.rows, first.version)
