@@ -148,14 +148,17 @@ def quantize_int4(memory: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8), scale
 
 
-def dequantize_int4(packed: np.ndarray, scale: np.ndarray, n_mem: int, d: int, seed: int = 0) -> np.ndarray:
-    """Inverse of :func:`quantize_int4`: ``float32 [N, n_mem, d]``."""
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray, n_mem: int, d: int, seed: int = 0, *,
+                    rotated: bool = False) -> np.ndarray:
+    """Inverse of :func:`quantize_int4`: ``float32 [N, n_mem, d]``; with ``rotated``, left in the rotated
+    space (``t R``): the CLaRa cosine is the same there, so a search scores a query turned once by
+    :func:`token_rotation` and turns back only the rows it keeps (``@ R.T``), not every candidate."""
     packed = np.asarray(packed, dtype=np.uint8)
     codes = np.empty((len(packed), packed.shape[1] * 2), np.int8)
     codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
     values = (codes[:, :n_mem * d].astype(np.float32) - 8.0).reshape(len(packed), n_mem, d)
     values *= np.asarray(scale, dtype=np.float32)[..., None]
-    return values @ token_rotation(d, seed).T
+    return values if rotated else values @ token_rotation(d, seed).T
 
 
 def to_float16(memory: Any) -> np.ndarray:
@@ -392,8 +395,9 @@ def _validate_encoded(table: pa.Table, settings: StoreSettings) -> pa.Table:
     return table.cast(schema)
 
 
-def _decode_memory(batch: pa.Table | pa.RecordBatch, settings: StoreSettings) -> np.ndarray:
-    """Dequantised ``float32 [n, n_mem, d]`` from rows read from the table."""
+def _decode_memory(batch: pa.Table | pa.RecordBatch, settings: StoreSettings, rotated: bool = False) -> np.ndarray:
+    """Dequantised ``float32 [n, n_mem, d]`` from rows read from the table (int4 with ``rotated``: in the
+    rotated space, see :func:`dequantize_int4`)."""
     n = batch.num_rows
     col = batch.column("memory")
     if isinstance(col, pa.ChunkedArray):
@@ -405,7 +409,8 @@ def _decode_memory(batch: pa.Table | pa.RecordBatch, settings: StoreSettings) ->
             scale = scale.combine_chunks()
         scale = scale.flatten().to_numpy(zero_copy_only=False).reshape(n, settings.n_mem)
         if settings.dtype == "int4":
-            return dequantize_int4(flat.reshape(n, -1), scale, settings.n_mem, settings.d, settings.key_seed)
+            return dequantize_int4(flat.reshape(n, -1), scale, settings.n_mem, settings.d, settings.key_seed,
+                                   rotated=rotated)
         return dequantize_int8(flat.reshape(n, settings.n_mem, settings.d), scale)
     return flat.reshape(n, settings.n_mem, settings.d).astype(np.float32)
 

@@ -32,6 +32,7 @@ from clara.index.codec import (
     project_keys,
     quantize_int8,
     to_float16,
+    token_rotation,
 )
 from clara.index.schema import (
     _ID_BATCH,
@@ -94,6 +95,10 @@ class IndexReport:
     num_partitions: int | None = None
     scalar_columns: tuple[str, ...] = ()
     message: str = ""
+
+
+#: Columns with a B-tree index: the upserts' key and the index job's lookups of a batch's documents.
+SCALAR_COLUMNS = ("chunk_id", "doc_id")
 
 
 def _expr_in(column: str, values: Iterable[str]):
@@ -400,7 +405,7 @@ class ChunkStore:
                 out.update(zip(batch.column("chunk_id").to_pylist(), batch.column("content_hash").to_pylist()))
         return out
 
-    def create_scalar_indices(self, columns: Sequence[str] = ("chunk_id", "doc_id")) -> list[str]:
+    def create_scalar_indices(self, columns: Sequence[str] = SCALAR_COLUMNS) -> list[str]:
         """B-tree indices on ``columns`` where there is none yet (returns the columns indexed now): the
         index job's lookups of a batch's documents and the upserts on ``chunk_id`` then read the index
         instead of scanning every row. Rows added later are found by a scan until :meth:`optimize`."""
@@ -542,8 +547,6 @@ class ChunkStore:
         (256 is what PQ codebooks need) nothing is built and the report says why. ``extra`` goes to the
         lancedb index config (e.g. ``m``, ``ef_construction``, ``num_bits``).
         """
-        from lancedb.index import BTree
-
         kind = kind.upper()
         if kind not in ANN_KINDS:
             raise ValueError(f"kind must be one of {ANN_KINDS}, got {kind!r}")
@@ -563,10 +566,9 @@ class ChunkStore:
         self._table.create_index("key", config=config, replace=replace)
         self._metric = metric
         scalars: tuple[str, ...] = ()
-        if scalar:
-            for column in ("chunk_id", "doc_id"):
-                self._table.create_index(column, config=BTree(), replace=replace)
-            scalars = ("chunk_id", "doc_id")
+        if scalar:  # where missing (built once, kept up to date by optimize)
+            self.create_scalar_indices(SCALAR_COLUMNS)
+            scalars = SCALAR_COLUMNS
         message = f"built {kind} ({metric}, {num_partitions} partitions) on {n} rows"
         logger.info(message)
         return IndexReport(True, kind, metric, n, num_partitions, scalars, message)
@@ -587,8 +589,20 @@ class ChunkStore:
             raise ValueError("query memory contains NaN or inf")
         return q
 
-    def _result(self, rows: pa.Table, memory: np.ndarray, scores: np.ndarray, k: int) -> SearchResult:
+    @property
+    def _scores_rotated(self) -> bool:
+        """int4 rows are scored in their rotated space (see :func:`~clara.index.codec.dequantize_int4`)."""
+        return self.settings.dtype == "int4"
+
+    def _turn(self, memory: np.ndarray, back: bool = False) -> np.ndarray:
+        """``memory`` into int4's rotated space (a query), or ``back`` out of it (the rows kept)."""
+        r = token_rotation(self.settings.d, self.settings.key_seed)
+        return memory @ (r.T if back else r)
+
+    def _result(self, rows: pa.Table, memory: np.ndarray, scores: np.ndarray, k: int,
+                rotated: bool = False) -> SearchResult:
         order = np.argsort(-scores, kind="stable")[:k]
+        kept = memory[order]
         ids = rows.column("chunk_id").to_pylist()
         docs = rows.column("doc_id").to_pylist()
         texts = rows.column("text").to_pylist()
@@ -597,7 +611,7 @@ class ChunkStore:
             doc_ids=[docs[i] for i in order],
             texts=[texts[i] for i in order],
             scores=scores[order].astype(np.float32),
-            memory=memory[order],
+            memory=self._turn(kept, back=True) if rotated else kept,
         )
 
     def _empty_result(self) -> SearchResult:
@@ -645,7 +659,9 @@ class ChunkStore:
             qidx = rows.column("query_index").to_numpy()
         else:
             qidx = np.zeros(rows.num_rows, dtype=np.int64)
-        memory = _decode_memory(rows, self.settings) if rows.num_rows else None
+        rotated = self._scores_rotated
+        memory = _decode_memory(rows, self.settings, rotated) if rows.num_rows else None
+        scored = self._turn(q) if rotated else q
         results = []
         for b in range(len(q)):
             sel = np.flatnonzero(qidx == b)
@@ -654,7 +670,7 @@ class ChunkStore:
                 continue
             sub = rows.take(pa.array(sel))
             mem = memory[sel]
-            results.append(self._result(sub, mem, flat_cosine(q[b], mem)[0], k))
+            results.append(self._result(sub, mem, flat_cosine(scored[b], mem)[0], k, rotated))
         return results
 
     # ---- full text (BM25) and hybrid
@@ -738,12 +754,14 @@ class ChunkStore:
             raise ValueError("k must be positive")
         pools: list[tuple[pa.Table, np.ndarray, np.ndarray] | None] = [None] * len(q)
         columns = ["chunk_id", "doc_id", "text", *self._memory_columns]
+        rotated = self._scores_rotated
+        scored = self._turn(q) if rotated else q
         for batch in self._scan(columns, filter or None, batch_size=batch_size):
             if batch.num_rows == 0:
                 continue
             rows = pa.Table.from_batches([batch]).select(["chunk_id", "doc_id", "text"])
-            mem = _decode_memory(batch, self.settings)
-            scores = flat_cosine(q, mem)
+            mem = _decode_memory(batch, self.settings, rotated)
+            scores = flat_cosine(scored, mem)
             for b in range(len(q)):
                 top = _top_k(scores[b], k)
                 cand = (rows.take(pa.array(top)), mem[top], scores[b, top])
@@ -757,7 +775,7 @@ class ChunkStore:
                     keep = np.argsort(-cand[2], kind="stable")[:k]
                     cand = (cand[0].take(pa.array(keep)), cand[1][keep], cand[2][keep])
                 pools[b] = cand
-        return [self._empty_result() if p is None else self._result(p[0], p[1], p[2], k) for p in pools]
+        return [self._empty_result() if p is None else self._result(p[0], p[1], p[2], k, rotated) for p in pools]
 
 
 __all__ = [

@@ -415,6 +415,24 @@ def test_exact_search_matches_numpy_brute_force(tmp_path):
     assert set(st.search(queries[0], k=3, filter="doc_id = 'd5'")[0].doc_ids) == {"d5"}
 
 
+def test_int4_search_scores_in_the_rotated_space_as_on_the_decoded_memory(tmp_path):
+    """int4 rows are scored against the query turned once, not each row turned back: the same scores and order
+    as the plain cosine on the decoded memories, and the rows kept come back decoded (turned back)."""
+    st = ChunkStore.open(tmp_path / "db", settings("int4"))
+    rs = rows(120, seed=6)
+    st.upsert(rs)
+    ids = [r["chunk_id"] for r in rs]
+    decoded = st.get_memory(ids)  # the fully decoded memories
+    queries = memories(3, seed=13)
+    truth = flat_cosine(queries, decoded)
+    for results in (st.exact_search(queries, k=6, batch_size=50), st.search(queries, k=6, candidates=120)):
+        for b, res in enumerate(results):
+            order = np.argsort(-truth[b], kind="stable")[:6]
+            assert res.chunk_ids == [ids[i] for i in order]
+            np.testing.assert_allclose(res.scores, truth[b, order], atol=1e-5)
+            np.testing.assert_allclose(res.memory, decoded[order], atol=1e-5)
+
+
 def test_ann_index_on_600_rows_still_finds_self_matches(tmp_path):
     st = ChunkStore.open(tmp_path / "db", settings("int8"))
     small = st.create_ann_index()
