@@ -124,7 +124,7 @@ def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[
         out_file = tempfile.TemporaryFile("w+")  # a file: a pipe left unread while stderr is read could fill
         job = subprocess.Popen(cmd, stdout=out_file, stderr=subprocess.PIPE, text=True, env=env,
                                cwd=Path(__file__).resolve().parents[1])
-        peak = {"driver": 0, "worker": 0, "total": 0}
+        peak = dict.fromkeys(("driver", "worker", "total", "driver_private", "worker_private"), 0)
         done = threading.Event()
 
         def sample() -> None:
@@ -132,14 +132,18 @@ def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[
             while not done.is_set():
                 workers, others = _ray_processes()
                 try:
-                    w = [p.memory_info().rss for p in workers]
+                    w = [p.memory_info() for p in workers]
                     rest = [p.memory_info().rss for p in others]
-                    d = driver.memory_info().rss
+                    d = driver.memory_info()
                 except psutil.Error:  # a process ended between listing and reading: next sample
-                    w, rest, d = [], [], 0
-                peak["driver"] = max(peak["driver"], d)
-                peak["worker"] = max(peak["worker"], max(w, default=0))
-                peak["total"] = max(peak["total"], d + sum(w) + sum(rest))
+                    done.wait(0.2)
+                    continue
+                peak["driver"] = max(peak["driver"], d.rss)
+                peak["worker"] = max(peak["worker"], max((m.rss for m in w), default=0))
+                peak["total"] = max(peak["total"], d.rss + sum(m.rss for m in w) + sum(rest))
+                # private: resident pages not shared with other processes (the object store's are shared)
+                peak["driver_private"] = max(peak["driver_private"], d.rss - d.shared)
+                peak["worker_private"] = max(peak["worker_private"], max((m.rss - m.shared for m in w), default=0))
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -261,6 +265,9 @@ def main() -> None:
         print(f"peak RSS: driver {peak['driver'] / 2**20:.0f} MiB, largest Ray worker (task or actor) "
               f"{peak['worker'] / 2**20:.0f} MiB, driver and all Ray processes {peak['total'] / 2**20:.0f} MiB "
               "(sampled every 0.2 s)")
+        print(f"peak private memory (RSS less pages shared with other processes, such as the object store's): "
+              f"driver {peak['driver_private'] / 2**20:.0f} MiB, largest Ray worker "
+              f"{peak['worker_private'] / 2**20:.0f} MiB")
         assert summary["compressed"] == n_chunks, (summary["compressed"], n_chunks)
     finally:
         if a.workdir is None:

@@ -641,8 +641,8 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
         actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
     if isinstance(source, list):
         ds, batch_size = ray.data.from_arrow(work_blocks(source, s.batch_size, s.actors)), s.batch_size
-    else:  # in source order: a few forward passes a call, sorted by length inside (ChunkCompressor)
-        ds, batch_size = source, s.batch_size * 4
+    else:  # in source order: 16 forward passes a call, sorted by length inside (ChunkCompressor) to pad little
+        ds, batch_size = source, s.batch_size * 16
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
     ds = ds.map_batches(
         actor,
