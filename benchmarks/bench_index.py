@@ -114,7 +114,7 @@ def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[
     subprocess.run(["ray", "start", "--head", f"--num-cpus={cores}", "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, capture_output=True, env=env)
     try:
-        cmd = [sys.executable, "-m", "pipelines.index", "--corpus", str(corpus), "--model", str(model_dir),
+        cmd = [sys.executable, "-m", "pipelines.index", "--corpus", f"{corpus}/*.jsonl", "--model", str(model_dir),
                "--table-uri", str(table), "--batch-size", str(a.batch_size), "--actors", str(a.actors),
                "--num-cpus-per-actor", str(a.cpus_per_actor), "--dtype", a.dtype, "--commit-rows",
                str(a.commit_rows), "--reader", a.reader, "--no-text-index", "--json"]
