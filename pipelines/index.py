@@ -128,7 +128,7 @@ class IndexJobError(RuntimeError):
 class IndexSettings:
     """Settings of one index run: the flags of ``python -m pipelines.index`` and the fields of its ``--config``."""
 
-    #: JSONL, Parquet, a .txt file, a directory of .txt files or a glob; with ``--format scp`` a stage-1
+    #: JSONL, Parquet, a .txt file, a directory of such files (one kind) or a glob; with ``--format scp`` a stage-1
     #: JSONL file.
     corpus: str | Path
     #: A CLaRa model directory (``ClaraModel.save_pretrained``); its compressor makes the memory.
@@ -426,12 +426,10 @@ def _reader(s: IndexSettings) -> str:
 
 
 def _corpus_filesystem(corpus: str, options: dict[str, str]):
-    """``(pyarrow filesystem, path)`` of the corpus; an ``s3://`` URI takes the table's S3 storage options
+    """``(pyarrow filesystem, path)`` of a corpus URI; an ``s3://`` URI takes the table's S3 storage options
     (``aws_access_key_id``, ``aws_secret_access_key``, ``aws_region``, ``aws_endpoint``, ``allow_http``)."""
     from pyarrow import fs as pafs
 
-    if "://" not in corpus:
-        return pafs.LocalFileSystem(), os.path.abspath(Path(corpus).expanduser())
     if corpus.startswith("s3://") and options:
         endpoint = options.get("aws_endpoint") or options.get("endpoint")
         scheme = "https"
@@ -449,18 +447,14 @@ def corpus_files(corpus: str, options: dict[str, str] | None = None) -> tuple[ob
     (searched recursively for .jsonl / .ndjson, .parquet or .txt files, one kind), or a local glob. ``base``
     is what a text file's document id is relative to. Raises ``FileNotFoundError`` when nothing is found and
     :class:`~clara.data.corpus.DocumentError` for a directory of several kinds."""
-    import glob as _glob
-
     from pyarrow import fs as pafs
 
-    from clara.data.corpus import file_kind
+    from clara.data.corpus import expand_corpus, file_kind
 
-    if "://" not in corpus and any(c in corpus for c in "*?["):
-        # abspath, not resolve: a linked file keeps its own name (its document id)
-        files = sorted(os.path.abspath(f) for f in _glob.glob(corpus, recursive=True) if Path(f).is_file())
-        parts = Path(corpus).parts
-        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
-        fs, base = pafs.LocalFileSystem(), os.path.abspath(Path(*parts[:fixed])) if fixed else os.getcwd()
+    if "://" not in corpus:  # as the driver's reader lists it; absolute, since the workers' cwd differs
+        pairs = expand_corpus(corpus)
+        fs, base = pafs.LocalFileSystem(), os.path.abspath(pairs[0][1])
+        files = [os.path.abspath(f) for f, _ in pairs]  # abspath, not resolve: a link keeps its own name (its id)
     else:
         fs, path = _corpus_filesystem(corpus, options or {})
         info = fs.get_file_info(path)

@@ -142,7 +142,7 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def _expand(path: str | Path) -> list[tuple[Path, Path]]:
+def expand_corpus(path: str | Path) -> list[tuple[Path, Path]]:
     """Files to read, each with the base directory its text-file doc ids are relative to."""
     s = str(path)
     if _has_magic(s):
@@ -154,10 +154,14 @@ def _expand(path: str | Path) -> list[tuple[Path, Path]]:
             raise FileNotFoundError(f"no files match {s!r}")
         return [(f, base) for f in files]
     p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES)
+    if p.is_dir():  # the files of one kind under it (a directory of .txt files, or of JSONL / Parquet parts)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and file_kind(str(f)))
+        kinds = sorted({file_kind(str(f)) for f in files})
         if not files:
-            raise FileNotFoundError(f"no .txt files under directory {str(p)!r}")
+            raise FileNotFoundError(f"no .jsonl, .ndjson, .parquet or .txt files under directory {str(p)!r}")
+        if len(kinds) > 1:
+            raise DocumentError(str(p), "<corpus>", f"holds files of several kinds ({', '.join(kinds)}): give one "
+                                "kind, or a glob")
         return [(f, p) for f in files]
     if not p.exists():
         raise FileNotFoundError(f"no such file or directory: {str(p)!r}")
@@ -300,8 +304,8 @@ def read_documents(
     text_field: str = "text",
     title_field: str | None = None,
 ) -> Iterator[Document]:
-    """Documents from a JSONL file, a Parquet file, a ``.txt`` file, a directory of ``.txt`` files
-    (searched recursively), or a glob over any of these.
+    """Documents from a JSONL file, a Parquet file, a ``.txt`` file, a directory of files of one of these
+    kinds (searched recursively), or a glob over any of these.
 
     JSONL: one object per line (blank lines skipped); Parquet: one row per document. The id may be
     a string or an integer (kept as its string). A text file's id is its path relative to the
@@ -311,7 +315,7 @@ def read_documents(
     UTF-8, an unpaired surrogate (a ``"\\ud800"`` JSON escape), a file without any document.
     """
     seen: dict[str, str] = {}
-    for file, base in _expand(path):
+    for file, base in expand_corpus(path):
         suffix = file.suffix.lower()
         if suffix in _JSONL_SUFFIXES:
             it = _read_jsonl(file, id_field, text_field, title_field)

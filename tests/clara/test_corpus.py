@@ -414,3 +414,16 @@ def test_load_scp_chunks_dedups_in_order_and_errors(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"docs": ["x"]}, '{"docs": ["lone \\udfff"]}'])
     with pytest.raises(DocumentError, match=r"bad\.jsonl:2: field 'docs\[0\]': contains an unpaired surrogate"):
         load_scp_chunks(bad)
+
+
+def test_a_directory_of_jsonl_parts_reads_like_its_files_and_mixed_kinds_are_refused(tmp_path):
+    from clara.data.corpus import DocumentError, read_documents
+
+    parts = tmp_path / "parts"
+    (parts / "sub").mkdir(parents=True)
+    (parts / "a.jsonl").write_text('{"id": "x", "text": "first"}\n')
+    (parts / "sub" / "b.jsonl").write_text('{"id": "y", "text": "second"}\n{"id": "z", "text": "third"}\n')
+    assert [(d.doc_id, d.text) for d in read_documents(parts)] == [("x", "first"), ("y", "second"), ("z", "third")]
+    (parts / "notes.txt").write_text("a text file among the parts")
+    with pytest.raises(DocumentError, match="several kinds \\(jsonl, txt\\)"):
+        list(read_documents(parts))
