@@ -254,3 +254,69 @@ def test_refresh_ann_index_builds_folds_and_retrains(tmp_path):
     assert refresh_ann_index(store, "IVF_HNSW_SQ").startswith("retrained")
     with pytest.raises(ValueError, match="ANN index kind"):
         refresh_ann_index(store, "KDTREE")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
+def test_chunk_planner_gives_the_driver_readers_chunks_and_diffs_against_the_table(model_dir, scp_sample_path,
+                                                                                   tmp_path, kind):
+    """The worker-side plan (without Ray: the batches built as Ray Data's readers give them) has exactly the
+    chunks of the driver's reader, statuses against the table, stale rows for a shortened document, and a bad
+    record comes back as an error row naming file, line or record, and field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clara.index.build import PLAN_SCHEMA, ChunkPlanner, plan_error
+
+    model_path, _ = model_dir
+    texts = load_scp_chunks(scp_sample_path)[:12]
+    docs = {f"d{i:02d}": t + " " + t for i, t in enumerate(texts)}
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if kind == "jsonl":
+        (corpus / "a.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in docs.items()))
+    elif kind == "parquet":
+        pq.write_table(pa.table({"id": list(docs), "text": list(docs.values())}), corpus / "a.parquet")
+    else:
+        for k, v in docs.items():
+            (corpus / f"{k}.txt").write_text(v)
+    files = sorted(str(f) for f in corpus.iterdir())
+
+    def batch(paths):  # what read_binary_files / read_parquet(include_paths=True) give the planner
+        if kind == "parquet":
+            t = pq.read_table(paths[0])
+            return t.append_column("path", pa.array([paths[0]] * t.num_rows))
+        return pa.table({"bytes": [open(p, "rb").read() for p in paths], "path": paths})
+
+    chunking = ChunkingSettings(chunk_tokens=32)
+    tok = load_tokenizer(model_path)
+    salt = chunking_salt(chunking, "v1", tok)
+    truth = list(source_chunks(corpus if kind != "jsonl" else files[0], tok, chunking, salt))
+    planner = ChunkPlanner(model_path, chunking, salt, kind=kind, table_uri=str(tmp_path / "db"), table_name="chunks",
+                           base=str(corpus))
+    rows = planner(batch(files))
+    assert rows.schema == PLAN_SCHEMA and set(rows.column("status").to_pylist()) == {"new"}
+    assert [(r["chunk_id"], r["text"], r["content_hash"]) for r in rows.to_pylist()] == [
+        (c.chunk_id, c.text, c.content_hash) for c in truth]
+
+    # against a table holding the first 10 chunks, one of them edited, and a row past a document's end
+    store = ChunkStore.open(tmp_path / "db", StoreSettings(n_mem=2, d=4, compressor_version="v1"))
+    held = truth[:10]
+    meta = {"chunk_id": [c.chunk_id for c in held] + [f"{truth[0].doc_id}::99"],
+            "doc_id": [c.doc_id for c in held] + [truth[0].doc_id], "position": [c.position for c in held] + [99],
+            "text": [c.text for c in held] + ["old"],
+            "content_hash": [c.content_hash for c in held[:-1]] + ["edited", "old"]}
+    store.upsert(encode_batch(meta, np.ones((11, 2, 4), np.float32), store.settings))
+    planner = ChunkPlanner(model_path, chunking, salt, kind=kind, table_uri=str(tmp_path / "db"), table_name="chunks",
+                           base=str(corpus), table_exists=True)
+    statuses = dict(zip(*planner(batch(files)).select(["chunk_id", "status"]).to_pydict().values()))
+    assert statuses.pop(f"{truth[0].doc_id}::99") == "stale"
+    expected = {c.chunk_id: "unchanged" for c in held[:-1]} | {held[-1].chunk_id: "changed"}
+    expected |= {c.chunk_id: "new" for c in truth[10:]}
+    assert statuses == expected
+
+    if kind == "jsonl":  # a bad record: an error row, the driver raises it
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"id": "a", "text": "fine"}\n{"id": "b"}\n')
+        row = planner(pa.table({"bytes": [bad.read_bytes()], "path": [str(bad)]})).to_pylist()
+        assert [r["status"] for r in row] == ["error"]
+        assert str(plan_error(row[0]["text"])) == f"{bad}:2: field 'text': missing"
