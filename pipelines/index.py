@@ -23,7 +23,7 @@ The table may be a local directory or an object-store URI; so may the corpus wit
    per chunk of the table. ``--reader ray-data`` (object-store URIs, or asked for): Ray Data's readers,
    the chunking and the diff on the workers a batch of documents at a time (each batch asks the table
    for its documents' rows only), the plan kept in Ray's object store; the driver holds 8 bytes per
-   document. Bad input fails here, naming file and line (driver) or file and record (ray-data) and the
+   document. Bad input fails here, naming file and line (Parquet: file and row or record id) and the
    field, before anything is compressed or written; so does a run that would delete more than
    --max-delete-fraction of the table (a truncated corpus with --delete-missing).
 2. Ray Data: the chunks to compress go through ``map_batches`` on a pool of actors, each of which
@@ -201,8 +201,8 @@ class IndexSettings:
     #: How the corpus is read and planned. ``driver``: this process reads it with the project's readers
     #: (errors name file and line), chunks it and diffs a hash per chunk against the table: memory grows with
     #: the corpus, fine to ~10^7 chunks of a path the driver sees. ``ray-data``: Ray Data's readers
-    #: (``read_text`` for JSONL, ``read_parquet``, ``read_binary_files`` for .txt; local paths or object-store
-    #: URIs, a file or a directory of them) and the chunking and the diff on the workers, a batch of documents
+    #: (``read_binary_files`` for JSONL and .txt, parsed on the workers as the driver parses them, ``read_parquet``;
+    #: local paths or object-store URIs, a file or a directory of them) and the chunking and the diff on the workers, a batch of documents
     #: at a time (:class:`clara.index.build.ChunkPlanner`); the driver keeps 8 bytes per document, never
     #: the chunks. ``auto``: ``ray-data`` for a URI with a scheme (``s3://``, ``gs://``), else ``driver``.
     reader: str = field(default="auto", metadata={"choices": READERS})

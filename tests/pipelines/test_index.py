@@ -292,7 +292,7 @@ def test_help_explains_the_flags(capsys):
     assert out.returncode == 0, out.stderr
     for flag in ("--corpus", "--format", "--model", "--table-uri", "--chunk-tokens", "--actors",
                  "--num-gpus-per-actor", "--dtype", "--key-dim", "--delete-missing", "--max-delete-fraction",
-                 "--ann-index", "--limit", "--debug", "versions", "rollback", "cleanup"):
+                 "--ann-index", "--limit", "--reader", "--debug", "versions", "rollback", "cleanup"):
         assert flag in out.stdout
     cleanup = subprocess.run([sys.executable, "-m", "pipelines.index", "cleanup", "--help"], capture_output=True,
                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
