@@ -201,10 +201,10 @@ class IndexSettings:
     #: How the corpus is read and planned. ``driver``: this process reads it with the project's readers
     #: (errors name file and line), chunks it and diffs a hash per chunk against the table: memory grows with
     #: the corpus, fine to ~10^7 chunks of a path the driver sees. ``ray-data``: Ray Data's readers
-    #: (``read_binary_files`` for JSONL and .txt, parsed on the workers as the driver parses them, ``read_parquet``;
-    #: local paths or object-store URIs, a file or a directory of them) and the chunking and the diff on the workers, a batch of documents
-    #: at a time (:class:`clara.index.build.ChunkPlanner`); the driver keeps 8 bytes per document, never
-    #: the chunks. ``auto``: ``ray-data`` for a URI with a scheme (``s3://``, ``gs://``), else ``driver``.
+    #: (``read_binary_files`` for JSONL and .txt, parsed on the workers as the driver parses them,
+    #: ``read_parquet``; local paths or object-store URIs, a file or a directory of them) and the chunking and
+    #: the diff on the workers, a file of documents at a time (:class:`clara.index.build.ChunkPlanner`); the
+    #: driver keeps 8 bytes per document, never the chunks. ``auto``: ``ray-data`` for a URI with a scheme (``s3://``, ``gs://``), else ``driver``.
     reader: str = field(default="auto", metadata={"choices": READERS})
     #: Index only the first N documents (not with ``--delete-missing``).
     limit: int | None = None
