@@ -204,7 +204,8 @@ class IndexSettings:
     #: (``read_binary_files`` for JSONL and .txt, parsed on the workers as the driver parses them,
     #: ``read_parquet``; local paths or object-store URIs, a file or a directory of them) and the chunking and
     #: the diff on the workers, a file of documents at a time (:class:`clara.index.build.ChunkPlanner`); the
-    #: driver keeps 8 bytes per document, never the chunks. ``auto``: ``ray-data`` for a URI with a scheme (``s3://``, ``gs://``), else ``driver``.
+    #: driver keeps 8 bytes per document, never the chunks. ``auto``: ``ray-data`` for a URI with a scheme
+    #: (``s3://``, ``gs://``), else ``driver``.
     reader: str = field(default="auto", metadata={"choices": READERS})
     #: Index only the first N documents (not with ``--delete-missing``).
     limit: int | None = None
