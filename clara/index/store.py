@@ -380,12 +380,22 @@ class ChunkStore:
 
     def existing_hashes(self, chunk_ids: Iterable[str] | None = None) -> dict[str, str]:
         """``{chunk_id: content_hash}`` for all chunks, or for those of ``chunk_ids`` that exist."""
-        out: dict[str, str] = {}
         if chunk_ids is None:
-            groups: list[Any] = [None]
-        else:
-            ids = sorted({str(c) for c in chunk_ids})
-            groups = [_expr_in("chunk_id", ids[i : i + _ID_BATCH]) for i in range(0, len(ids), _ID_BATCH)]
+            return self._hashes_where([None])
+        return self._hashes_where(self._in_groups("chunk_id", chunk_ids))
+
+    def hashes_of_docs(self, doc_ids: Iterable[str]) -> dict[str, str]:
+        """``{chunk_id: content_hash}`` of every row of the documents ``doc_ids`` (one filtered read a few
+        thousand ids at a time; fast with the scalar index of :meth:`create_scalar_indices`)."""
+        return self._hashes_where(self._in_groups("doc_id", doc_ids))
+
+    @staticmethod
+    def _in_groups(column: str, values: Iterable[str]) -> list[Any]:
+        ids = sorted({str(v) for v in values})
+        return [_expr_in(column, ids[i : i + _ID_BATCH]) for i in range(0, len(ids), _ID_BATCH)]
+
+    def _hashes_where(self, groups: list[Any]) -> dict[str, str]:
+        out: dict[str, str] = {}
         for where in groups:
             for batch in self._scan(["chunk_id", "content_hash"], where):
                 out.update(zip(batch.column("chunk_id").to_pylist(), batch.column("content_hash").to_pylist()))
@@ -394,16 +404,6 @@ class ChunkStore:
     def scan(self, columns: Sequence[str], batch_size: int | None = None) -> Iterable[pa.RecordBatch]:
         """The table's ``columns``, streamed in record batches (the whole table never in memory)."""
         return self._scan(list(columns), batch_size=batch_size)
-
-    def hashes_of_docs(self, doc_ids: Iterable[str]) -> dict[str, str]:
-        """``{chunk_id: content_hash}`` of every row of the documents ``doc_ids`` (one filtered read a few
-        thousand ids at a time; fast with the scalar index of :meth:`create_scalar_indices`)."""
-        ids = sorted({str(d) for d in doc_ids})
-        out: dict[str, str] = {}
-        for i in range(0, len(ids), _ID_BATCH):
-            for batch in self._scan(["chunk_id", "content_hash"], _expr_in("doc_id", ids[i : i + _ID_BATCH])):
-                out.update(zip(batch.column("chunk_id").to_pylist(), batch.column("content_hash").to_pylist()))
-        return out
 
     def create_scalar_indices(self, columns: Sequence[str] = SCALAR_COLUMNS) -> list[str]:
         """B-tree indices on ``columns`` where there is none yet (returns the columns indexed now): the
@@ -431,10 +431,8 @@ class ChunkStore:
 
     def find_memory(self, chunk_ids: Iterable[str]) -> dict[str, np.ndarray]:
         """``{chunk_id: float32 [n_mem, d]}`` of those of ``chunk_ids`` that are in the table."""
-        wanted = sorted({str(c) for c in chunk_ids})
         found: dict[str, np.ndarray] = {}
-        for i in range(0, len(wanted), _ID_BATCH):
-            where = _expr_in("chunk_id", wanted[i : i + _ID_BATCH])
+        for where in self._in_groups("chunk_id", chunk_ids):
             for batch in self._scan(["chunk_id", *self._memory_columns], where):
                 mem = _decode_memory(batch, self.settings)
                 found.update(zip(batch.column("chunk_id").to_pylist(), mem))
