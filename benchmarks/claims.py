@@ -49,7 +49,14 @@ from memory_probe import probe_split
 from clara.checkpoint import read_manifest
 from clara.config import ClaraConfig, LoraSettings
 from clara.data.derive import DeriveSettings, derive_records, split_by_chunk
-from clara.data.records import Example, chunks_of, parse_record, read_records, reconstruction_example
+from clara.data.records import (
+    Example,
+    answerable_in_window,
+    chunks_of,
+    parse_record,
+    read_records,
+    reconstruction_example,
+)
 from clara.eval.baselines import bm25_ranker, minilm_ranker
 from clara.eval.evaluate import EvalSettings, aggregate, evaluate_examples, write_report
 from clara.model import ClaraModel
@@ -121,25 +128,14 @@ def progress(stage: str, total: int):
     return show
 
 
-def in_window(examples: list[Example], s: ClaimsSettings, min_recall: float = 0.8) -> list[Example]:
-    """The examples whose answer's normalised words are mostly inside their chunk's reading window."""
+def in_window(examples: list[Example], s: ClaimsSettings) -> list[Example]:
+    """The examples whose answer lies in their chunk's reading window (:func:`answerable_in_window`)."""
     from transformers import AutoTokenizer
 
     from clara.bases import resolve_base
-    from clara.eval.metrics import normalize_answer
 
     tok = AutoTokenizer.from_pretrained(resolve_base(s.base_model))
-    window: dict[str, set[str]] = {}
-    keep = []
-    for ex in examples:
-        c = ex.chunks[0]
-        if c not in window:
-            ids = tok(c, add_special_tokens=False)["input_ids"][:s.doc_max_tokens]
-            window[c] = set(normalize_answer(tok.decode(ids)).split())
-        words = normalize_answer(ex.answer).split()
-        if words and sum(w in window[c] for w in words) >= min_recall * len(words):
-            keep.append(ex)
-    return keep
+    return answerable_in_window(examples, tok, s.doc_max_tokens)
 
 
 def main(argv=None) -> int:

@@ -60,17 +60,20 @@ def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
         golds = [ex.answer for ex in qa]
         own_mem = memory[[index[ex.chunks[0]] for ex in qa]].unsqueeze(1)
         wrong_mem = memory[[(index[ex.chunks[0]] + 1) % len(chunks) for ex in qa]].unsqueeze(1)
-        answers = {"own": [], "wrong": [], "closed": []}
+        texts = [[refs[index[ex.chunks[0]]]] for ex in qa]  # the window the compressor saw, as text
+        answers = {"own": [], "wrong": [], "closed": [], "text": []}
         for s in range(0, len(qs), batch):
             answers["own"] += model.generate(qs[s:s + batch], own_mem[s:s + batch], max_new_tokens=32)
             answers["wrong"] += model.generate(qs[s:s + batch], wrong_mem[s:s + batch], max_new_tokens=32)
             answers["closed"] += model.generate_from_text(qs[s:s + batch], None, max_new_tokens=32)
+            answers["text"] += model.generate_from_text(qs[s:s + batch], texts[s:s + batch], max_new_tokens=32)
         from clara.prompts import NO_ANSWER
 
         for k, preds in answers.items():
             out[f"qa_no_answer_{k}"] = sum(NO_ANSWER.lower().rstrip(".") in p.lower() for p in preds) / len(preds)
             out[f"qa_cover_em_{k}"] = sum(cover_em(p, g) for p, g in zip(preds, golds)) / len(golds)
             out[f"qa_f1_{k}"] = sum(token_f1(p, g) for p, g in zip(preds, golds)) / len(golds)
+        out["qa_questions"] = len(qs)
         out["example_q"], out["example_gold"], out["example_answer"] = qs[0], golds[0], answers["own"][0]
     return out
 
@@ -96,6 +99,10 @@ def main(argv=None) -> dict:
                                                                    "(with --qa-mix)")
     p.add_argument("--negatives", type=float, default=0.0, help="fraction of QA examples made wrong-memory "
                    "negatives (target: the no-answer sentence), in-batch")
+    p.add_argument("--answerable-in-window", action="store_true",
+                   help="QA (trained and probed) only on questions whose answer lies in the chunk's first "
+                   "--doc-max-tokens tokens, every such held-out question probed (default: one question a "
+                   "held-out chunk, wherever its answer lies)")
     p.add_argument("--mse-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: --seed); keep it when "
@@ -120,8 +127,20 @@ def main(argv=None) -> dict:
     held, train_chunks = probe_split(records, a.held_out, a.train_chunks, split_seed)
     held_set, train_set = set(held), set(train_chunks)
     qa_held = [ex for ex in records if ex.kind == "qa" and ex.chunks[0] in held_set]
-    qa_held = [next(ex for ex in qa_held if ex.chunks[0] == c) for c in held]  # one question per chunk
     qa_train = [ex for ex in records if ex.kind == "qa" and ex.chunks[0] in train_set]
+    if a.answerable_in_window:
+        from transformers import AutoTokenizer
+
+        from clara.bases import resolve_base
+        from clara.data.records import answerable_in_window
+
+        tok = AutoTokenizer.from_pretrained(resolve_base(a.base_model))
+        qa_held = answerable_in_window(qa_held, tok, a.doc_max_tokens)
+        qa_train = answerable_in_window(qa_train, tok, a.doc_max_tokens)
+        print(f"answerable in the {a.doc_max_tokens}-token window: {len(qa_train)} train, {len(qa_held)} held-out "
+              "questions", flush=True)
+    else:
+        qa_held = [next(ex for ex in qa_held if ex.chunks[0] == c) for c in held]  # one question per chunk
 
     config = ClaraConfig(base_model=a.base_model, compression_rate=a.rate, doc_max_tokens=a.doc_max_tokens,
                          lora=LoraSettings(r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0), memory_norm=a.memory_norm,

@@ -174,6 +174,28 @@ def chunks_of(examples: Iterable[Example]) -> list[str]:
     return list(seen)
 
 
+def answerable_in_window(examples: Iterable[Example], tokenizer, max_tokens: int,
+                         min_recall: float = 0.8) -> list[Example]:
+    """The examples whose answer's normalised words are mostly (``min_recall``) inside the first
+    ``max_tokens`` tokens of their first chunk: the window the compressor (and a text reader cut at
+    the same length) sees. Synthetic questions are written from whole chunks, so with short
+    windows most answers lie outside them; training or judging QA from memory on those measures
+    guessing, not reading."""
+    from clara.eval.metrics import normalize_answer
+
+    window: dict[str, set[str]] = {}
+    keep = []
+    for ex in examples:
+        c = ex.chunks[0]
+        if c not in window:
+            ids = tokenizer(c, add_special_tokens=False)["input_ids"][:max_tokens]
+            window[c] = set(normalize_answer(tokenizer.decode(ids)).split())
+        words = normalize_answer(ex.answer).split()
+        if words and sum(w in window[c] for w in words) >= min_recall * len(words):
+            keep.append(ex)
+    return keep
+
+
 def with_wrong_memory_negatives(examples: list[Example], fraction: float, rng: random.Random) -> list[Example]:
     """Replace about ``fraction`` of a batch's QA (stage 1) and instruction (stage 2) examples by
     wrong-memory negatives, in-batch.
