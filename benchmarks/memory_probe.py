@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     p.add_argument("--held-out", type=int, default=48, help="held-out chunks to probe")
     p.add_argument("--train-chunks", type=int, default=800, help="training chunks of the sample (<= 900 - held-out)")
     p.add_argument("--wiki", type=int, default=0, help="extra Wikipedia-summary chunks in the training pool")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150, help="training steps (0: probe the --init model as it is)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rate", type=int, default=4)
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
         pool = recon + [qa_train[i % len(qa_train)] for i in range(n_qa)]
     else:
         pool = recon
-    settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_ratio=0.05, seed=a.seed,
+    settings = TrainSettings(steps=max(a.steps, 1), batch_size=a.batch_size, lr=a.lr, warmup_ratio=0.05, seed=a.seed,
                              log_every=max(1, a.steps // 10),
                              reconstruction_warmup=a.recon_warmup if a.qa_mix > 0 else 0.0,
                              autocast=a.autocast, wrong_memory_negatives=a.negatives)
@@ -173,10 +173,11 @@ def main(argv=None) -> dict:
         print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f} "
               f"{sec:.0f}s", flush=True)
 
-    log = train(model, "scp", pool, settings, progress=progress)
+    losses = train(model, "scp", pool, settings, progress=progress).losses if a.steps else [0.0]
     t_train = time.perf_counter() - t0
     res = {"label": a.label, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-           "loss_first": sum(log.losses[:5]) / 5, "loss_last": sum(log.losses[-5:]) / 5, "train_s": t_train,
+           "loss_first": sum(losses[:5]) / len(losses[:5]), "loss_last": sum(losses[-5:]) / len(losses[-5:]),
+           "train_s": t_train,
            "held_out": probe(model, held, qa_held),
            "train_probe": {k: v for k, v in probe(model, train_chunks[:16], []).items() if k.startswith("recon")},
            "date": time.strftime("%Y-%m-%d")}

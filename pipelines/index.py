@@ -6,6 +6,7 @@
     python -m pipelines.index versions --table-uri ./index
     python -m pipelines.index rollback 3 --table-uri ./index
     python -m pipelines.index cleanup --table-uri ./index --older-than-days 7 --keep-tags 30
+    python -m pipelines.index manifest publish --table-uri ./index --shards 4   # after parallel --shard jobs
     python -m pipelines.index --corpus docs.jsonl --model runs/model --table-uri ./index --delete-missing \\
         --cleanup-older-than-days 7 --keep-tags 30      # a scheduled reindex that also bounds storage
     ray job submit --working-dir . -- python -m pipelines.index --corpus /mnt/corpus/docs.parquet \\
@@ -96,6 +97,13 @@ from clara.index.schema import (
     shard_of,
     shard_table,
 )
+from clara.index.shards import (
+    ManifestError,
+    prune_manifests,
+    publish_manifest,
+    read_manifests,
+    rollback_manifest,
+)
 from clara.index.store import ChunkStore
 from clara.settings import add_config_flags, add_flags, from_args, print_config
 
@@ -106,9 +114,11 @@ Progress = Callable[[str], None]
 PROG = "clara index"
 #: Errors of the input, the settings or the table that a user fixes: one line and exit status 2, no
 #: traceback (that is for ``--debug``). ``FileNotFoundError`` covers a missing corpus or table.
-USER_ERRORS = (DocumentError, DeletionGuardError, IndexMismatchError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (DocumentError, DeletionGuardError, IndexMismatchError, CheckpointError, FileNotFoundError,
+               ManifestError)
 DEFAULT_MAX_DELETE_FRACTION = 0.1
 READERS = ("auto", "driver", "ray-data")
+PUBLISH = ("auto", "always", "never")
 #: CPUs of a Ray Data read task of the streamed plan: reading is I/O; a full CPU each would wait behind the
 #: planner actors on a small cluster.
 READ_CPUS = 0.25
@@ -198,6 +208,12 @@ class IndexSettings:
     #: With ``--shards``: index only this shard (one job per shard, e.g. on different nodes); default: every
     #: shard in turn.
     shard: int | None = None
+    #: With ``--shards``: after the run, publish a version manifest (a version of every shard, which the
+    #: Retriever and Serve move to at once; see the ``manifest`` subcommand). ``auto``: after a run over every
+    #: shard; ``always``: also after a ``--shard`` run (its new version, the other shards as the newest
+    #: manifest has them; not with shard jobs running at once: when all have finished, publish once with
+    #: ``manifest publish``); ``never``.
+    publish: str = field(default="auto", metadata={"choices": PUBLISH})
     #: How the corpus is read and planned. ``driver``: this process reads it with the project's readers
     #: (errors name file and line), chunks it and diffs a hash per chunk against the table: memory grows with
     #: the corpus, fine to ~10^7 chunks of a path the driver sees. ``ray-data``: Ray Data's readers
@@ -228,6 +244,8 @@ class IndexSettings:
         self.table_uri = str(self.table_uri)
         if self.format not in SOURCE_FORMATS:
             raise ValueError(f"IndexSettings.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        if self.publish not in PUBLISH:
+            raise ValueError(f"IndexSettings.publish must be one of {PUBLISH}, got {self.publish!r}")
         if self.reader not in READERS:
             raise ValueError(f"IndexSettings.reader must be one of {READERS}, got {self.reader!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -293,6 +311,8 @@ class IndexSummary:
     tag: str = ""
     #: What the cleanup of old versions did (empty without ``cleanup_older_than_days``).
     cleanup: str = ""
+    #: The sharded index's manifest published after this run (0: none; see ``IndexSettings.publish``).
+    manifest: int = 0
 
     def format(self) -> str:
         return (
@@ -304,6 +324,7 @@ class IndexSummary:
             + (f"; ANN: {self.ann}" if self.ann else "")
             + (f"; text index: {self.text_index}" if self.text_index else "")
             + (f"; cleanup: {self.cleanup}" if self.cleanup else "")
+            + (f"; published manifest {self.manifest}" if self.manifest else "")
         )
 
 
@@ -413,7 +434,18 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
 def run_sharded(s: IndexSettings, progress: Progress | None = None) -> list[IndexSummary]:
     """Every shard of ``s.shards`` in turn (or only ``s.shard``), one :func:`run_index` pass each."""
     shards = [s.shard] if s.shard is not None else range(s.shards)
-    return [run_index(replace(s, shard=i) if s.shards > 1 else s, progress) for i in shards]
+    summaries = [run_index(replace(s, shard=i) if s.shards > 1 else s, progress) for i in shards]
+    if s.shards > 1 and (s.publish == "always" or (s.publish == "auto" and s.shard is None)):
+        manifest = publish_manifest(
+            s.table_uri, s.table_name, s.shards, storage_options=s.storage_options or None,
+            updates=None if s.shard is None else {s.shard: summaries[0].version},
+            note=f"index run of {'every shard' if s.shard is None else f'shard {s.shard}'}")
+        (progress or (lambda line: None))(f"[index] published {manifest.format()}")
+        if s.keep_tags is not None:  # bounded storage: the manifests' tags go with the job's own
+            prune_manifests(s.table_uri, s.table_name, s.shards, keep=max(1, s.keep_tags),
+                            storage_options=s.storage_options or None)
+        summaries[-1] = replace(summaries[-1], manifest=manifest.manifest_id)
+    return summaries
 
 
 # --------------------------------------------------------------------------------------------
@@ -746,8 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Subcommands: `versions --table-uri URI` lists the table's versions and their tags; "
                "`rollback VERSION --table-uri URI` restores one (as a new version); "
-               "`cleanup --table-uri URI [--older-than-days D] [--keep-tags N]` removes old untagged versions. "
-               "Each has its own --help.",
+               "`cleanup --table-uri URI [--older-than-days D] [--keep-tags N]` removes old untagged versions; "
+               "`manifest list|publish|rollback ID|prune --table-uri URI --shards N`: a sharded index's version "
+               "manifests. Each has its own --help.",
     )
     add_config_flags(p)
     groups = {
@@ -846,6 +879,50 @@ def _cleanup(a: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.index manifest",
+        description="The version manifests of a sharded index (--shards N). A manifest names one version of every "
+                    "shard; the Retriever and Serve read the newest one's versions, so they move to a new run all "
+                    "at once and never mix shards of two runs. A run over every shard publishes one (--publish "
+                    "auto); after parallel --shard jobs, `publish` when all have finished. `list` shows them, "
+                    "`rollback ID` publishes manifest ID's versions again, `prune --keep N` drops all but the "
+                    "newest N (and their tags, so that a cleanup may remove versions only they kept).",
+    )
+    p.add_argument("action", choices=("list", "publish", "rollback", "prune"))
+    p.add_argument("manifest_id", nargs="?", type=int, help="with rollback: the manifest to serve again")
+    _table_args(p)
+    p.add_argument("--shards", type=int, required=True, help="the index's shard count")
+    p.add_argument("--keep", type=int, default=10, help="with prune: manifests kept, newest first (default 10)")
+    p.add_argument("--note", default="", help="with publish: a note stored on the manifest")
+    _debug_arg(p)
+    return p
+
+
+def _manifest(a: argparse.Namespace) -> int:
+    where = (a.table_uri, a.table_name, a.shards)
+    options = dict(a.storage_option) or None
+    if a.action == "list":
+        manifests = read_manifests(a.table_uri, a.table_name, storage_options=options)
+        for m in manifests:
+            print(m.format())
+        if not manifests:
+            print(f"no manifest published for {a.table_uri}/{a.table_name}: readers see every shard's latest version")
+        return 0
+    if a.action == "rollback":
+        if a.manifest_id is None:
+            return _user_error(ValueError("manifest rollback: give the manifest id to serve again"))
+        print(f"published {rollback_manifest(*where, a.manifest_id, storage_options=options).format()}")
+    elif a.action == "publish":
+        print(f"published {publish_manifest(*where, note=a.note, storage_options=options).format()}")
+    else:
+        if a.keep < 1:
+            return _user_error(ValueError(f"manifest prune: --keep must be >= 1 (the newest is served), got {a.keep}"))
+        gone = prune_manifests(*where, keep=a.keep, storage_options=options)
+        print(f"pruned manifests {gone}" if gone else "nothing to prune")
+    return 0
+
+
 def _user_error(exc: BaseException) -> int:
     """One line on stderr, ``clara index: <message>``, and exit status 2 (the traceback is for ``--debug``)."""
     message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
@@ -857,12 +934,13 @@ _SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[a
     "versions": (_versions_parser, _versions),
     "rollback": (_rollback_parser, _rollback),
     "cleanup": (_cleanup_parser, _cleanup),
+    "manifest": (_manifest_parser, _manifest),
     "run": (build_parser, _run),
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipelines.index [run|versions|rollback|cleanup] ...``; returns the exit status."""
+    """``python -m pipelines.index [run|versions|rollback|cleanup|manifest] ...``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0] if argv and argv[0] in _SUBCOMMANDS else "run"
     if argv and argv[0] == name:

@@ -97,6 +97,13 @@ def _shard_count(store: ChunkStore | ShardedStore) -> int:
     return len(store.shards) if isinstance(store, ShardedStore) else 1
 
 
+def _shard_versions(store: ChunkStore | ShardedStore) -> dict[str, Any]:
+    """For a sharded index: the version read of each shard and whether a manifest pinned them."""
+    if not isinstance(store, ShardedStore):
+        return {}
+    return {"shard_versions": list(store.versions_by_shard.values()), "manifest": store.manifest is not None}
+
+
 def _opener(uri: Any, table: str, shards: int,
             storage_options: dict[str, str] | None = None) -> Callable[[], ChunkStore | ShardedStore]:
     """Opens the index afresh: one table, or the ``shards`` tables of a sharded one."""
@@ -109,9 +116,11 @@ def _opener(uri: Any, table: str, shards: int,
 
 
 def _version_id(store: ChunkStore | ShardedStore) -> Any:
-    """What tells two versions of the served index apart: the table's version, or each shard's (a sum of shard
-    versions could stay equal when one shard is rebuilt while another moves on)."""
-    return tuple(store.versions_by_shard.values()) if isinstance(store, ShardedStore) else store.version
+    """What tells two versions of the served index apart: the table's version, or the manifest and each shard's
+    (a sum of shard versions could stay equal when one shard is rebuilt while another moves on)."""
+    if isinstance(store, ShardedStore):
+        return store.version if store.manifest is not None else None, tuple(store.versions_by_shard.values())
+    return store.version
 
 
 class Retriever:
@@ -334,7 +343,7 @@ class Retriever:
             return {"n_mem": s.n_mem, "d": s.d, "compressor_version": s.compressor_version, "dtype": s.dtype,
                     "index_uri": self.store.uri, "table": self.store.name, "index_version": self.store.version,
                     "rows": self.store.count(), "retrieval": self.retrieval,
-                    "shards": _shard_count(self.store)}
+                    "shards": _shard_count(self.store), **_shard_versions(self.store)}
 
 
 def generate_answers(generator: Any, questions: Sequence[str], backgrounds: Sequence[Background],

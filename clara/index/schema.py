@@ -66,6 +66,22 @@ def shard_table(table: str, shard: int, shards: int) -> str:
     return table if shards == 1 else f"{table}-{shard:02d}of{shards:02d}"
 
 
+def manifest_table(table: str) -> str:
+    """The table of a sharded index's version manifests: ``chunks-manifest`` (no shard table ends so)."""
+    return f"{table}-manifest"
+
+
+#: One row a published version of a sharded index: shard ``i`` is read at ``versions[i]``. Rows are only
+#: appended; the highest ``manifest_id`` is the served one (see :mod:`clara.index.shards`).
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("manifest_id", pa.int64(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("versions", pa.list_(pa.int64()), nullable=False),
+    pa.field("compressor_version", pa.string()),
+    pa.field("note", pa.string()),
+])
+
+
 class IndexMismatchError(ValueError):
     """The table was written with other settings (shape, compressor, dtype, key) than requested."""
 

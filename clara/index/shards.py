@@ -13,20 +13,39 @@ with shards of a hash split they differ little, but :meth:`text_search` merged b
 approximation of one table's BM25. Hybrid search fuses the merged latent and BM25 candidate lists once,
 globally, as one table does.
 
+**Versions: the manifest.** Each shard has its own LanceDB versions, and shard jobs finish at different
+times. A *manifest* is one row of the table :func:`~clara.index.schema.manifest_table` (``chunks-manifest``)
+naming a version for every shard; :func:`publish_manifest` appends one (after a run over every shard,
+or by hand after parallel shard jobs), tagging each named version ``manifest-<id>`` so that a cleanup
+keeps it. :meth:`ShardedStore.open` reads every shard at the newest manifest's versions (LanceDB
+``checkout``) and reports the manifest id as its ``version``, so a reader never mixes shards of two runs
+and moves to a new run all at once. A rollback is a new manifest naming an older one's versions
+(:func:`rollback_manifest`). An index without a manifest table is read at each shard's latest version.
+
 This module never imports ``ray``.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
+import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from clara.index.schema import DEFAULT_TABLE, IndexMismatchError, shard_table
+from clara.index.schema import (
+    DEFAULT_TABLE,
+    MANIFEST_SCHEMA,
+    IndexMismatchError,
+    manifest_table,
+    shard_table,
+)
 from clara.index.store import ChunkStore, SearchResult, hybrid_search, memory_in_order, merge_results
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
@@ -44,10 +63,163 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL[1]
 
 
+# ---- manifests: one published version of every shard
+
+
+#: The tag a manifest puts on each shard version it names (kept by cleanups until the manifest is pruned).
+MANIFEST_TAG = re.compile(r"^manifest-(\d+)$")
+
+
+class ManifestError(ValueError):
+    """A manifest cannot be written or read as asked (shard count, unknown id or version, a concurrent publish)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One published version of a sharded index: shard ``i`` is read at ``versions[i]``."""
+
+    manifest_id: int
+    versions: tuple[int, ...]
+    created_at: _dt.datetime
+    compressor_version: str = ""
+    note: str = ""
+
+    def format(self) -> str:
+        return (f"manifest {self.manifest_id} ({self.created_at:%Y-%m-%d %H:%M:%S} UTC): shard versions "
+                f"{list(self.versions)}" + (f", {self.note}" if self.note else ""))
+
+
+def _connect(uri: Any, storage_options: dict[str, str] | None):
+    import lancedb
+
+    return lancedb.connect(str(uri), **({"storage_options": storage_options} if storage_options else {}))
+
+
+def _manifest_handle(db: Any, table: str, create: bool) -> Any:
+    name = manifest_table(table)
+    try:
+        return db.open_table(name)
+    except (FileNotFoundError, ValueError):
+        if not create:
+            return None
+    try:
+        return db.create_table(name, schema=MANIFEST_SCHEMA)
+    except Exception:  # lost a race with another creator
+        return db.open_table(name)
+
+
+def read_manifests(uri: Any, table: str = DEFAULT_TABLE, *,
+                   storage_options: dict[str, str] | None = None) -> list[Manifest]:
+    """The index's manifests, oldest first (``[]`` when none was ever published)."""
+    handle = _manifest_handle(_connect(uri, storage_options), table, create=False)
+    return [] if handle is None else _rows(handle)
+
+
+def _rows(handle: Any) -> list[Manifest]:
+    rows = handle.to_arrow().to_pylist()
+    out = [Manifest(int(r["manifest_id"]), tuple(int(v) for v in r["versions"]), r["created_at"],
+                    r["compressor_version"] or "", r["note"] or "") for r in rows]
+    return sorted(out, key=lambda m: (m.manifest_id, m.created_at))
+
+
+def latest_manifest(uri: Any, table: str = DEFAULT_TABLE, *,
+                    storage_options: dict[str, str] | None = None) -> Manifest | None:
+    manifests = read_manifests(uri, table, storage_options=storage_options)
+    return manifests[-1] if manifests else None
+
+
+def _open_shards(uri: Any, table: str, shards: int, storage_options: dict[str, str] | None) -> list[ChunkStore]:
+    def one(i: int) -> ChunkStore:
+        return ChunkStore.open(uri, None, table=shard_table(table, i, shards), create=False,
+                               storage_options=storage_options)
+
+    return list(_pool().map(one, range(shards)))
+
+
+def publish_manifest(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, *,
+                     updates: Mapping[int, int] | None = None, note: str = "",
+                     storage_options: dict[str, str] | None = None) -> Manifest:
+    """Append a manifest and return it: readers (:meth:`ShardedStore.open`, the Retriever, Serve) move to it.
+
+    ``updates=None``: every shard at its latest version (call it when every shard's job has finished).
+    ``updates={shard: version}``: those shards at those versions, the others as the newest manifest has
+    them (at their latest version when there is none), e.g. after a run that rewrote one shard. Each named
+    version is tagged ``manifest-<id>``, so cleanups keep it. One publisher at a time: a concurrent publish
+    that took the same id is detected after the write and raises :class:`ManifestError` (publish again).
+    """
+    last = latest_manifest(uri, table, storage_options=storage_options)
+    if last is not None and len(last.versions) != shards:
+        raise ManifestError(f"the manifests of {table!r} name {len(last.versions)} shards, not {shards}: a "
+                            "different shard count is a new index (another table name)")
+    stores = _open_shards(uri, table, shards, storage_options)
+    handle = _manifest_handle(_connect(uri, storage_options), table, create=True)
+    if updates is None:
+        versions = [s.version for s in stores]
+    else:
+        versions = list(last.versions) if last is not None else [s.version for s in stores]
+        for shard, version in updates.items():
+            if not 0 <= int(shard) < shards:
+                raise ManifestError(f"shard {shard} is not in [0, {shards})")
+            versions[int(shard)] = int(version)
+    for store, version in zip(stores, versions):
+        known = {int(v["version"]) for v in store.versions()}
+        if version not in known:
+            raise ManifestError(f"shard table {store.name!r} has no version {version} (removed by a cleanup?)")
+    manifest_id = (last.manifest_id + 1) if last is not None else 1
+    for store, version in zip(stores, versions):
+        store.tag(f"manifest-{manifest_id}", version)
+    manifest = Manifest(manifest_id, tuple(versions), _dt.datetime.now(_dt.timezone.utc),
+                        stores[0].settings.compressor_version, note)
+    handle.add(pa.Table.from_pylist([{
+        "manifest_id": manifest.manifest_id, "created_at": manifest.created_at, "versions": list(manifest.versions),
+        "compressor_version": manifest.compressor_version, "note": manifest.note,
+    }], schema=MANIFEST_SCHEMA))
+    handle.checkout_latest()
+    same = [m for m in _rows(handle) if m.manifest_id == manifest_id]
+    if len(same) > 1:
+        raise ManifestError(f"another publish wrote manifest {manifest_id} of {table!r} at the same time; "
+                            "publish again (the newest row wins)")
+    return manifest
+
+
+def rollback_manifest(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, manifest_id: int = 0, *,
+                      storage_options: dict[str, str] | None = None) -> Manifest:
+    """Serve the shard versions of manifest ``manifest_id`` again, as a new manifest (history is kept)."""
+    old = next((m for m in read_manifests(uri, table, storage_options=storage_options)
+                if m.manifest_id == manifest_id), None)
+    if old is None:
+        raise ManifestError(f"{table!r} has no manifest {manifest_id}")
+    return publish_manifest(uri, table, shards, updates=dict(enumerate(old.versions)),
+                            note=f"rollback to manifest {manifest_id}", storage_options=storage_options)
+
+
+def prune_manifests(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, keep: int = 10, *,
+                    storage_options: dict[str, str] | None = None) -> list[int]:
+    """Delete all but the newest ``keep`` (>= 1) manifests and their shard tags, so that a later cleanup
+    may remove the versions only they named; returns the ids removed."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the newest manifest is the one served), got {keep}")
+    db = _connect(uri, storage_options)
+    handle = _manifest_handle(db, table, create=False)
+    if handle is None:
+        return []
+    gone = sorted({m.manifest_id for m in _rows(handle)})[:-keep]
+    if not gone:
+        return []
+    for store in _open_shards(uri, table, shards, storage_options):
+        for name in store.tags():
+            match = MANIFEST_TAG.match(name)
+            if match and int(match.group(1)) in gone:
+                store.untag(name)
+    handle.delete(f"manifest_id <= {gone[-1]}")
+    return gone
+
+
 class ShardedStore:
     """The shards of one index, read as one table (the read API of :class:`ChunkStore` that retrieval uses)."""
 
-    def __init__(self, shards: Sequence[ChunkStore], uri: str, name: str) -> None:
+    def __init__(self, shards: Sequence[ChunkStore], uri: str, name: str, manifest: Manifest | None = None,
+                 storage_options: dict[str, str] | None = None) -> None:
         if not shards:
             raise ValueError("a sharded index needs at least one shard")
         first = shards[0].settings
@@ -59,17 +231,26 @@ class ShardedStore:
         self.shards = list(shards)
         self.settings = first
         self.uri, self.name = uri, name
+        self.manifest = manifest
+        self._storage_options = storage_options
+        if manifest is not None:
+            self._pin(manifest)
 
     @classmethod
     def open(cls, uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, *,
-             storage_options: dict[str, str] | None = None) -> ShardedStore:
+             storage_options: dict[str, str] | None = None, pinned: bool = True) -> ShardedStore:
         """Open the ``shards`` tables of ``table`` in the LanceDB database at ``uri`` (all must exist), in
-        parallel."""
-        def one(i: int) -> ChunkStore:
-            return ChunkStore.open(uri, None, table=shard_table(table, i, shards), create=False,
-                                   storage_options=storage_options)
+        parallel, each at the newest manifest's version (``pinned=False``, or no manifest: the latest)."""
+        stores = _open_shards(uri, table, shards, storage_options)
+        manifest = latest_manifest(uri, table, storage_options=storage_options) if pinned else None
+        return cls(stores, str(uri), table, manifest, storage_options)
 
-        return cls(list(_pool().map(one, range(shards))), str(uri), table)
+    def _pin(self, manifest: Manifest) -> None:
+        if len(manifest.versions) != len(self.shards):
+            raise IndexMismatchError(f"manifest {manifest.manifest_id} of {self.name!r} names "
+                                     f"{len(manifest.versions)} shards, the index is opened with {len(self.shards)}")
+        list(_pool().map(lambda sv: sv[0].checkout(sv[1]), zip(self.shards, manifest.versions)))
+        self.manifest = manifest
 
     def __repr__(self) -> str:
         return f"ShardedStore({self.uri!r}, {self.name!r}, shards={len(self.shards)}, {self.settings})"
@@ -81,7 +262,10 @@ class ShardedStore:
 
     @property
     def version(self) -> int:
-        """The sum of the shards' versions: it changes whenever one shard's version does."""
+        """The manifest's id; without a manifest, the sum of the shards' versions (it changes whenever one
+        shard's version does)."""
+        if self.manifest is not None:
+            return self.manifest.manifest_id
         return sum(s.version for s in self.shards)
 
     @property
@@ -138,9 +322,25 @@ class ShardedStore:
         return memory_in_order(self.find_memory(chunk_ids), chunk_ids, self.settings)
 
     def refresh(self) -> int:
+        """Move to the newest manifest (pinned) or to every shard's latest version; returns :attr:`version`."""
+        if self.manifest is not None:
+            newest = latest_manifest(self.uri, self.name, storage_options=self._storage_options)
+            if newest is not None and newest != self.manifest:
+                self._pin(newest)
+            return self.version
         for s in self.shards:
             s.refresh()
         return self.version
 
 
-__all__ = ["ShardedStore"]
+__all__ = [
+    "MANIFEST_TAG",
+    "Manifest",
+    "ManifestError",
+    "ShardedStore",
+    "latest_manifest",
+    "prune_manifests",
+    "publish_manifest",
+    "read_manifests",
+    "rollback_manifest",
+]

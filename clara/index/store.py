@@ -459,6 +459,17 @@ class ChunkStore:
         self._metric = self._detect_metric()
         return self.version
 
+    def checkout(self, version: int) -> int:
+        """Read the table as it was at ``version`` (read-only until :meth:`refresh`): how a sharded index's
+        manifest pins each shard. Raises ValueError for a version not in the table's history."""
+        try:
+            self._table.checkout(int(version))
+        except Exception as exc:  # lance reports an unknown or cleaned-up version in several ways
+            raise ValueError(f"chunk table {self.name!r} has no version {version} (removed by a cleanup?): "
+                             f"{str(exc)[:200]}") from exc
+        self._metric = self._detect_metric()
+        return self.version
+
     def rollback(self, version: int) -> int:
         """Restore the table's content to ``version``; this makes a new version, returned."""
         known = {int(v["version"]) for v in self.versions()}

@@ -107,7 +107,7 @@ def test_the_retriever_reads_a_sharded_index(one_and_sharded, make_model, tmp_pa
     for a, b in zip(one.retrieve(questions, k=4), two.retrieve(questions, k=4)):
         assert a.chunk_ids == b.chunk_ids and np.allclose(a.scores, b.scores, atol=1e-6)
         assert torch_equal(a.memory, b.memory)
-    assert two.describe()["shards"] == 2 and two.describe()["rows"] == 24
+    assert two.describe()["shards"] == 2 and two.describe()["rows"] == 24 and two.describe()["manifest"] is False
     with pytest.raises(ValueError, match="shards"):
         Retriever.open(model, tmp_path / "idx", shards=0)
 
@@ -144,3 +144,71 @@ def test_shards_of_other_settings_are_refused(tmp_path):
         worded_rows(3))
     with pytest.raises(IndexMismatchError, match="dtype"):
         ShardedStore.open(tmp_path / "db", "chunks", 2)
+
+
+def test_a_manifest_pins_every_shard_until_the_next_is_published(one_and_sharded, tmp_path):
+    """Readers see the shard versions of the newest manifest: a shard written after it stays invisible
+    (count, search, memory) until a new manifest is published; a rollback manifest serves the old versions
+    again; the manifest's versions survive a cleanup that removes everything untagged."""
+    import datetime as dt
+
+    from clara.index.shards import (
+        ManifestError,
+        latest_manifest,
+        prune_manifests,
+        publish_manifest,
+        read_manifests,
+        rollback_manifest,
+    )
+
+    data, _, unpinned = one_and_sharded
+    db = tmp_path / "db"
+    assert read_manifests(db, "chunks") == [] and unpinned.manifest is None
+    first = publish_manifest(db, "chunks", 3, note="run 1")
+    assert first.manifest_id == 1 and first.versions == tuple(s.version for s in unpinned.shards)
+    assert first.compressor_version == "comp-v1"
+    served = ShardedStore.open(db, "chunks", 3)
+    assert served.version == 1 and served.count() == 60
+
+    # a shard job writes shard 0 (three new rows), without publishing: readers do not see it
+    new_rows = [r for r in worded_rows(40, seed=8)[30:] if shard_of(f"new-{r['chunk_id']}", 3) == 0][:3]
+    for r in new_rows:
+        r["chunk_id"], r["doc_id"] = f"new-{r['chunk_id']}", f"new-{r['chunk_id']}"
+    writer = ChunkStore.open(db, None, table=shard_table("chunks", 0, 3), create=False)
+    writer.upsert(new_rows)
+    query = np.stack([r["memory"] for r in new_rows])
+    for store in (served, ShardedStore.open(db, "chunks", 3)):  # pinned: an open handle and a fresh one
+        assert store.version == 1 and store.count() == 60
+        assert not {r["chunk_id"] for r in new_rows} & {c for res in store.exact_search(query, k=3)
+                                                         for c in res.chunk_ids}
+        with pytest.raises(KeyError):
+            store.get_memory([new_rows[0]["chunk_id"]])
+    assert ShardedStore.open(db, "chunks", 3, pinned=False).count() == 63  # what the writers see
+
+    second = publish_manifest(db, "chunks", 3, updates={0: writer.version}, note="shard 0")
+    assert second.manifest_id == 2 and second.versions == (writer.version, *first.versions[1:])
+    assert served.refresh() == 2 and served.count() == 63
+    assert [res.chunk_ids[0] for res in served.exact_search(query, k=1)] == [r["chunk_id"] for r in new_rows]
+
+    third = rollback_manifest(db, "chunks", 3, 1)
+    assert third.versions == first.versions and "rollback to manifest 1" in third.note
+    assert served.refresh() == 3 and served.count() == 60
+    # the cleanup keeps every version a manifest names (tagged manifest-<id>) and removes the others
+    for shard in unpinned.shards:
+        shard.refresh()
+        shard.cleanup_versions(dt.timedelta(0))
+    assert ShardedStore.open(db, "chunks", 3).count() == 60
+    assert [m.manifest_id for m in read_manifests(db, "chunks")] == [1, 2, 3]
+
+    assert prune_manifests(db, "chunks", 3, keep=1) == [1, 2]
+    assert [m.manifest_id for m in read_manifests(db, "chunks")] == [3]
+    assert not any(t.startswith(("manifest-1", "manifest-2")) for s in unpinned.shards for t in s.tags())
+    assert latest_manifest(db, "chunks").manifest_id == 3
+
+    with pytest.raises(ManifestError, match="no version 999"):
+        publish_manifest(db, "chunks", 3, updates={1: 999})
+    with pytest.raises(ManifestError, match="3 shards, not 2"):
+        publish_manifest(db, "chunks", 2)
+    with pytest.raises(ManifestError, match="no manifest 7"):
+        rollback_manifest(db, "chunks", 3, 7)
+    assert latest_manifest(db, "chunks").manifest_id == 3  # nothing written by the refusals

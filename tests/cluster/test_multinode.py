@@ -319,6 +319,13 @@ def test_index_job_runs_on_both_nodes_and_writes_one_row_per_chunk(cluster, mode
     two = Retriever.open(model_dir, sharded, candidates=50, shards=2).retrieve(questions, k=5)
     assert [r.chunk_ids for r in one] == [r.chunk_ids for r in two]
     assert all(abs(x - y) < 1e-6 for a, b in zip(one, two) for x, y in zip(a.scores, b.scores))
+    # both shard jobs done: publish their versions as one manifest, which readers then serve
+    from pipelines.index import main as index_main
+
+    assert index_main(["manifest", "publish", "--table-uri", str(sharded), "--shards", "2"]) == 0
+    pinned = Retriever.open(model_dir, sharded, candidates=50, shards=2)
+    assert pinned.version == 1 and pinned.store.manifest.versions == tuple(s.version for s in shards)
+    assert [r.chunk_ids for r in pinned.retrieve(questions, k=5)] == [r.chunk_ids for r in one]
 
 
 def test_training_job_runs_on_both_nodes_and_exports_a_model(cluster, tiny_base, scp_sample_path, tmp_path):

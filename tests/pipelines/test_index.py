@@ -6,6 +6,8 @@ job run takes ~10-15 s, most of it the actors importing torch and loading the mo
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import re
 import subprocess
@@ -20,7 +22,7 @@ from clara.data.corpus import DocumentError, load_scp_chunks
 from clara.index.build import DeletionGuardError, IndexWriter, scp_doc_id
 from clara.index.schema import IndexMismatchError, IndexNotFoundError
 from clara.index.store import ChunkStore
-from pipelines.index import IndexJobError, IndexSettings, list_versions, main, run_index
+from pipelines.index import IndexJobError, IndexSettings, IndexSummary, list_versions, main, run_index
 
 pytestmark = pytest.mark.ray
 
@@ -145,15 +147,41 @@ def test_the_job_keeps_a_text_index_for_hybrid_retrieval(scp_index, model_dir, s
 def test_run_sharded_runs_each_shard_or_the_one_asked(monkeypatch, tmp_path):
     """The loop over shards (the shard runs themselves are tested on two nodes, tests/cluster)."""
     import pipelines.index as job
+    from clara.index.shards import Manifest
 
-    seen = []
-    monkeypatch.setattr(job, "run_index", lambda s, progress=None: seen.append((s.shards, s.shard)) or s.shard)
+    seen, published = [], []
+    def run_index(s, progress=None):
+        seen.append((s.shards, s.shard))
+        return _summary(version=10 + (s.shard or 0))
+
+    monkeypatch.setattr(job, "run_index", run_index)
+
+    def publish(uri, table, shards, *, updates=None, note="", storage_options=None):
+        published.append((shards, updates, note))
+        return Manifest(len(published), (0,) * shards, dt.datetime.now(dt.timezone.utc), "", note)
+
+    monkeypatch.setattr(job, "publish_manifest", publish)
     base = dict(corpus="c.jsonl", model="m", table_uri=str(tmp_path))
-    assert job.run_sharded(IndexSettings(**base, shards=3)) == [0, 1, 2]
-    assert job.run_sharded(IndexSettings(**base, shards=3, shard=1)) == [1]
-    assert job.run_sharded(IndexSettings(**base)) == [None] and seen[-1] == (1, None)
+    every = job.run_sharded(IndexSettings(**base, shards=3))
+    assert [r.version for r in every] == [10, 11, 12] and seen == [(3, 0), (3, 1), (3, 2)]
+    # a run over every shard publishes one manifest of every shard's latest version, after the last shard
+    assert published == [(3, None, "index run of every shard")] and [r.manifest for r in every] == [0, 0, 1]
+    assert [r.version for r in job.run_sharded(IndexSettings(**base, shards=3, shard=1))] == [11]
+    assert len(published) == 1  # one shard of parallel jobs: nothing published (auto)
+    (one,) = job.run_sharded(IndexSettings(**base, shards=3, shard=1, publish="always"))
+    assert published[-1] == (3, {1: 11}, "index run of shard 1") and one.manifest == 2
+    job.run_sharded(IndexSettings(**base, shards=3, publish="never"))
+    assert job.run_sharded(IndexSettings(**base))[0].version == 10 and seen[-1] == (1, None)
+    assert len(published) == 2
     with pytest.raises(ValueError, match="shard"):
         IndexSettings(**base, shards=2, shard=2)
+    with pytest.raises(ValueError, match="publish"):
+        IndexSettings(**base, shards=2, publish="sometimes")
+
+
+def _summary(**kw) -> IndexSummary:
+    fields = {f.name: 0 for f in dataclasses.fields(IndexSummary) if f.default is dataclasses.MISSING}
+    return IndexSummary(**{**fields, "table_uri": "t", "table_name": "chunks", **kw})
 
 
 def test_other_compressor_wrong_shape_or_bad_input_leave_the_table_unchanged(scp_index, make_model, tmp_path):
@@ -597,3 +625,36 @@ def test_ray_data_reader_reads_a_corpus_prefix_in_an_object_store_into_one_shard
     assert set(store.table.to_arrow().column("doc_id").to_pylist()) == mine
     again = run_index(s)
     assert (again.compressed, again.skipped, again.version) == (0, first.rows, first.version)
+
+
+def test_manifest_subcommand_lists_publishes_rolls_back_and_prunes(tmp_path, capsys):
+    from clara.index.schema import StoreSettings, shard_table
+    from clara.index.shards import ShardedStore, read_manifests
+
+    st = StoreSettings(n_mem=2, d=8, compressor_version="v1", dtype="float32", key_dim=8, model="tiny")
+    rng = np.random.default_rng(0)
+    shards = [ChunkStore.open(tmp_path, st, table=shard_table("chunks", i, 2)) for i in range(2)]
+    for i, shard in enumerate(shards):
+        shard.upsert([{"chunk_id": f"s{i}-{j}", "doc_id": f"d{i}-{j}", "position": 0, "text": "t",
+                       "memory": rng.standard_normal((2, 8)).astype(np.float32)} for j in range(3)])
+    where = ["--table-uri", str(tmp_path), "--shards", "2"]
+    assert main(["manifest", "list", *where]) == 0
+    assert "no manifest published" in capsys.readouterr().out
+    assert main(["manifest", "publish", *where, "--note", "first"]) == 0
+    assert "published manifest 1" in capsys.readouterr().out
+    shards[1].upsert([{"chunk_id": "s1-new", "doc_id": "d1-new", "position": 0, "text": "t",
+                       "memory": rng.standard_normal((2, 8)).astype(np.float32)}])
+    assert ShardedStore.open(tmp_path, "chunks", 2).count() == 6  # pinned to manifest 1
+    assert main(["manifest", "publish", *where]) == 0 and ShardedStore.open(tmp_path, "chunks", 2).count() == 7
+    assert main(["manifest", "rollback", "1", *where]) == 0
+    assert ShardedStore.open(tmp_path, "chunks", 2).count() == 6
+    capsys.readouterr()
+    assert main(["manifest", "list", *where]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in listed] == ["1", "2", "3"] and "rollback to manifest 1" in listed[2]
+    assert main(["manifest", "rollback", "9", *where]) == 2 and "no manifest 9" in capsys.readouterr().err
+    assert main(["manifest", "rollback", *where]) == 2 and "manifest id" in capsys.readouterr().err
+    assert main(["manifest", "publish", "--table-uri", str(tmp_path), "--shards", "3"]) == 2
+    assert "2 shards, not 3" in capsys.readouterr().err
+    assert main(["manifest", "prune", *where, "--keep", "2"]) == 0 and "[1]" in capsys.readouterr().out
+    assert [m.manifest_id for m in read_manifests(tmp_path, "chunks")] == [2, 3]
