@@ -167,7 +167,10 @@ def publish_manifest(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, *,
             raise ManifestError(f"shard table {store.name!r} has no version {version} (removed by a cleanup?)")
     manifest_id = (last.manifest_id + 1) if last is not None else 1
     for store, version in zip(stores, versions):
-        store.tag(f"manifest-{manifest_id}", version)
+        name = f"manifest-{manifest_id}"
+        if name in store.tags():  # left by a publish that failed before its row was written
+            store.untag(name)
+        store.tag(name, version)
     manifest = Manifest(manifest_id, tuple(versions), _dt.datetime.now(_dt.timezone.utc),
                         stores[0].settings.compressor_version, note)
     handle.add(pa.Table.from_pylist([{

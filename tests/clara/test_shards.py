@@ -212,3 +212,8 @@ def test_a_manifest_pins_every_shard_until_the_next_is_published(one_and_sharded
     with pytest.raises(ManifestError, match="no manifest 7"):
         rollback_manifest(db, "chunks", 3, 7)
     assert latest_manifest(db, "chunks").manifest_id == 3  # nothing written by the refusals
+    # a publish that failed after tagging left manifest-4 behind: the next publish takes the name over
+    stale = unpinned.shards[0]
+    stale.tag("manifest-4", first.versions[0])
+    fourth = publish_manifest(db, "chunks", 3)
+    assert fourth.manifest_id == 4 and stale.tags()["manifest-4"] == fourth.versions[0] == writer.version
