@@ -48,10 +48,11 @@ PRETRAIN_WIKI_DOCS = 4000
 #: Defaults per base: the real SmolLM2 fine-tunes the packaged compressor briefly; the tiny random
 #: model (fast tests) trains its whole base from scratch, which needs many more, cheaper steps.
 PROFILES: dict[str, dict] = {
-    "smollm2-135m": dict(docs=40, chunk_tokens=64, steps1=40, steps2=16, steps3=16, batch_size=8, lr=1e-3,
-                         eval_questions=24, negatives=0.25, qa_style="answer_first", synth_rounds=4),
+    "smollm2-135m": dict(docs=40, chunk_tokens=64, steps1=40, steps2=10, steps3=10, batch_size=8, lr=1e-3,
+                         eval_questions=24, negatives=0.25, qa_style="answer_first", synth_rounds=4,
+                         keep_generator=True),
     "tiny": dict(docs=64, chunk_tokens=128, steps1=300, steps2=60, steps3=40, batch_size=32, lr=2e-3,
-                 eval_questions=40, negatives=0.0, qa_style="rules", synth_rounds=1),
+                 eval_questions=40, negatives=0.0, qa_style="rules", synth_rounds=1, keep_generator=False),
 }
 
 
@@ -97,6 +98,10 @@ class DemoSettings:
     lr: float | None = None
     #: Stages 1-2: fraction of QA examples made wrong-memory negatives (see TrainJobConfig).
     negatives: float | None = None
+    #: Stage 2 continues stage 1's generator instead of re-initialising it (the paper's recipe, and the
+    #: train job's default, start a fresh one; in a few CPU steps a fresh generator does not learn to read
+    #: memory, so the SmolLM2 demo keeps the one that already does).
+    keep_generator: bool | None = None
     #: Questions asked over HTTP at the end.
     questions: int = 3
     #: Held-out questions evaluated.
@@ -259,7 +264,8 @@ def run_demo(s: DemoSettings, out: Callable[[str], None] = print) -> dict:
         first = dict(init=s.init, model={"top_k": 3})
     neg = dict(wrong_memory_negatives=s.negatives) if s.negatives else {}
     stages = (("scp", "stage1.jsonl", None, s.steps1, s.batch_size, s.lr, {**first, **neg}),
-              ("instruct", "stage2.jsonl", "stage1", s.steps2, 8, s.lr / 2, neg),
+              ("instruct", "stage2.jsonl", "stage1", s.steps2, 8, s.lr / 2,
+               {**neg, **({"reinit_adapters": False} if s.keep_generator else {})}),
               ("e2e", "stage3.jsonl", "stage2", s.steps3, 8, s.lr / 4, {}))
     for i, (stage, file, prev, steps, batch, lr, extra) in enumerate(stages, 1):
         extra = dict(extra)
