@@ -112,6 +112,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("memory_probe.jsonl"))
     p.add_argument("--label", default="")
     a = p.parse_args(argv)
+    if a.steps < 0:
+        p.error(f"--steps must be >= 0, got {a.steps}")
 
     import torch
 
@@ -128,18 +130,7 @@ def main(argv=None) -> dict:
     held_set, train_set = set(held), set(train_chunks)
     qa_held = [ex for ex in records if ex.kind == "qa" and ex.chunks[0] in held_set]
     qa_train = [ex for ex in records if ex.kind == "qa" and ex.chunks[0] in train_set]
-    if a.answerable_in_window:
-        from transformers import AutoTokenizer
-
-        from clara.bases import resolve_base
-        from clara.data.records import answerable_in_window
-
-        tok = AutoTokenizer.from_pretrained(resolve_base(a.base_model))
-        qa_held = answerable_in_window(qa_held, tok, a.doc_max_tokens)
-        qa_train = answerable_in_window(qa_train, tok, a.doc_max_tokens)
-        print(f"answerable in the {a.doc_max_tokens}-token window: {len(qa_train)} train, {len(qa_held)} held-out "
-              "questions", flush=True)
-    else:
+    if not a.answerable_in_window:
         qa_held = [next(ex for ex in qa_held if ex.chunks[0] == c) for c in held]  # one question per chunk
 
     config = ClaraConfig(base_model=a.base_model, compression_rate=a.rate, doc_max_tokens=a.doc_max_tokens,
@@ -152,6 +143,15 @@ def main(argv=None) -> dict:
             p.error(f"--init {a.init}: rate / doc-max-tokens differ from the saved model's")
     else:
         model = ClaraModel.from_base(config, seed=a.seed)
+    if a.answerable_in_window:  # with the loaded model's tokenizer (an --init model may have another base)
+        from clara.data.records import answerable_in_window
+
+        qa_held = answerable_in_window(qa_held, model.tokenizer, a.doc_max_tokens)
+        qa_train = answerable_in_window(qa_train, model.tokenizer, a.doc_max_tokens)
+        print(f"answerable in the {a.doc_max_tokens}-token window: {len(qa_train)} train, {len(qa_held)} held-out "
+              "questions", flush=True)
+    if a.qa_mix > 0 and not qa_train:
+        p.error("--qa-mix: no training questions left (see --answerable-in-window)")
     pool_chunks = list(train_chunks)
     if a.wiki:
         for d in load_wiki_summaries(limit=a.wiki * 2):
@@ -173,10 +173,10 @@ def main(argv=None) -> dict:
         print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f} "
               f"{sec:.0f}s", flush=True)
 
-    losses = train(model, "scp", pool, settings, progress=progress).losses if a.steps else [0.0]
+    losses = train(model, "scp", pool, settings, progress=progress).losses if a.steps else []
     t_train = time.perf_counter() - t0
     res = {"label": a.label, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-           "loss_first": sum(losses[:5]) / len(losses[:5]), "loss_last": sum(losses[-5:]) / len(losses[-5:]),
+           "loss_first": sum(losses[:5]) / 5 if losses else None, "loss_last": sum(losses[-5:]) / 5 if losses else None,
            "train_s": t_train,
            "held_out": probe(model, held, qa_held),
            "train_probe": {k: v for k, v in probe(model, train_chunks[:16], []).items() if k.startswith("recon")},

@@ -892,7 +892,7 @@ def _manifest_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("list", "publish", "rollback", "prune"))
     p.add_argument("manifest_id", nargs="?", type=int, help="with rollback: the manifest to serve again")
     _table_args(p)
-    p.add_argument("--shards", type=int, required=True, help="the index's shard count")
+    p.add_argument("--shards", type=int, help="the index's shard count (>= 2; not needed by list)")
     p.add_argument("--keep", type=int, default=10, help="with prune: manifests kept, newest first (default 10)")
     p.add_argument("--note", default="", help="with publish: a note stored on the manifest")
     _debug_arg(p)
@@ -909,6 +909,8 @@ def _manifest(a: argparse.Namespace) -> int:
         if not manifests:
             print(f"no manifest published for {a.table_uri}/{a.table_name}: readers see every shard's latest version")
         return 0
+    if a.shards is None or a.shards < 2:
+        return _user_error(ValueError(f"manifest {a.action}: give --shards, the index's shard count (>= 2)"))
     if a.action == "rollback":
         if a.manifest_id is None:
             return _user_error(ValueError("manifest rollback: give the manifest id to serve again"))

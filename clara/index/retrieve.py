@@ -34,7 +34,7 @@ from clara.index.schema import (
     StoreSettings,
     TextIndexMissingError,
 )
-from clara.index.shards import ShardedStore
+from clara.index.shards import ShardedStore, latest_manifest
 from clara.index.store import ChunkStore
 from clara.model import ClaraModel
 
@@ -102,6 +102,17 @@ def _shard_versions(store: ChunkStore | ShardedStore) -> dict[str, Any]:
     if not isinstance(store, ShardedStore):
         return {}
     return {"shard_versions": list(store.versions_by_shard.values()), "manifest": store.manifest is not None}
+
+
+def _same_manifest(store: ChunkStore | ShardedStore) -> bool:
+    """Whether ``store`` is pinned to a manifest that is still the newest (one small read instead of
+    reopening every shard)."""
+    if not isinstance(store, ShardedStore) or store.manifest is None:
+        return False
+    try:
+        return latest_manifest(store.uri, store.name, storage_options=store.storage_options) == store.manifest
+    except Exception:  # unreadable: let the reopen find out and report it
+        return False
 
 
 def _opener(uri: Any, table: str, shards: int,
@@ -222,6 +233,8 @@ class Retriever:
     def _reload(self, swap: bool) -> None:
         """Open the table afresh; serve the new handle if ``swap``, if the version moved, or after a failure
         (a table rebuilt to the same version number is only told apart by reads failing: ``_read``)."""
+        if not swap and self._broken is None and _same_manifest(self.store):
+            return  # a pinned sharded index whose manifest has not moved: nothing to reopen
         try:
             fresh = self._reopen()
             check_index(self.model, fresh.settings)

@@ -79,6 +79,9 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("versions", pa.list_(pa.int64()), nullable=False),
     pa.field("compressor_version", pa.string()),
     pa.field("note", pa.string()),
+    #: The tag put on each named shard version (``manifest-<id>-<token>``: unique, so concurrent publishes
+    #: never move each other's tags).
+    pa.field("tag", pa.string()),
 ])
 
 

@@ -28,9 +28,11 @@ This module never imports ``ray``.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import re
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ from clara.index.schema import (
     shard_table,
 )
 from clara.index.store import ChunkStore, SearchResult, hybrid_search, memory_in_order, merge_results
+
+logger = logging.getLogger(__name__)
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
 _POOL_LOCK = threading.Lock()
@@ -67,7 +71,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 #: The tag a manifest puts on each shard version it names (kept by cleanups until the manifest is pruned).
-MANIFEST_TAG = re.compile(r"^manifest-(\d+)$")
+MANIFEST_TAG = re.compile(r"^manifest-(\d+)(?:-[0-9a-f]+)?$")
 
 
 class ManifestError(ValueError):
@@ -83,6 +87,8 @@ class Manifest:
     created_at: _dt.datetime
     compressor_version: str = ""
     note: str = ""
+    #: The tag on each named shard version (kept by cleanups until :func:`prune_manifests`).
+    tag: str = ""
 
     def format(self) -> str:
         return (f"manifest {self.manifest_id} ({self.created_at:%Y-%m-%d %H:%M:%S} UTC): shard versions "
@@ -118,7 +124,7 @@ def read_manifests(uri: Any, table: str = DEFAULT_TABLE, *,
 def _rows(handle: Any) -> list[Manifest]:
     rows = handle.to_arrow().to_pylist()
     out = [Manifest(int(r["manifest_id"]), tuple(int(v) for v in r["versions"]), r["created_at"],
-                    r["compressor_version"] or "", r["note"] or "") for r in rows]
+                    r["compressor_version"] or "", r["note"] or "", r["tag"] or "") for r in rows]
     return sorted(out, key=lambda m: (m.manifest_id, m.created_at))
 
 
@@ -144,15 +150,18 @@ def publish_manifest(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, *,
     ``updates=None``: every shard at its latest version (call it when every shard's job has finished).
     ``updates={shard: version}``: those shards at those versions, the others as the newest manifest has
     them (at their latest version when there is none), e.g. after a run that rewrote one shard. Each named
-    version is tagged ``manifest-<id>``, so cleanups keep it. One publisher at a time: a concurrent publish
-    that took the same id is detected after the write and raises :class:`ManifestError` (publish again).
+    version is tagged ``manifest-<id>-<token>``, so cleanups keep it. Publish from one place at a time: two
+    publishes at once both write a row with the same id (each keeps its tags, so neither's versions can
+    be cleaned up); the newer row is served and the later check raises :class:`ManifestError`.
     """
+    if shards < 2:
+        raise ManifestError(f"a manifest is for a sharded index (--shards >= 2), got {shards}")
     last = latest_manifest(uri, table, storage_options=storage_options)
     if last is not None and len(last.versions) != shards:
         raise ManifestError(f"the manifests of {table!r} name {len(last.versions)} shards, not {shards}: a "
                             "different shard count is a new index (another table name)")
     stores = _open_shards(uri, table, shards, storage_options)
-    handle = _manifest_handle(_connect(uri, storage_options), table, create=True)
+    ShardedStore(stores, str(uri), table)  # every shard of the same compressor and storage settings
     if updates is None:
         versions = [s.version for s in stores]
     else:
@@ -166,22 +175,24 @@ def publish_manifest(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, *,
         if version not in known:
             raise ManifestError(f"shard table {store.name!r} has no version {version} (removed by a cleanup?)")
     manifest_id = (last.manifest_id + 1) if last is not None else 1
+    tag = f"manifest-{manifest_id}-{uuid.uuid4().hex[:8]}"
     for store, version in zip(stores, versions):
-        name = f"manifest-{manifest_id}"
-        if name in store.tags():  # left by a publish that failed before its row was written
-            store.untag(name)
-        store.tag(name, version)
+        try:
+            store.tag(tag, version)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise ManifestError(f"could not tag version {version} of {store.name!r}: {str(exc)[:200]}") from exc
     manifest = Manifest(manifest_id, tuple(versions), _dt.datetime.now(_dt.timezone.utc),
-                        stores[0].settings.compressor_version, note)
+                        stores[0].settings.compressor_version, note, tag)
+    handle = _manifest_handle(_connect(uri, storage_options), table, create=True)
     handle.add(pa.Table.from_pylist([{
         "manifest_id": manifest.manifest_id, "created_at": manifest.created_at, "versions": list(manifest.versions),
-        "compressor_version": manifest.compressor_version, "note": manifest.note,
+        "compressor_version": manifest.compressor_version, "note": manifest.note, "tag": tag,
     }], schema=MANIFEST_SCHEMA))
     handle.checkout_latest()
-    same = [m for m in _rows(handle) if m.manifest_id == manifest_id]
-    if len(same) > 1:
-        raise ManifestError(f"another publish wrote manifest {manifest_id} of {table!r} at the same time; "
-                            "publish again (the newest row wins)")
+    rows = _rows(handle)
+    if sum(m.manifest_id == manifest_id for m in rows) > 1:
+        raise ManifestError(f"another publish wrote manifest {manifest_id} of {table!r} at the same time; the newer "
+                            f"row is served ({rows[-1].format()}): publish again if yours should be")
     return manifest
 
 
@@ -202,6 +213,8 @@ def prune_manifests(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, keep:
     may remove the versions only they named; returns the ids removed."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the newest manifest is the one served), got {keep}")
+    if shards < 2:
+        raise ManifestError(f"a manifest is for a sharded index (--shards >= 2), got {shards}")
     db = _connect(uri, storage_options)
     handle = _manifest_handle(db, table, create=False)
     if handle is None:
@@ -209,10 +222,11 @@ def prune_manifests(uri: Any, table: str = DEFAULT_TABLE, shards: int = 2, keep:
     gone = sorted({m.manifest_id for m in _rows(handle)})[:-keep]
     if not gone:
         return []
+    dropped = set(gone)
     for store in _open_shards(uri, table, shards, storage_options):
         for name in store.tags():
             match = MANIFEST_TAG.match(name)
-            if match and int(match.group(1)) in gone:
+            if match and int(match.group(1)) in dropped:
                 store.untag(name)
     handle.delete(f"manifest_id <= {gone[-1]}")
     return gone
@@ -222,7 +236,7 @@ class ShardedStore:
     """The shards of one index, read as one table (the read API of :class:`ChunkStore` that retrieval uses)."""
 
     def __init__(self, shards: Sequence[ChunkStore], uri: str, name: str, manifest: Manifest | None = None,
-                 storage_options: dict[str, str] | None = None) -> None:
+                 storage_options: dict[str, str] | None = None, *, pinned: bool = False) -> None:
         if not shards:
             raise ValueError("a sharded index needs at least one shard")
         first = shards[0].settings
@@ -234,8 +248,9 @@ class ShardedStore:
         self.shards = list(shards)
         self.settings = first
         self.uri, self.name = uri, name
-        self.manifest = manifest
-        self._storage_options = storage_options
+        self.manifest: Manifest | None = None
+        self.storage_options = storage_options
+        self._pinned = pinned or manifest is not None  # follow manifests on refresh (one may come later)
         if manifest is not None:
             self._pin(manifest)
 
@@ -246,13 +261,29 @@ class ShardedStore:
         parallel, each at the newest manifest's version (``pinned=False``, or no manifest: the latest)."""
         stores = _open_shards(uri, table, shards, storage_options)
         manifest = latest_manifest(uri, table, storage_options=storage_options) if pinned else None
-        return cls(stores, str(uri), table, manifest, storage_options)
+        return cls(stores, str(uri), table, manifest, storage_options, pinned=pinned)
 
     def _pin(self, manifest: Manifest) -> None:
+        """Check every shard out at the manifest's version: all or none (a failure puts back what was read)."""
         if len(manifest.versions) != len(self.shards):
             raise IndexMismatchError(f"manifest {manifest.manifest_id} of {self.name!r} names "
                                      f"{len(manifest.versions)} shards, the index is opened with {len(self.shards)}")
-        list(_pool().map(lambda sv: sv[0].checkout(sv[1]), zip(self.shards, manifest.versions)))
+        if manifest.compressor_version and manifest.compressor_version != self.settings.compressor_version:
+            raise IndexMismatchError(f"manifest {manifest.manifest_id} of {self.name!r} was published for compressor "
+                                     f"{manifest.compressor_version!r}, the shards hold "
+                                     f"{self.settings.compressor_version!r}")
+        try:
+            list(_pool().map(lambda sv: sv[0].checkout(sv[1]), zip(self.shards, manifest.versions)))
+        except Exception:
+            for i, shard in enumerate(self.shards):
+                try:
+                    if self.manifest is not None:
+                        shard.checkout(self.manifest.versions[i])
+                    else:
+                        shard.refresh()
+                except Exception as exc:  # the first error is the one raised
+                    logger.warning("could not put shard %r back after a failed pin: %s", shard.name, exc)
+            raise
         self.manifest = manifest
 
     def __repr__(self) -> str:
@@ -326,11 +357,12 @@ class ShardedStore:
 
     def refresh(self) -> int:
         """Move to the newest manifest (pinned) or to every shard's latest version; returns :attr:`version`."""
-        if self.manifest is not None:
-            newest = latest_manifest(self.uri, self.name, storage_options=self._storage_options)
-            if newest is not None and newest != self.manifest:
-                self._pin(newest)
-            return self.version
+        if self._pinned:
+            newest = latest_manifest(self.uri, self.name, storage_options=self.storage_options)
+            if newest is not None:
+                if newest != self.manifest:
+                    self._pin(newest)
+                return self.version
         for s in self.shards:
             s.refresh()
         return self.version

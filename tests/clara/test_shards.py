@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -111,6 +113,28 @@ def test_the_retriever_reads_a_sharded_index(one_and_sharded, make_model, tmp_pa
     with pytest.raises(ValueError, match="shards"):
         Retriever.open(model, tmp_path / "idx", shards=0)
 
+    # a live Retriever follows manifests: a chunk written after manifest 1 is served from manifest 2 on,
+    # and a rollback manifest (manifest 1's versions under a new id) hides it again
+    from clara.index.shards import publish_manifest, rollback_manifest
+
+    publish_manifest(tmp_path / "idx", "chunks", 2)
+    live = Retriever.open(model, tmp_path / "idx", candidates=25, shards=2, refresh_interval_s=0)
+    extra = "a new chunk about the lighthouse keeper's falcon"
+    target = shard_of("d-new", 2)
+    writer = ChunkStore.open(tmp_path / "idx", None, table=shard_table("chunks", target, 2), create=False)
+    writer.upsert([{"chunk_id": "c-new", "doc_id": "d-new", "position": 0, "text": extra,
+                    "memory": model.compress([extra]).float().numpy()[0]}])
+    ask = [extra]
+    (r1,) = live.retrieve(ask, k=25)
+    assert r1.index_version == 1 and "c-new" not in r1.chunk_ids and len(r1.chunk_ids) == 24
+    publish_manifest(tmp_path / "idx", "chunks", 2, updates={target: writer.version})
+    (r2,) = live.retrieve(ask, k=25)
+    assert r2.index_version == 2 and "c-new" in r2.chunk_ids
+    rollback_manifest(tmp_path / "idx", "chunks", 2, 1)
+    (r3,) = live.retrieve(ask, k=25)
+    assert r3.index_version == 3 and "c-new" not in r3.chunk_ids
+    assert live.describe()["manifest"] is True and live.describe()["rows"] == 24
+
 
 def torch_equal(a, b) -> bool:
     import torch
@@ -212,8 +236,42 @@ def test_a_manifest_pins_every_shard_until_the_next_is_published(one_and_sharded
     with pytest.raises(ManifestError, match="no manifest 7"):
         rollback_manifest(db, "chunks", 3, 7)
     assert latest_manifest(db, "chunks").manifest_id == 3  # nothing written by the refusals
-    # a publish that failed after tagging left manifest-4 behind: the next publish takes the name over
-    stale = unpinned.shards[0]
-    stale.tag("manifest-4", first.versions[0])
-    fourth = publish_manifest(db, "chunks", 3)
-    assert fourth.manifest_id == 4 and stale.tags()["manifest-4"] == fourth.versions[0] == writer.version
+    # a pin that fails part-way (shard 2 has no such version) leaves every shard where it was
+    served.refresh()
+    before = (served.manifest, served.count(), [sh.version for sh in served.shards])
+    broken = dataclasses.replace(served.manifest, manifest_id=99, versions=(writer.version, first.versions[1], 999))
+    with pytest.raises(ValueError, match="no version 999"):
+        served._pin(broken)
+    assert (served.manifest, served.count(), [sh.version for sh in served.shards]) == before
+
+
+def test_concurrent_publishes_keep_both_tag_sets_and_a_store_opened_early_follows(tmp_path, monkeypatch):
+    """Two publishes that took the same id: both rows stay, each with its own tags (neither's versions can be
+    cleaned up), the newer is served and the second publisher is told. A reader opened before the first
+    manifest existed pins itself on its next refresh."""
+    import clara.index.shards as shards_mod
+    from clara.index.shards import ManifestError, publish_manifest, read_manifests
+
+    db = tmp_path / "db"
+    tables = [ChunkStore.open(db, settings(), table=shard_table("chunks", i, 2)) for i in range(2)]
+    for i, t in enumerate(tables):
+        t.upsert(worded_rows(4, seed=i))
+    early = ShardedStore.open(db, "chunks", 2)
+    assert early.manifest is None and early.count() == 8
+    first = publish_manifest(db, "chunks", 2)
+    # pinned to manifest 1, not shard 0's latest
+    tables[0].upsert([{**worded_rows(5, seed=7)[4], "chunk_id": "late", "doc_id": "late"}])
+    assert early.refresh() == 1 and early.manifest == first and early.count() == 8
+
+    real = shards_mod.latest_manifest
+    monkeypatch.setattr(shards_mod, "latest_manifest", lambda *a, **k: None)  # as if it had not seen manifest 1
+    with pytest.raises(ManifestError, match="at the same time"):
+        publish_manifest(db, "chunks", 2)
+    monkeypatch.setattr(shards_mod, "latest_manifest", real)
+    rows = read_manifests(db, "chunks")
+    assert [m.manifest_id for m in rows] == [1, 1] and rows[0].tag != rows[1].tag
+    for t in tables:
+        tags = t.tags()
+        assert tags[rows[0].tag] == rows[0].versions[tables.index(t)]
+        assert tags[rows[1].tag] == rows[1].versions[tables.index(t)]
+    assert early.refresh() == 1 and early.manifest == rows[1] and early.count() == 9  # the newer row is served

@@ -161,6 +161,9 @@ def test_run_sharded_runs_each_shard_or_the_one_asked(monkeypatch, tmp_path):
         return Manifest(len(published), (0,) * shards, dt.datetime.now(dt.timezone.utc), "", note)
 
     monkeypatch.setattr(job, "publish_manifest", publish)
+    pruned = []
+    monkeypatch.setattr(job, "prune_manifests", lambda uri, table, shards, keep, storage_options=None:
+                        pruned.append((shards, keep)) or [])
     base = dict(corpus="c.jsonl", model="m", table_uri=str(tmp_path))
     every = job.run_sharded(IndexSettings(**base, shards=3))
     assert [r.version for r in every] == [10, 11, 12] and seen == [(3, 0), (3, 1), (3, 2)]
@@ -172,7 +175,9 @@ def test_run_sharded_runs_each_shard_or_the_one_asked(monkeypatch, tmp_path):
     assert published[-1] == (3, {1: 11}, "index run of shard 1") and one.manifest == 2
     job.run_sharded(IndexSettings(**base, shards=3, publish="never"))
     assert job.run_sharded(IndexSettings(**base))[0].version == 10 and seen[-1] == (1, None)
-    assert len(published) == 2
+    assert len(published) == 2 and pruned == []
+    job.run_sharded(IndexSettings(**base, shards=3, cleanup_older_than_days=1, keep_tags=0))
+    assert len(published) == 3 and pruned == [(3, 1)]  # the manifests' tags bounded with the job's own
     with pytest.raises(ValueError, match="shard"):
         IndexSettings(**base, shards=2, shard=2)
     with pytest.raises(ValueError, match="publish"):
@@ -656,5 +661,6 @@ def test_manifest_subcommand_lists_publishes_rolls_back_and_prunes(tmp_path, cap
     assert main(["manifest", "rollback", *where]) == 2 and "manifest id" in capsys.readouterr().err
     assert main(["manifest", "publish", "--table-uri", str(tmp_path), "--shards", "3"]) == 2
     assert "2 shards, not 3" in capsys.readouterr().err
+    assert main(["manifest", "publish", "--table-uri", str(tmp_path)]) == 2 and "--shards" in capsys.readouterr().err
     assert main(["manifest", "prune", *where, "--keep", "2"]) == 0 and "[1]" in capsys.readouterr().out
     assert [m.manifest_id for m in read_manifests(tmp_path, "chunks")] == [2, 3]
