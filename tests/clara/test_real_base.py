@@ -77,3 +77,38 @@ def test_the_packaged_compressor_carries_chunks_it_never_saw(scp_records):
     f1_own = sum(token_f1(p, r) for p, r in zip(own, refs)) / len(refs)
     f1_wrong = sum(token_f1(p, r) for p, r in zip(wrong, refs)) / len(refs)
     assert f1_own >= 0.35 and f1_own - f1_wrong >= 0.15, (f1_own, f1_wrong, own[:2])
+
+
+def test_the_packaged_qa_model_answers_from_memory(scp_records):
+    """``clara-smollm2-135m-r4-qa`` on held-out questions whose answer its memory can carry: answers from the
+    chunk's own memory score well above answers from another chunk's memory and above closed-book, and the
+    generator says "does not say" far more often from the wrong memory than from its own."""
+    import json
+    import random
+
+    from clara.bases import PRETRAINED_DIR
+    from clara.data.records import answerable_in_window
+    from clara.prompts import NO_ANSWER
+
+    name = "clara-smollm2-135m-r4-qa"
+    card = json.loads((PRETRAINED_DIR / name / "training.json").read_text())
+    chunks = sorted({ex.chunks[0] for ex in scp_records})
+    random.Random(card["split_seed"]).shuffle(chunks)
+    held = set(chunks[:card["held_out"]])  # never trained on
+    model = ClaraModel.from_pretrained(name, device="cpu")
+    qa = answerable_in_window([ex for ex in scp_records if ex.kind == "qa" and ex.chunks[0] in held],
+                              model.tokenizer, model.config.doc_max_tokens)[:24]
+    texts = list(dict.fromkeys(ex.chunks[0] for ex in qa))
+    memory = model.compress(texts)
+    index = {c: i for i, c in enumerate(texts)}
+    own = memory[[index[ex.chunks[0]] for ex in qa]].unsqueeze(1)
+    wrong = memory[[(index[ex.chunks[0]] + 1) % len(texts) for ex in qa]].unsqueeze(1)
+    questions, golds = [ex.question for ex in qa], [ex.answer for ex in qa]
+    answers = {"own": model.generate(questions, own, max_new_tokens=24),
+               "wrong": model.generate(questions, wrong, max_new_tokens=24),
+               "closed": model.generate_from_text(questions, None, max_new_tokens=24)}
+    f1 = {k: sum(token_f1(p, g) for p, g in zip(v, golds)) / len(golds) for k, v in answers.items()}
+    abstain = {k: sum(NO_ANSWER.lower().rstrip(".") in p.lower() for p in v) / len(v) for k, v in answers.items()}
+    assert len(qa) == 24 and len(texts) >= 8
+    assert f1["own"] >= 0.12 and f1["own"] >= 2 * f1["wrong"] and f1["own"] >= 1.5 * f1["closed"], (f1, answers["own"])
+    assert abstain["wrong"] >= abstain["own"] + 0.2, abstain
