@@ -27,7 +27,7 @@ def _register_pipelines() -> None:
 
     for name, module, summary in (
         ("demo", "pipelines.demo", "THE MAIN JOB: SmolLM2 -> synth -> train stages 1-3 -> index -> serve -> "
-                                   "evaluate, on a local Ray (about 18 minutes on 2 cores)"),
+                                   "evaluate, on a local Ray (about 15 minutes on 2 cores)"),
         ("train", "pipelines.train", "train a stage (scp / instruct / e2e) on Ray Train with DeepSpeed"),
         ("derive", "pipelines.derive", "derive stage-2/3 records (gold + random and BM25 distractors) from stage-1"),
         ("index", "pipelines.index", "compress a corpus into the LanceDB index (incremental upserts) on Ray Data"),
