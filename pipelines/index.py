@@ -823,7 +823,8 @@ def _cleanup_parser() -> argparse.ArgumentParser:
         description="Remove old untagged versions of the table and the files only they use. Every commit of a "
                     "run is a version and LanceDB keeps them all, so storage grows with every run until this is "
                     "run. The version each run ended on is tagged (index-v<N>, rollback-v<N>) and is kept, and so "
-                    "are the latest version and every version a sharded index's manifest names (manifest-<id>-...). A removed version can no longer be rolled back to, and a reader "
+                    "are the latest version and every version a sharded index's manifest names "
+                    "(manifest-<id>-...). A removed version can no longer be rolled back to, and a reader "
                     "still on it fails: keep --older-than-days above the longest time a reader holds a version.",
     )
     _table_args(p)
