@@ -570,6 +570,12 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
         compute=ActorPoolStrategy(min_size=1, max_size=s.actors),
         num_cpus=min(1.0, s.num_cpus_per_actor),
     )
+    # A planner call returns a whole file's chunks. Ray Data slices a task's output into blocks of
+    # target_max_block_size bytes: sized here to about one compressor call (16 batches of chunks with their
+    # text), so that one big file is spread over the whole actor pool instead of one actor taking it all.
+    # (``records.context`` is this pipeline's copy; materialize() gives the plan a copy of its own, which
+    # _compress_and_write sizes for the compressed rows.)
+    records.context.target_max_block_size = max(64 << 10, s.batch_size * 16 * max(1024, 6 * chunking.chunk_tokens))
     planned = planner.materialize()
     plan = IndexPlan(to_compress=[])
     keys: list[np.ndarray] = []
@@ -670,6 +676,11 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
         ds, batch_size = ray.data.from_arrow(work_blocks(source, s.batch_size, s.actors)), s.batch_size
     else:  # in source order: 16 forward passes a call, sorted by length inside (ChunkCompressor) to pad little
         ds, batch_size = source, s.batch_size * 16
+    # Ray Data merges a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB): at
+    # ~20 KB a row, thousands of rows that reached the driver in one burst at the end of a task, and that it
+    # then held. Blocks of about one call's rows (or a commit's, if smaller) stream to the writer instead.
+    # (``ds.context`` is this pipeline's copy of the context, not the process's.)
+    ds.context.target_max_block_size = compressed_block_bytes(settings, batch_size, s.batch_size, s.commit_rows)
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
     ds = ds.map_batches(
         actor,
@@ -701,6 +712,13 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
 
 # --------------------------------------------------------------------------------------------
 # versions and rollback
+
+
+def compressed_block_bytes(settings, call_rows: int, batch_size: int, commit_rows: int) -> int:
+    """The Ray Data block size for compressed rows: one compressor call's rows, or half a commit if that
+    is less (so that commits stream), never under one batch (nor 64 KiB)."""
+    rows = max(batch_size, min(call_rows, max(1, commit_rows // 2)))
+    return max(64 << 10, rows * settings.row_bytes())
 
 
 def _existing_store(table_uri: str, table_name: str, storage_options: dict | None) -> ChunkStore:

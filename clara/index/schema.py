@@ -139,6 +139,13 @@ class StoreSettings:
         """Length of the flattened memory, ``n_mem * d``."""
         return self.n_mem * self.d
 
+    def row_bytes(self, text_bytes: int = 1024) -> int:
+        """About how many bytes one row of the table takes in Arrow: memory (in the storage dtype) and
+        its scales, the key, and ``text_bytes`` for the text, ids and hash. Used to size blocks and batches."""
+        memory = {"float32": 4 * self.flat_dim, "float16": 2 * self.flat_dim,
+                  "int8": self.flat_dim + 4 * self.n_mem, "int4": (self.flat_dim + 1) // 2 + 2 * self.n_mem}
+        return memory[self.dtype] + 4 * self.key_dim + text_bytes
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

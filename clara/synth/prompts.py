@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clara.synth.engines import ClozeEngine
 from clara.synth.tasks import JUDGE_KIND, Task
-from clara.synth.text import _DATE_RES, _NUMBER_RE, fact_sentences, word_tokens
+from clara.synth.text import _DATE_RES, _NUMBER_RE, fact_sentences
 
 # =============================================================================================
 # prompts
@@ -176,16 +177,27 @@ _QUANTITY_WORDS = frozenset(
     deep depth wide width""".split())
 
 
+_PERSON_PLACE_WORDS = frozenset("who whom whose where".split())
+
+
 def question_fits_answer(question: str, answer: str) -> bool:
     """An answer's type must match its question: a date or year is asked for with a temporal question
     ("When ...", "In which year ..."), a number with a quantity ("How many ...", "What is the elevation
-    ..."). The mismatches a small question writer makes most often: "What is the Qing dynasty?" ->
-    "1636", "Which country is the capital of India?" -> "21,778"."""
-    a, words = answer.strip(), set(word_tokens(question))
-    if any(rx.fullmatch(a) for rx in _DATE_RES):
-        return bool(_TEMPORAL_WORDS & words)
-    if _NUMBER_RE.fullmatch(a):
-        return bool(_QUANTITY_WORDS & words)
+    ..."), and never by a question for a person or a place ("Who ...", "Where ..."). The mismatches a
+    small question writer makes most often: "What is the Qing dynasty?" -> "1636", "Which country is the
+    capital of India?" -> "21,778", "Who wrote The Gilded Age?" -> "1894". Capitalised words inside the
+    question are names and titles, not what it asks for ("Age" in "The Gilded Age")."""
+    a = answer.strip()
+    raw = re.findall(r"[A-Za-z]+", question)
+    asks = {w.lower() for i, w in enumerate(raw) if i == 0 or not w[0].isupper()}
+    dated = any(rx.fullmatch(a) for rx in _DATE_RES)
+    numeric = not dated and _NUMBER_RE.fullmatch(a) is not None
+    if (dated or numeric) and asks & _PERSON_PLACE_WORDS:
+        return False
+    if dated:
+        return bool(_TEMPORAL_WORDS & asks)
+    if numeric:
+        return bool(_QUANTITY_WORDS & asks)
     return True
 
 

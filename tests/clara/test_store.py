@@ -197,6 +197,19 @@ def test_int4_storage_is_a_quarter_of_float16_and_survives_outlier_coordinates()
     assert none_p.shape == (0, 192) and none_s.shape == (0, 6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4"])
+def test_row_bytes_estimates_the_encoded_rows(dtype):
+    """``StoreSettings.row_bytes`` (what the index job sizes its Ray Data blocks by) against real encoded rows."""
+    s = settings(dtype, n_mem=16, d=256, key_dim=128)
+    chunks = [{"chunk_id": f"doc-{i}#0", "doc_id": f"doc-{i}", "position": 0, "text": "w" * 600} for i in range(64)]
+    mem = np.random.default_rng(0).standard_normal((64, 16, 256)).astype(np.float32)
+    table = encode_batch(chunks, mem, s)
+    measured = table.nbytes / table.num_rows
+    assert 0.85 * measured <= s.row_bytes(text_bytes=700) <= 1.15 * measured
+    if dtype != "float32":
+        assert s.row_bytes() < settings("float32", n_mem=16, d=256, key_dim=128).row_bytes()
+
+
 def test_encode_batch_accepts_torch_and_rejects_bad_rows():
     torch = pytest.importorskip("torch")
     rs = rows(4)

@@ -305,6 +305,11 @@ def test_answer_first_replies_are_verified_as_qa():
     assert question_fits_answer("Which country is the capital of India?", "21,778") is False
     assert question_fits_answer("How many years was it the tallest structure?", "41") is True
     assert question_fits_answer("Who designed the tower?", "Gustave Eiffel") is True
+    # a title's capitalised word is not what the question asks for; a person or a place is never a year
+    assert question_fits_answer("Who wrote The Gilded Age?", "1894") is False
+    assert question_fits_answer("Where was the treaty signed in the year of the war?", "1648") is False
+    assert question_fits_answer("In which year was The Gilded Age published?", "1873") is True
+    assert question_fits_answer("What age did she reach?", "94") is True
     right = process_generation(dated, Generation("When did construction of the Eiffel Tower begin?"))
     assert right.items and right.items[0]["answer"] == date
     # the style survives the round trip through the job's rows and the next round

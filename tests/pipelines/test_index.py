@@ -528,6 +528,19 @@ def test_ray_data_reader_plans_the_same_chunks_as_the_driver(ray_session, model_
                 == {c: {k: v for k, v in r.items() if k not in drop} for c, r in _rows(tmp_path / "db").items()})
 
 
+def test_ray_data_reader_streams_one_big_file_to_the_writer_in_call_sized_blocks(ray_session, model_dir,
+                                                                                  scp_sample_path, tmp_path):
+    """A corpus of one JSONL file is one planned block; Ray Data would hand back a task's compressed rows as
+    one block of up to 128 MiB, written in one burst at the end. The job sizes blocks to a compressor call
+    (or half a commit), so commits follow compression: here one commit per ~32 rows, not one for the run."""
+    texts = load_scp_chunks(scp_sample_path)[:120]
+    corpus = _write_corpus(tmp_path / "one.jsonl", {f"d{i:03d}": t for i, t in enumerate(texts)}, "jsonl")
+    s = _settings(corpus, model_dir, tmp_path / "db", reader="ray-data", batch_size=8, commit_rows=32)
+    summary = run_index(s)
+    assert summary.compressed == summary.rows >= 120
+    assert summary.commits >= summary.compressed // 64, summary
+
+
 def test_ray_data_reader_updates_exactly_the_changed_rows(ray_session, model_dir, scp_sample_path, tmp_path):
     """Edited, shortened and removed documents through the streamed plan: only their rows are touched, stale
     positions go, --delete-missing removes the gone documents (behind the deletion guard), scp duplicates
