@@ -122,6 +122,10 @@ PUBLISH = ("auto", "always", "never")
 #: CPUs of a Ray Data read task of the streamed plan: reading is I/O; a full CPU each would wait behind the
 #: planner actors on a small cluster.
 READ_CPUS = 0.25
+#: Read tasks of the streamed plan, at most (fewer with fewer files). Ray Data would derive the count from the
+#: context's target block size, which the job makes small (blocks of a compressor call): pinned instead to
+#: Ray's usual minimum, each task streaming its files.
+READ_TASKS = 200
 
 
 class IndexJobError(RuntimeError):
@@ -525,10 +529,12 @@ def corpus_dataset(s: IndexSettings):
             if name not in names:
                 raise DocumentError(files[0], name, f"no such column (columns: {sorted(names)})")
         columns = [s.id_field, s.text_field] + ([s.title_field] if s.title_field and s.title_field in names else [])
-        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=READ_CPUS)
+        ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True, num_cpus=READ_CPUS,
+                                   override_num_blocks=min(len(files), READ_TASKS))
         ds = ds.select_columns([*columns, "path"])
     else:  # a file a row: the planner parses JSONL as the driver's reader does (errors name file and line)
-        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, num_cpus=READ_CPUS)
+        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, num_cpus=READ_CPUS,
+                                        override_num_blocks=min(len(files), READ_TASKS))
     return ds, kind, base
 
 
@@ -718,7 +724,9 @@ def compressed_block_bytes(settings, call_rows: int, batch_size: int, commit_row
     """The Ray Data block size for compressed rows: one compressor call's rows, or half a commit if that
     is less (so that commits stream), never under one batch (nor 64 KiB)."""
     rows = max(batch_size, min(call_rows, max(1, commit_rows // 2)))
-    return max(64 << 10, rows * settings.row_bytes())
+    # 3/4: Ray Data emits a block once its buffer is *over* the target, so a call whose rows are a little
+    # smaller than the estimate would wait for the next call's rows
+    return max(64 << 10, rows * settings.row_bytes() * 3 // 4)
 
 
 def _existing_store(table_uri: str, table_name: str, storage_options: dict | None) -> ChunkStore:

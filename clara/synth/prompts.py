@@ -178,6 +178,7 @@ _QUANTITY_WORDS = frozenset(
 
 
 _PERSON_PLACE_WORDS = frozenset("who whom whose where".split())
+_WH_WORDS = _PERSON_PLACE_WORDS | frozenset("what which when how why".split())
 
 
 def question_fits_answer(question: str, answer: str) -> bool:
@@ -188,11 +189,16 @@ def question_fits_answer(question: str, answer: str) -> bool:
     capital of India?" -> "21,778", "Who wrote The Gilded Age?" -> "1894". Capitalised words inside the
     question are names and titles, not what it asks for ("Age" in "The Gilded Age")."""
     a = answer.strip()
-    raw = re.findall(r"[A-Za-z]+", question)
-    asks = {w.lower() for i, w in enumerate(raw) if i == 0 or not w[0].isupper()}
+    raw = re.findall(r"[^\W\d_]+", question)
+    asks = {w.lower() for i, w in enumerate(raw) if i == 0 or not w[0].isupper() or w.lower() in _WH_WORDS}
     dated = any(rx.fullmatch(a) for rx in _DATE_RES)
     numeric = not dated and _NUMBER_RE.fullmatch(a) is not None
-    if (dated or numeric) and asks & _PERSON_PLACE_WORDS:
+    # the question's own wh-word: its first word, or its second after a preposition ("To whom ...");
+    # a "who" / "where" later opens a clause ("... the scientist who discovered it born?")
+    opening = [w.lower() for w in raw[:2]]
+    wh = opening[0] if opening and opening[0] in _WH_WORDS else (
+        opening[1] if len(opening) > 1 and opening[1] in _WH_WORDS else "")
+    if (dated or numeric) and wh in _PERSON_PLACE_WORDS:
         return False
     if dated:
         return bool(_TEMPORAL_WORDS & asks)

@@ -538,7 +538,7 @@ def test_ray_data_reader_streams_one_big_file_to_the_writer_in_call_sized_blocks
     s = _settings(corpus, model_dir, tmp_path / "db", reader="ray-data", batch_size=8, commit_rows=32)
     summary = run_index(s)
     assert summary.compressed == summary.rows >= 120
-    assert summary.commits >= summary.compressed // 64, summary
+    assert summary.commits >= max(3, summary.compressed // 64), summary  # the job before: 1 commit
 
 
 def test_ray_data_reader_updates_exactly_the_changed_rows(ray_session, model_dir, scp_sample_path, tmp_path):
