@@ -607,7 +607,9 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
         _missing_documents(store, doc_keys, plan)
     plan.stale_chunk_ids.sort()
     # a light filter: no CPU asked, so that it never waits behind the compressor actors
-    pending = planned.map_batches(_pending_rows, fn_kwargs={"drop_keys": twice}, batch_format="pyarrow", num_cpus=0)
+    # (and few at once: with no CPU asked, Ray would start a worker process for every planned block)
+    pending = planned.map_batches(_pending_rows, fn_kwargs={"drop_keys": twice}, batch_format="pyarrow", num_cpus=0,
+                                  concurrency=max(1, s.actors))
     if once is not None:
         pending = pending.union(ray.data.from_arrow(_pending_rows(once, twice[:0])))
     return plan, pending
