@@ -301,21 +301,24 @@ def test_answer_first_replies_are_verified_as_qa():
     assert date in ("January 1887", "31 March 1889")
     wrong = process_generation(dated, Generation("What did the construction of the Eiffel Tower involve?"))
     assert wrong.rejects[0]["reason"] == "question_does_not_fit_answer"
-    assert question_fits_answer("How tall is the tower?", "330 metres") is True
-    assert question_fits_answer("Which country is the capital of India?", "21,778") is False
-    assert question_fits_answer("How many years was it the tallest structure?", "41") is True
-    assert question_fits_answer("Who designed the tower?", "Gustave Eiffel") is True
-    # a title's capitalised word is not what the question asks for; a person or a place is never a year
-    assert question_fits_answer("Who wrote The Gilded Age?", "1894") is False
-    assert question_fits_answer("Where was the treaty signed in the year of the war?", "1648") is False
-    assert question_fits_answer("Where was the treaty of the Thirty Years War signed?", "1648") is False
-    assert question_fits_answer("In which year was The Gilded Age published?", "1873") is True
-    assert question_fits_answer("What age did she reach?", "94") is True
-    # a "who" / "where" that opens a clause is not what the question asks for
-    assert question_fits_answer("In what year was the scientist who discovered penicillin born?", "1881") is True
-    assert question_fits_answer("How many people lived in the town where it was signed?", "12,000") is True
-    assert question_fits_answer("To whom was the prize given in 1901?", "1901") is False
-    assert question_fits_answer("Q: When did Émile Zola die?", "1902") is True
+    fits = [
+        ("How tall is the tower?", "330 metres", True),
+        ("Which country is the capital of India?", "21,778", False),
+        ("How many years was it the tallest structure?", "41", True),
+        ("Who designed the tower?", "Gustave Eiffel", True),
+        # a title's capitalised word is not what the question asks for; a person or a place is never a year
+        ("Who wrote The Gilded Age?", "1894", False),
+        ("Where was the treaty signed in the year of the war?", "1648", False),
+        ("Where was the treaty of the Thirty Years War signed?", "1648", False),
+        ("In which year was The Gilded Age published?", "1873", True),
+        ("What age did she reach?", "94", True),
+        # a "who" / "where" that opens a clause is not what the question asks for
+        ("In what year was the scientist who discovered penicillin born?", "1881", True),
+        ("How many people lived in the town where it was signed?", "12,000", True),
+        ("To whom was the prize given in 1901?", "1901", False),
+        ("Q: When did Émile Zola die?", "1902", True),
+    ]
+    assert [question_fits_answer(q, a) for q, a, _ in fits] == [ok for _, _, ok in fits]
     right = process_generation(dated, Generation("When did construction of the Eiffel Tower begin?"))
     assert right.items and right.items[0]["answer"] == date
     # the style survives the round trip through the job's rows and the next round
