@@ -686,7 +686,7 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
         ds, batch_size = source, s.batch_size * 16
     # Ray Data merges a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB): at
     # ~20 KB a row, thousands of rows that reached the driver in one burst at the end of a task, and that it
-    # then held. Blocks of about one call's rows (or a commit's, if smaller) stream to the writer instead.
+    # then held. Blocks of about one call's rows (or half a commit, if smaller) stream to the writer instead.
     # (``ds.context`` is this pipeline's copy of the context, not the process's.)
     ds.context.target_max_block_size = compressed_block_bytes(settings, batch_size, s.batch_size, s.commit_rows)
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
