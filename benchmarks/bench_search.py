@@ -83,11 +83,14 @@ class Synthetic:
     """Memories ``w_common * c + w_meaning * unit(W z) + w_noise * unit(e)``, flattened to ``[n_mem, d]``."""
 
     def __init__(self, rng: np.random.Generator, shape: tuple[int, int], latent_dim: int,
-                 weights: tuple[float, float, float]) -> None:
+                 weights: tuple[float, float, float], like: Synthetic | None = None) -> None:
         flat = shape[0] * shape[1]
         self.rng, self.shape, self.weights = rng, shape, weights
-        self.common = _unit(rng.standard_normal(flat)).astype(np.float32)
-        self.W = rng.standard_normal((latent_dim, flat)).astype(np.float32)
+        if like is not None:  # the same corpus (shared part and meaning map), drawn from another stream
+            self.common, self.W = like.common, like.W
+        else:
+            self.common = _unit(rng.standard_normal(flat)).astype(np.float32)
+            self.W = rng.standard_normal((latent_dim, flat)).astype(np.float32)
 
     def latents(self, n: int) -> np.ndarray:
         return self.rng.standard_normal((n, self.W.shape[0])).astype(np.float32)
@@ -109,6 +112,10 @@ def main() -> None:
     p.add_argument("--n-mem", type=int, default=16)
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--key-dim", type=int, default=1024)
+    p.add_argument("--key-basis", choices=("random", "pca"), default="random",
+                   help="the key: a seeded random projection, or a basis fitted on --key-fit-rows memories "
+                        "(clara.index.codec.fit_key_basis, as the index job's --key-basis pca)")
+    p.add_argument("--key-fit-rows", type=int, default=4096, help="memories (the first rows) to fit the pca key on")
     p.add_argument("--dtype", default="float16", choices=("float32", "float16", "int8"))
     p.add_argument("--kind", nargs="+", default=["IVF_HNSW_SQ"],
                    help="ANN index kind(s) on the key (clara.index.store.ANN_KINDS); each is built and timed in turn")
@@ -131,7 +138,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     a = p.parse_args()
 
-    from clara.index.codec import dequantize_int8, encode_batch, quantize_int8
+    from clara.index.codec import dequantize_int8, encode_batch, fit_key_basis, quantize_int8
     from clara.index.schema import StoreSettings
     from clara.index.store import ChunkStore
 
@@ -142,7 +149,15 @@ def main() -> None:
         gen = Synthetic(rng, shape, a.latent_dim, tuple(a.weights))
         settings = StoreSettings(n_mem=a.n_mem, d=a.d, compressor_version="synthetic", dtype=a.dtype,
                                  key_dim=a.key_dim)
-        store = ChunkStore.open(work / "db", settings)
+        basis, fit_s = None, 0.0
+        if a.key_basis == "pca":  # fitted on rows drawn as the first ones are (a sample of the corpus)
+            t = time.perf_counter()
+            sampler = Synthetic(np.random.default_rng(a.seed + 1), shape, a.latent_dim, tuple(a.weights), like=gen)
+            basis = fit_key_basis(sampler.memory(sampler.latents(a.key_fit_rows)), a.key_dim)
+            fit_s = time.perf_counter() - t
+            settings = StoreSettings(**{**settings.to_dict(), "key_basis": basis.digest})
+            print(f"  fitted {basis} in {fit_s:.1f}s ({100 * basis.energy:.1f}% of the energy)", flush=True)
+        store = ChunkStore.open(work / "db", settings, key_basis=basis)
         t = time.perf_counter()
         probe_ids = np.sort(rng.choice(a.rows, a.queries, replace=False))
         probes = np.zeros((a.queries, a.latent_dim), np.float32)
@@ -158,7 +173,8 @@ def main() -> None:
             ids = [f"s{i}::0" for i in range(lo, hi)]
             meta = {"chunk_id": ids, "doc_id": [i[:-3] for i in ids], "position": [0] * (hi - lo),
                     "text": [""] * (hi - lo), "content_hash": ids}
-            store.table.add(encode_batch(meta, mem, settings))  # bulk load: a fresh table, no upsert needed
+            # bulk load: a fresh table, no upsert needed
+            store.table.add(encode_batch(meta, mem, settings, key_basis=basis))
             if ram is not None:
                 stored = {"float32": mem, "float16": mem.astype(np.float16).astype(np.float32)}.get(a.dtype)
                 if stored is None:
@@ -182,7 +198,8 @@ def main() -> None:
             exact_lat.append(time.perf_counter() - t)
         exact_ms = 1000 * float(np.median(exact_lat))
 
-        print(f"\n{a.rows} rows of memory {a.n_mem}x{a.d} ({a.dtype}), {a.key_dim}-d key, {disk / 2**30:.2f} GiB on "
+        key = f"{a.key_dim}-d {'pca key (fitted on ' + str(a.key_fit_rows) + ' rows)' if basis else 'random key'}"
+        print(f"\n{a.rows} rows of memory {a.n_mem}x{a.d} ({a.dtype}), {key}, {disk / 2**30:.2f} GiB on "
               f"disk; written in {write_s:.0f}s; {a.queries} queries, k={a.k}")
         print(f"{'search':40}{'recall@' + str(a.k):>10}{'p50 ms':>10}{'p95 ms':>10}{'speed-up':>10}")
         p95 = 1000 * np.percentile(exact_lat, 95)

@@ -58,6 +58,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from clara.checkpoint import CheckpointError
@@ -88,6 +89,7 @@ from clara.index.build import (
     tag_version,
     work_blocks,
 )
+from clara.index.codec import KeyBasis, _decode_memory, fit_key_basis
 from clara.index.schema import (
     ANN_KINDS,
     DEFAULT_TABLE,
@@ -185,6 +187,13 @@ class IndexSettings:
     key_dim: int | None = None
     #: Seed of the key projection (default: the table's, or 0).
     key_seed: int | None = None
+    #: The ANN key of a new table: ``random``, a seeded random projection of the memory, or ``pca``, a
+    #: basis fitted on the memories of ``--key-fit-rows`` chunks of the corpus (compressed once more for
+    #: it, before the run) and stored beside the table: the exact top-10 lies within far fewer ANN
+    #: candidates (benchmarks/bench_search.py). Default: the table's, or ``random`` for a new table.
+    key_basis: str | None = field(default=None, metadata={"choices": ("random", "pca")})
+    #: Chunks (a seeded random sample of the corpus's) to fit the ``pca`` key basis on (at least --key-dim).
+    key_fit_rows: int = 4096
     #: Delete the chunks of documents that are no longer in the corpus.
     delete_missing: bool = False
     #: Refuse the run, before anything is written, if it would delete more than this fraction of the
@@ -260,8 +269,10 @@ class IndexSettings:
                 self.ann_index = None
             elif self.ann_index not in ANN_KINDS:
                 raise ValueError(f"IndexSettings.ann_index must be one of {ANN_KINDS} or none, got {self.ann_index!r}")
-        for name in ("batch_size", "actors", "commit_rows", "shards"):
+        for name in ("batch_size", "actors", "commit_rows", "shards", "key_fit_rows"):
             positive(name, getattr(self, name))
+        if self.key_basis is not None and self.key_basis not in ("random", "pca"):
+            raise ValueError(f"IndexSettings.key_basis must be random or pca, got {self.key_basis!r}")
         if self.shard is not None and not 0 <= self.shard < self.shards:
             raise ValueError(f"IndexSettings.shard must be in [0, {self.shards}) (--shards), got {self.shard}")
         for name in ("chunk_tokens", "key_dim", "limit", "threads_per_actor"):
@@ -332,9 +343,9 @@ class IndexSummary:
         )
 
 
-def _open_store(s: IndexSettings, settings=None, create: bool = False) -> ChunkStore:
+def _open_store(s: IndexSettings, settings=None, create: bool = False, key_basis=None) -> ChunkStore:
     return ChunkStore.open(s.table_uri, settings, table=s.table_name, create=create,
-                           storage_options=s.storage_options or None)
+                           storage_options=s.storage_options or None, key_basis=key_basis)
 
 
 def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummary:
@@ -365,6 +376,10 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     except IndexNotFoundError:
         existing_settings = None
     settings = store_settings_for(info, existing_settings, dtype=s.dtype, key_dim=s.key_dim, key_seed=s.key_seed)
+    if existing_settings is not None and s.key_basis and (s.key_basis == "pca") != bool(existing_settings.key_basis):
+        raise IndexMismatchError(
+            f"the table's keys are {'a fitted basis' if existing_settings.key_basis else 'a random projection'}, "
+            f"not --key-basis {s.key_basis}; index into a new table (--table-name) or drop the flag")
     chunking = ChunkingSettings(chunk_tokens=s.chunk_tokens or info.doc_max_tokens, overlap=s.overlap,
                                 format=s.format, title_field=s.title_field)
     tokenizer = load_tokenizer(s.model)
@@ -383,7 +398,11 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
         source, table_rows = plan.to_compress, len(existing)
     check_deletions(plan, table_rows, s.max_delete_fraction)
     if store is None:
-        store = _open_store(s, settings, create=True)
+        basis = None
+        if s.key_basis == "pca":
+            basis = _fit_key_basis(s, settings, source, plan.new + plan.changed, say)
+            settings = replace(settings, key_basis=basis.digest)
+        store = _open_store(s, settings, create=True, key_basis=basis)
     start_version = store.version
     say(f"[index] {plan.read} chunks from {plan.docs} documents in {time.perf_counter() - t0:.1f}s: "
         f"{plan.skipped} unchanged, {plan.new} new, {plan.changed} changed, {len(plan.stale_chunk_ids)} to delete; "
@@ -402,7 +421,7 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
 
     writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit)
     if total:
-        _compress_and_write(s, settings, source, total, writer)
+        _compress_and_write(s, settings, source, total, writer, store.key_basis)
 
     deleted = store.delete_chunks(plan.stale_chunk_ids) if plan.stale_chunk_ids else 0
     if deleted:
@@ -668,18 +687,13 @@ def _pending_rows(batch: pa.Table, drop_keys) -> pa.Table:
     return batch.filter(keep)
 
 
-def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: IndexWriter) -> None:
-    """Compress ``source`` (the chunks of the driver's plan, or the streamed plan's Ray Dataset) on the actor
-    pool and write the rows as they come back."""
+def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=ChunkCompressor):
+    """The Ray Dataset of ``source`` (the driver plan's chunks, or the streamed plan's Dataset) compressed
+    and encoded on the actor pool."""
     import ray
 
-    from pipelines import compat, faults
+    from pipelines import compat
 
-    compat.ensure_ray(s.ray_address)
-    fault = faults.injected("index")
-    actor = ChunkCompressor
-    if "fail_after_batches" in fault:
-        actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
     if isinstance(source, list):
         ds, batch_size = ray.data.from_arrow(work_blocks(source, s.batch_size, s.actors)), s.batch_size
     else:  # in source order: 16 forward passes a call, sorted by length inside (ChunkCompressor) to pad little
@@ -690,7 +704,7 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
     # (``ds.context`` is this pipeline's copy of the context, not the process's.)
     ds.context.target_max_block_size = compressed_block_bytes(settings, batch_size, s.batch_size, s.commit_rows)
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
-    ds = ds.map_batches(
+    return ds.map_batches(
         actor,
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -699,9 +713,56 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
             "device": device,
             "batch_size": s.batch_size,
             "threads": s.threads_per_actor or max(1, int(s.num_cpus_per_actor)),
+            "key_basis": key_basis,
         },
         **compat.actor_pool(s.actors, num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor),
     )
+
+
+def _fit_key_basis(s: IndexSettings, settings, source, total: int, say: Progress) -> KeyBasis:
+    """Compress a seeded random sample of ``key_fit_rows`` of the chunks to index (float32, no key needed)
+    and fit the table's key basis on their memories (:func:`~clara.index.codec.fit_key_basis`)."""
+    import random
+
+    from pipelines import compat
+
+    n = min(s.key_fit_rows, total)
+    if n < settings.key_dim:
+        raise ValueError(f"--key-basis pca fits a {settings.key_dim}-d key on the chunks to index, but there are "
+                         f"{total} (--key-fit-rows {s.key_fit_rows}); use --key-basis random or a smaller --key-dim")
+    compat.ensure_ray(s.ray_address)
+    t = time.perf_counter()
+    if isinstance(source, list):
+        sample = [source[i] for i in sorted(random.Random(s.key_seed or 0).sample(range(len(source)), n))]
+    else:  # one pass over the planned rows (text only), each kept with probability ~n/total
+        import ray
+
+        rng, parts = np.random.default_rng(s.key_seed or 0), []
+        for batch in source.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(batch.filter(pa.array(rng.random(batch.num_rows) < min(1.0, 1.2 * n / total))))
+        sample = ray.data.from_arrow(pa.concat_tables(parts).slice(0, n)) if parts else []
+    fit_settings = replace(settings, dtype="float32", key_basis="")
+    memory = [_decode_memory(batch, fit_settings) for batch in
+              _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow")]
+    memory = np.concatenate(memory) if memory else np.zeros((0, settings.n_mem, settings.d), np.float32)
+    basis = fit_key_basis(memory, settings.key_dim, seed=s.key_seed or 0)
+    say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {len(memory)} chunks "
+        f"({100 * basis.energy:.1f}% of their memories' energy) in {time.perf_counter() - t:.1f}s")
+    return basis
+
+
+def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: IndexWriter,
+                        key_basis=None) -> None:
+    """Compress ``source`` (the chunks of the driver's plan, or the streamed plan's Ray Dataset) on the actor
+    pool and write the rows as they come back."""
+    from pipelines import compat, faults
+
+    compat.ensure_ray(s.ray_address)
+    fault = faults.injected("index")
+    actor = ChunkCompressor
+    if "fail_after_batches" in fault:
+        actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
+    ds = _compressed(s, settings, source, key_basis, actor)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             writer.add(batch)

@@ -56,7 +56,7 @@ from clara.data.corpus import (
     text_file_id,
 )
 from clara.data.jsonl import jsonl_lines, parse_jsonl
-from clara.index.codec import encode_batch
+from clara.index.codec import KeyBasis, check_key_basis, encode_batch
 from clara.index.schema import ANN_KINDS, IndexMismatchError, IndexNotFoundError, StoreSettings
 from clara.index.store import ChunkStore, CleanupReport
 
@@ -149,6 +149,7 @@ def store_settings_for(
         dtype=dtype or (existing.dtype if existing else "float16"),
         key_dim=key_dim or (existing.key_dim if existing else default_key_dim(info.n_mem, info.d)),
         key_seed=key_seed if key_seed is not None else (existing.key_seed if existing else 0),
+        key_basis=existing.key_basis if existing else "",
         model=info.path,
         compression_rate=info.compression_rate,
     )
@@ -574,15 +575,18 @@ class ChunkCompressor:
         device: str | None = None,
         batch_size: int = 32,
         threads: int | None = None,
+        key_basis: KeyBasis | None = None,
     ) -> None:
         import torch
 
         from clara.config import resolve_dtype
         from clara.model import ClaraModel
 
+        check_key_basis(settings, key_basis)
         if threads:
             torch.set_num_threads(int(threads))
         self.settings = settings
+        self.key_basis = key_basis
         self.batch_size = batch_size
         # Loaded on the CPU in float32 first: the compressor version is a digest of the weights, and
         # from_pretrained(device="cuda") casts them to bf16 before it checks the digest (and fails).
@@ -606,7 +610,7 @@ class ChunkCompressor:
         batch = batch.take(pa.compute.sort_indices(pa.compute.utf8_length(batch.column("text"))))
         memory = self.model.compress(batch.column("text").to_pylist(), batch_size=self.batch_size)  # (n, M, D)
         self.batches += 1
-        return encode_batch(batch.select(list(CHUNK_COLUMNS)), memory, self.settings)
+        return encode_batch(batch.select(list(CHUNK_COLUMNS)), memory, self.settings, key_basis=self.key_basis)
 
 
 # --------------------------------------------------------------------------------------------

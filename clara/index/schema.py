@@ -3,7 +3,8 @@
 Every row is one chunk: its ids and text, its CLaRa memory tokens (``[n_mem, d]``, stored flat as a
 fixed-size list in float32, float16, int8 with a per-token scale, or int4: two 4-bit codes a byte of
 each token turned by a fixed seeded rotation, with a float16 per-token scale) and a low-dimensional ``key``
-(a fixed, seeded random projection of the flattened memory) that the ANN index searches. Search is
+(a projection of the flattened memory: a fixed, seeded random one, or a basis fitted on a sample of the
+table's memories, :class:`clara.index.codec.KeyBasis`, kept in a table beside it) that the ANN index searches. Search is
 two-step: the ANN search on ``key`` proposes candidates, which are re-scored with the exact CLaRa
 score (cosine of the flattened memories) on their full memory.
 
@@ -40,7 +41,7 @@ METRICS = ("cosine", "dot")
 DEFAULT_TABLE = "chunks"
 
 # Fields whose difference makes an existing table unusable with the requested settings.
-_IDENTITY_FIELDS = ("n_mem", "d", "compressor_version", "dtype", "key_dim", "key_seed")
+_IDENTITY_FIELDS = ("n_mem", "d", "compressor_version", "dtype", "key_dim", "key_seed", "key_basis")
 _EPS = 1e-12
 
 _ID_BATCH = 4096  # ids per IN-list when reading rows by id
@@ -114,6 +115,9 @@ class StoreSettings:
     key_seed: int = 0
     model: str = ""
     compression_rate: int = 0
+    #: ``""``: keys are the seeded random projection; else the digest of the fitted
+    #: :class:`~clara.index.codec.KeyBasis` that projects them (stored in ``<table>-keybasis``).
+    key_basis: str = ""
 
     def __post_init__(self) -> None:
         for name in ("n_mem", "d", "key_dim"):
@@ -130,6 +134,8 @@ class StoreSettings:
             raise ValueError(f"StoreSettings.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.model, str):
             raise ValueError(f"StoreSettings.model must be a string, got {self.model!r}")
+        if not isinstance(self.key_basis, str):
+            raise ValueError(f"StoreSettings.key_basis must be a string (a basis digest or ''), got {self.key_basis!r}")
         # normalise numpy ints so that equality and JSON behave
         for name in ("n_mem", "d", "key_dim", "key_seed", "compression_rate"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -177,6 +183,22 @@ class StoreSettings:
     def differences(self, other: StoreSettings) -> list[str]:
         """Identity fields (shape, compressor, dtype, key) on which the two settings differ."""
         return [name for name in _IDENTITY_FIELDS if getattr(self, name) != getattr(other, name)]
+
+
+def key_basis_table(table: str) -> str:
+    """The name of the table that holds ``table``'s fitted key basis (one row per key dimension)."""
+    return f"{table}-keybasis"
+
+
+def key_basis_schema(flat_dim: int) -> pa.Schema:
+    """A fitted key basis as rows: ``component`` i holds column i of the ``[flat_dim, key_dim]`` projection;
+    every row carries the basis ``digest`` and the number of memories it was fitted on."""
+    return pa.schema([
+        pa.field("digest", pa.string(), nullable=False),
+        pa.field("component", pa.int32(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), flat_dim), nullable=False),
+        pa.field("fitted_rows", pa.int64(), nullable=False),
+    ])
 
 
 def index_schema(settings: StoreSettings) -> pa.Schema:

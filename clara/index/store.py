@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from clara.data.corpus import content_hash  # the one formula: rows written here and by the index job compare alike
 from clara.index.codec import (
+    KeyBasis,
     _as_float32,
     _columns_of,
     _decode_memory,
@@ -25,8 +26,10 @@ from clara.index.codec import (
     _name_ids,
     _validate_encoded,
     _validate_meta,
+    check_key_basis,
     dequantize_int8,
     encode_batch,
+    fit_key_basis,
     flat_cosine,
     key_projection,
     project_keys,
@@ -46,6 +49,7 @@ from clara.index.schema import (
     StoreSettings,
     TextIndexMissingError,
     index_schema,
+    key_basis_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -221,10 +225,14 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 class ChunkStore:
     """One LanceDB table of compressed chunks. Create with :meth:`ChunkStore.open`."""
 
-    def __init__(self, db: Any, table: Any, settings: StoreSettings, uri: str, name: str) -> None:
+    def __init__(self, db: Any, table: Any, settings: StoreSettings, uri: str, name: str,
+                 key_basis: KeyBasis | None = None) -> None:
+        check_key_basis(settings, key_basis)
         self._db = db
         self._table = table
         self.settings = settings
+        #: The fitted key projection when ``settings.key_basis`` names one (else None: random keys).
+        self.key_basis = key_basis
         self.uri = uri
         self.name = name
         self._metric = self._detect_metric()
@@ -241,11 +249,17 @@ class ChunkStore:
         *,
         read_consistency_interval: _dt.timedelta | None = None,
         storage_options: dict[str, str] | None = None,
+        key_basis: KeyBasis | None = None,
     ) -> ChunkStore:
         """Open (or create) the chunk table ``table`` in the LanceDB database at ``uri``.
 
         An existing table's settings come from its schema metadata; if ``settings`` is given and differs
         in shape, compressor version, dtype or key, :class:`IndexMismatchError` names the fields.
+
+        A table whose keys use a fitted :class:`~clara.index.codec.KeyBasis` (``settings.key_basis``, a
+        digest) keeps it in the table ``<table>-keybasis``: creating one needs ``key_basis`` (written
+        before the chunk table, so that a chunk table never exists without its basis); opening one reads
+        it back and checks its digest.
         """
         import lancedb
 
@@ -262,6 +276,9 @@ class ChunkStore:
                 raise IndexNotFoundError(f"no chunk table {table!r} in {uri} (and create=False)")
             if settings is None:
                 raise IndexNotFoundError(f"no chunk table {table!r} in {uri}; pass settings to create it")
+            check_key_basis(settings, key_basis)
+            if key_basis is not None:
+                cls._write_key_basis(db, table, key_basis)
             try:
                 tbl = db.create_table(table, schema=index_schema(settings))
                 logger.info("created chunk table %r in %s (%s)", table, uri, settings)
@@ -281,7 +298,35 @@ class ChunkStore:
         actual = tbl.schema
         if actual.names != expected.names or any(not actual.field(f.name).type.equals(f.type) for f in expected):
             raise IndexMismatchError(f"chunk table {table!r} has schema {actual}, expected {expected}")
-        return cls(db, tbl, stored, uri, table)
+        basis = cls._read_key_basis(db, table, stored) if stored.key_basis else None
+        if key_basis is not None and basis is None:
+            raise IndexMismatchError(f"chunk table {table!r} in {uri} has random keys, not key basis "
+                                     f"{key_basis.digest}")
+        return cls(db, tbl, stored, uri, table, basis)
+
+    @classmethod
+    def _write_key_basis(cls, db: Any, table: str, basis: KeyBasis) -> None:
+        name = key_basis_table(table)
+        existing = cls._try_open(db, name)
+        if existing is not None:  # a creator that lost a race, or a table dropped without its basis
+            rows = existing.to_arrow()
+            if rows.num_rows and set(rows.column("digest").to_pylist()) == {basis.digest}:
+                return
+            db.drop_table(name)
+        db.create_table(name, data=basis.to_rows())
+        logger.info("wrote key basis %s to table %r", basis.digest, name)
+
+    @classmethod
+    def _read_key_basis(cls, db: Any, table: str, settings: StoreSettings) -> KeyBasis:
+        tbl = cls._try_open(db, key_basis_table(table))
+        if tbl is None:
+            raise IndexMismatchError(f"chunk table {table!r} uses key basis {settings.key_basis}, but its table "
+                                     f"{key_basis_table(table)!r} is missing")
+        basis = KeyBasis.from_rows(tbl.to_arrow())
+        if basis.digest != settings.key_basis:
+            raise IndexMismatchError(f"{key_basis_table(table)!r} holds key basis {basis.digest}, the chunk table "
+                                     f"{table!r} was built with {settings.key_basis}")
+        return basis
 
     @staticmethod
     def _try_open(db: Any, name: str) -> Any:
@@ -309,7 +354,7 @@ class ChunkStore:
 
     def encode(self, chunks: Any, memory: Any, *, indexed_at: _dt.datetime | None = None) -> pa.Table:
         """:func:`encode_batch` with this store's settings."""
-        return encode_batch(chunks, memory, self.settings, indexed_at=indexed_at)
+        return encode_batch(chunks, memory, self.settings, key_basis=self.key_basis, indexed_at=indexed_at)
 
     def _prepare(self, rows: Any) -> pa.Table:
         if isinstance(rows, pa.RecordBatch):
@@ -322,13 +367,13 @@ class ChunkStore:
             ids = rows.column("chunk_id").to_pylist() if "chunk_id" in rows.column_names else []
             _validate_meta(_columns_of(rows))
             memory = _memory_column_to_numpy(rows.column("memory"), ids, self.settings)
-            return encode_batch(rows, memory, self.settings)
+            return encode_batch(rows, memory, self.settings, key_basis=self.key_basis)
         rows = list(rows)
         cols = _validate_meta(_columns_of(rows))
         missing = [c for c, r in zip(cols["chunk_id"], rows) if r.get("memory") is None]
         if missing:
             raise ValueError(f"rows lack 'memory': {_name_ids(missing)}")
-        return encode_batch(cols, [r["memory"] for r in rows], self.settings)
+        return encode_batch(cols, [r["memory"] for r in rows], self.settings, key_basis=self.key_basis)
 
     def upsert(self, rows: Any) -> UpsertResult:
         """Insert or replace rows keyed on ``chunk_id``, in one transaction (one new table version).
@@ -648,7 +693,7 @@ class ChunkStore:
         if k <= 0:
             raise ValueError("k must be positive")
         limit = max(int(candidates), int(k))
-        keys = project_keys(q, self.settings.key_dim, self.settings.key_seed)
+        keys = project_keys(q, self.settings.key_dim, self.settings.key_seed, self.key_basis)
         query = (
             self._table.search(keys if len(keys) > 1 else keys[0], vector_column_name="key")
             .distance_type(self._metric)
@@ -796,6 +841,7 @@ __all__ = [
     "IndexMismatchError",
     "IndexNotFoundError",
     "IndexReport",
+    "KeyBasis",
     "SearchResult",
     "StoreSettings",
     "TextIndexMissingError",
@@ -803,6 +849,7 @@ __all__ = [
     "content_hash",
     "dequantize_int8",
     "encode_batch",
+    "fit_key_basis",
     "flat_cosine",
     "fuse_candidates",
     "merge_results",

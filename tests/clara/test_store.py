@@ -8,8 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clara.index.codec import dequantize_int8, encode_batch, flat_cosine, key_projection, project_keys, quantize_int8
-from clara.index.schema import IndexMismatchError, IndexNotFoundError, StoreSettings, index_schema
+from clara.index.codec import (
+    KeyBasis,
+    dequantize_int8,
+    encode_batch,
+    fit_key_basis,
+    flat_cosine,
+    key_projection,
+    project_keys,
+    quantize_int8,
+)
+from clara.index.schema import IndexMismatchError, IndexNotFoundError, StoreSettings, index_schema, key_basis_table
 from clara.index.store import ChunkStore
 
 N_MEM, D, KEY_DIM = 4, 16, 16
@@ -145,6 +154,77 @@ def test_project_keys_unit_norm_and_approximate_cosine():
     assert np.argmax(approx) == np.argmax(exact) == 0
     # single [n_mem, d] input
     np.testing.assert_allclose(project_keys(mem[0], 128), keys[:1], atol=1e-6)
+
+
+def low_rank_memories(n: int, shape=(8, 32), rank: int = 12, seed: int = 0, shared: float = 0.8,
+                      noise: float = 0.25) -> np.ndarray:
+    """Memories as measured on real ones: a part every chunk shares, a part that varies in a few directions
+    (``rank``), and noise of the chunk's own (the layout of benchmarks/bench_search.py)."""
+    rng = np.random.default_rng(seed)
+    flat = shape[0] * shape[1]
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    common, w = unit(rng.standard_normal(flat)), rng.standard_normal((rank, flat))
+    x = shared * common + 0.45 * unit(rng.standard_normal((n, rank)) @ w) + noise * unit(rng.standard_normal((n, flat)))
+    return x.reshape(n, *shape).astype(np.float32)
+
+
+def _coverage(keys: np.ndarray, query_keys: np.ndarray, mem: np.ndarray, queries: np.ndarray, c: int) -> float:
+    """Mean fraction of each query's exact top-10 (CLaRa cosine) within the top ``c`` by key."""
+    exact = flat_cosine(queries, mem)
+    return float(np.mean([len(set(np.argsort(-e)[:10]) & set(np.argsort(-(keys @ qk))[:c])) / 10
+                          for e, qk in zip(exact, query_keys)]))
+
+
+def test_a_fitted_key_basis_ranks_candidates_as_the_exact_score_does():
+    mem = low_rank_memories(3000)
+    queries = low_rank_memories(3040)[3000:]  # memories of other chunks, from the same generator
+    basis = fit_key_basis(mem[:1000], 32)
+    assert basis.matrix.shape == (256, 32) and basis.fitted_rows == 1000 and basis.energy > 0.85
+    np.testing.assert_allclose(basis.matrix.T @ basis.matrix, np.eye(32), atol=1e-4)  # orthonormal
+    assert fit_key_basis(mem[:1000], 32).digest == basis.digest  # a refit on the same sample: the same basis
+    assert fit_key_basis(mem[1000:2000], 32).digest != basis.digest
+    keys = project_keys(mem, 32, basis=basis)
+    np.testing.assert_allclose(np.linalg.norm(keys, axis=1), 1.0, atol=1e-5)
+    fitted = _coverage(keys, project_keys(queries, 32, basis=basis), mem, queries, 30)
+    rand = _coverage(project_keys(mem, 32), project_keys(queries, 32), mem, queries, 30)
+    # the random 32-d key of a 256-d memory loses most of the exact top-10 at 30 candidates; the fitted one not
+    assert fitted >= 0.97 and fitted > rand + 0.2, (fitted, rand)
+    back = KeyBasis.from_rows(basis.to_rows())
+    assert back.digest == basis.digest and back.fitted_rows == 1000
+    with pytest.raises(ValueError, match="at least 32 memories"):
+        fit_key_basis(mem[:10], 32)
+    with pytest.raises(ValueError, match="the keys need \\[256, 16\\]"):
+        project_keys(mem, 16, basis=basis)
+
+
+def test_a_table_keeps_its_key_basis_and_refuses_another(tmp_path):
+    mem = low_rank_memories(300)
+    basis = fit_key_basis(mem, 16)
+    st = StoreSettings(n_mem=8, d=32, compressor_version="comp-v1", key_dim=16, key_basis=basis.digest)
+    with pytest.raises(IndexMismatchError, match="pass it"):
+        ChunkStore.open(tmp_path / "db", st)  # creating a fitted-key table needs the basis
+    with pytest.raises(IndexMismatchError, match="not the index's"):
+        ChunkStore.open(tmp_path / "db", st, key_basis=fit_key_basis(mem[::-1][:200], 16))
+    store = ChunkStore.open(tmp_path / "db", st, key_basis=basis)
+    ids = [f"c{i}" for i in range(300)]
+    store.upsert([{"chunk_id": c, "doc_id": c, "position": 0, "text": c, "memory": m} for c, m in zip(ids, mem)])
+    again = ChunkStore.open(tmp_path / "db", None, create=False)
+    assert again.key_basis is not None and again.key_basis.digest == basis.digest == again.settings.key_basis
+    keys = np.stack(again.table.to_arrow().sort_by("chunk_id").column("key").to_numpy(zero_copy_only=False))
+    order = np.argsort(ids)
+    np.testing.assert_allclose(keys, project_keys(mem[order], 16, basis=basis), atol=1e-5)  # of the float32 memory
+    # the query side uses the same basis: a row's own memory finds it first among 20 candidates
+    found = again.search(mem[:5], k=1, candidates=20)
+    assert [r.chunk_ids[0] for r in found] == ids[:5]
+    with pytest.raises(IndexMismatchError, match="seeded random projection"):
+        encode_batch({"chunk_id": ["x"], "doc_id": ["x"], "position": [0], "text": ["x"]}, mem[:1],
+                     StoreSettings(n_mem=8, d=32, compressor_version="comp-v1", key_dim=16), key_basis=basis)
+    with pytest.raises(IndexMismatchError, match="pass it"):
+        encode_batch({"chunk_id": ["x"], "doc_id": ["x"], "position": [0], "text": ["x"]}, mem[:1], st)
+    # a table whose basis went missing is refused, naming the table that should hold it
+    again._db.drop_table(key_basis_table("chunks"))
+    with pytest.raises(IndexMismatchError, match="chunks-keybasis' is missing"):
+        ChunkStore.open(tmp_path / "db", None, create=False)
 
 
 def test_flat_cosine_is_cosine_of_flattened_vectors():

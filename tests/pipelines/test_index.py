@@ -116,6 +116,53 @@ def test_two_step_search_recall_against_brute_force(scp_index, make_model, scp_r
     np.testing.assert_allclose(ann[0].scores[:3], exact[0].scores[:3], atol=1e-5)
 
 
+def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ray_session, model_dir, make_model,
+                                                                               scp_sample_path, scp_records, tmp_path):
+    """``--key-basis pca``: the job compresses a sample, fits the key on it, stores the basis beside the table;
+    the keys are the stored memory projected on it, a query finds the exact top-10 among few candidates, a
+    rerun keeps the basis, and a table of random keys is not silently switched."""
+    lines: list[str] = []
+    s = _settings(scp_sample_path, model_dir, tmp_path / "db", format="scp", commit_rows=512, key_basis="pca",
+                  key_dim=32, key_fit_rows=200, limit=400)
+    summary = run_index(s, progress=lines.append)
+    assert summary.compressed == summary.rows == 400
+    store = ChunkStore.open(s.table_uri, None, create=False)
+    basis = store.key_basis
+    assert basis is not None and basis.digest == store.settings.key_basis and basis.fitted_rows == 200
+    assert basis.matrix.shape == (16 * 128, 32) and store.settings.key_dim == 32
+    assert any(f"key basis {basis.digest}: 32 dimensions fitted on 200 chunks" in line for line in lines)
+    t = store.table.to_arrow()
+    keys = np.stack(t.column("key").to_numpy(zero_copy_only=False))
+    memory = store.get_memory(t.column("chunk_id").to_pylist())
+    from clara.index.codec import project_keys
+
+    np.testing.assert_allclose(keys, project_keys(memory, 32, basis=basis), atol=2e-3)  # of the float16 memory
+    questions = [ex.question for ex in scp_records][::73][:60]
+    query = make_model().encode_query(questions).numpy()
+    exact = store.exact_search(query, k=10)
+    found = store.search(query, k=10, candidates=50)
+    recall = np.mean([len(set(a.chunk_ids) & set(e.chunk_ids)) / 10 for a, e in zip(found, exact)])
+    assert recall >= 0.95, recall
+
+    again = run_index(IndexSettings(**{**s.__dict__, "key_basis": None}))
+    assert again.compressed == 0
+    assert ChunkStore.open(s.table_uri, None, create=False).key_basis.digest == basis.digest
+    with pytest.raises(IndexMismatchError, match="not --key-basis random"):
+        run_index(IndexSettings(**{**s.__dict__, "key_basis": "random"}))
+
+    # the streamed plan (--reader ray-data) fits on a sample of the planned rows the same way
+    texts = load_scp_chunks(scp_sample_path)[:40]
+    corpus = _write_corpus(tmp_path / "one.jsonl", {f"d{i:03d}": t for i, t in enumerate(texts)}, "jsonl")
+    streamed = run_index(_settings(corpus, model_dir, tmp_path / "db2", reader="ray-data", key_basis="pca",
+                                   key_dim=16, key_fit_rows=64))
+    st = ChunkStore.open(tmp_path / "db2", None, create=False)
+    assert streamed.rows >= 100 and st.key_basis is not None and st.key_basis.fitted_rows == 64
+    with pytest.raises(ValueError, match="--key-basis pca fits a 64-d key .* there are [0-9]+ "):
+        run_index(_settings(corpus, model_dir, tmp_path / "db3", key_basis="pca", key_dim=64, limit=10))
+    with pytest.raises(IndexNotFoundError):  # refused before the table was created
+        ChunkStore.open(tmp_path / "db3", None, create=False)
+
+
 def test_the_job_keeps_a_text_index_for_hybrid_retrieval(scp_index, model_dir, scp_records):
     """The run built the full-text index; with the tiny random model, latent retrieval barely finds a
     question's chunk, BM25 and hybrid (through the served Retriever) find most."""
