@@ -121,7 +121,8 @@ def main() -> None:
                    help="ANN index kind(s) on the key (clara.index.store.ANN_KINDS); each is built and timed in turn")
     p.add_argument("--num-partitions", type=int, help="IVF partitions (default: clara.index.store's choice)")
     p.add_argument("--nprobes", type=int, help="IVF partitions searched per query (default: LanceDB's)")
-    p.add_argument("--ef", type=int, help="HNSW search beam (default: LanceDB's)")
+    p.add_argument("--ef", type=int, nargs="+", default=[None],
+                   help="HNSW search beam(s) (default: LanceDB's); each is measured on the same index")
     p.add_argument("--refine-factor", type=int, help="re-rank refine_factor x candidates on the raw key")
     p.add_argument("--candidates", type=int, nargs="+", default=[100, 200, 500], help="ANN candidates to re-score")
     p.add_argument("--ram-gib", type=float, default=4.0,
@@ -216,24 +217,28 @@ def main() -> None:
             ram_ms = 1000 * float(np.median(lat))
             print(f"{'exact brute force, float32 in RAM':40}{np.mean(hits):>10.3f}{ram_ms:>10.1f}"
                   f"{1000 * np.percentile(lat, 95):>10.1f}{exact_ms / ram_ms:>10.1f}")
-        knobs = {"nprobes": a.nprobes, "ef": a.ef, "refine_factor": a.refine_factor}
         for kind in a.kind:
             t = time.perf_counter()
             report = store.create_ann_index(kind, num_partitions=a.num_partitions, scalar=False)
             index_s = time.perf_counter() - t
-            print(f"  {report.message} in {index_s:.0f}s", flush=True)
-            for c in a.candidates:
-                lat, hits = [], []
-                store.search(queries[0], k=a.k, candidates=c, **knobs)  # warm the index cache
-                for q, gt in zip(queries, truth):
-                    t = time.perf_counter()
-                    res = store.search(q, k=a.k, candidates=c, **knobs)[0]
-                    lat.append(time.perf_counter() - t)
-                    hits.append(len(set(res.chunk_ids) & set(gt.chunk_ids)) / a.k)
-                p50 = 1000 * float(np.median(lat))
-                vs_ram = f"   {ram_ms / p50:.1f}x faster than the in-RAM brute force" if ram is not None else ""
-                print(f"{f'{kind} + re-score {c} candidates':40}{np.mean(hits):>10.3f}{p50:>10.1f}"
-                      f"{1000 * np.percentile(lat, 95):>10.1f}{exact_ms / p50:>10.1f}{vs_ram}", flush=True)
+            print(f"  {report.message} in {index_s:.0f}s ({1e6 * index_s / a.rows:.0f} us a row)", flush=True)
+            for ef in a.ef:
+                knobs = {"nprobes": a.nprobes, "ef": ef, "refine_factor": a.refine_factor}
+                for c in a.candidates:
+                    if ef is not None and ef < c:
+                        continue  # LanceDB: the beam must hold the candidates
+                    lat, hits = [], []
+                    store.search(queries[0], k=a.k, candidates=c, **knobs)  # warm the index cache
+                    for q, gt in zip(queries, truth):
+                        t = time.perf_counter()
+                        res = store.search(q, k=a.k, candidates=c, **knobs)[0]
+                        lat.append(time.perf_counter() - t)
+                        hits.append(len(set(res.chunk_ids) & set(gt.chunk_ids)) / a.k)
+                    p50 = 1000 * float(np.median(lat))
+                    vs_ram = f"   {ram_ms / p50:.1f}x faster than the in-RAM brute force" if ram is not None else ""
+                    label = f"{kind}{f' ef {ef}' if ef else ''} + re-score {c}"
+                    print(f"{label:40}{np.mean(hits):>10.3f}{p50:>10.1f}"
+                          f"{1000 * np.percentile(lat, 95):>10.1f}{exact_ms / p50:>10.1f}{vs_ram}", flush=True)
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -308,11 +308,15 @@ class ChunkStore:
     def _write_key_basis(cls, db: Any, table: str, basis: KeyBasis) -> None:
         name = key_basis_table(table)
         existing = cls._try_open(db, name)
-        if existing is not None:  # a creator that lost a race, or a table dropped without its basis
-            rows = existing.to_arrow()
-            if rows.num_rows and set(rows.column("digest").to_pylist()) == {basis.digest}:
+        if existing is not None:  # a run that stopped between the two tables (a refit of its sample gives the
+            # same basis), another creator at the same moment, or a chunk table dropped without its basis
+            digests = set(existing.to_arrow().column("digest").to_pylist())
+            if digests == {basis.digest}:
                 return
-            db.drop_table(name)
+            raise IndexMismatchError(
+                f"{name!r} already holds key basis {sorted(digests)}, not {basis.digest}: another job is creating "
+                f"{table!r} with its own basis, or a dropped table left it; if no chunk table {table!r} uses it, "
+                f"drop {name!r} and rerun")
         db.create_table(name, data=basis.to_rows())
         logger.info("wrote key basis %s to table %r", basis.digest, name)
 

@@ -221,6 +221,13 @@ def test_a_table_keeps_its_key_basis_and_refuses_another(tmp_path):
                      StoreSettings(n_mem=8, d=32, compressor_version="comp-v1", key_dim=16), key_basis=basis)
     with pytest.raises(IndexMismatchError, match="pass it"):
         encode_batch({"chunk_id": ["x"], "doc_id": ["x"], "position": [0], "text": ["x"]}, mem[:1], st)
+    # another basis is never written over one that a table may use
+    other = fit_key_basis(mem[:100], 16)
+    other_st = StoreSettings(**{**st.to_dict(), "key_basis": other.digest})
+    again._db.drop_table("chunks")
+    with pytest.raises(IndexMismatchError, match="already holds key basis"):
+        ChunkStore.open(tmp_path / "db", other_st, key_basis=other)
+    assert ChunkStore.open(tmp_path / "db", st, key_basis=basis).key_basis.digest == basis.digest  # same: reused
     # a table whose basis went missing is refused, naming the table that should hold it
     again._db.drop_table(key_basis_table("chunks"))
     with pytest.raises(IndexMismatchError, match="chunks-keybasis' is missing"):
