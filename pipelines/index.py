@@ -183,14 +183,17 @@ class IndexSettings:
     #: Storage of memory: float32, float16 or int8 with a per-token scale (default: the table's, or
     #: float16 for a new table).
     dtype: str | None = field(default=None, metadata={"choices": DTYPES})
-    #: Dimension of the ANN key (default: the table's, or n_mem*d/8 within 128..1024).
+    #: Dimension of the ANN key (default: the table's; for a new random key n_mem*d/8 within 128..1024, for a
+    #: fitted one 256).
     key_dim: int | None = None
     #: Seed of the key projection (default: the table's, or 0).
     key_seed: int | None = None
     #: The ANN key of a new table: ``random``, a seeded random projection of the memory, or ``pca``, a
     #: basis fitted on the memories of ``--key-fit-rows`` chunks of the corpus (compressed once more for
     #: it, before the run) and stored beside the table: the exact top-10 lies within far fewer ANN
-    #: candidates (benchmarks/bench_search.py). Default: the table's, or ``random`` for a new table.
+    #: candidates (benchmarks/bench_search.py). Default: the table's; for a new table ``pca`` when its first
+    #: run compresses at least 10 x --key-fit-rows chunks (then the key has 256 dimensions unless
+    #: --key-dim says), else ``random``.
     key_basis: str | None = field(default=None, metadata={"choices": ("random", "pca")})
     #: Chunks (a seeded random sample of the corpus's) to fit the ``pca`` key basis on (at least --key-dim).
     key_fit_rows: int = 4096
@@ -399,7 +402,9 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     check_deletions(plan, table_rows, s.max_delete_fraction)
     if store is None:
         basis = None
-        if s.key_basis == "pca":
+        if new_table_key(s, plan.new + plan.changed) == "pca":
+            if s.key_dim is None:
+                settings = replace(settings, key_dim=default_fitted_key_dim(settings.n_mem, settings.d))
             basis = _fit_key_basis(s, settings, source, plan.new + plan.changed, say)
             settings = replace(settings, key_basis=basis.digest)
         store = _open_store(s, settings, create=True, key_basis=basis)
@@ -717,6 +722,27 @@ def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=ChunkC
         },
         **compat.actor_pool(s.actors, num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor),
     )
+
+
+#: ``--key-basis`` unset: a new table's first run fits a pca key when it compresses at least this many times
+#: ``--key-fit-rows`` chunks (the sample is compressed twice, so the fit then costs at most a tenth more).
+AUTO_PCA_FACTOR = 10
+
+
+def new_table_key(s: IndexSettings, total: int) -> str:
+    """The key of a new table whose first run compresses ``total`` chunks: ``--key-basis`` if given, else
+    ``pca`` for a corpus of at least ``AUTO_PCA_FACTOR x --key-fit-rows`` chunks (the scale where the ANN
+    index matters and the fit is cheap beside the run), else ``random``."""
+    if s.key_basis:
+        return s.key_basis
+    return "pca" if total >= AUTO_PCA_FACTOR * s.key_fit_rows else "random"
+
+
+def default_fitted_key_dim(n_mem: int, d: int) -> int:
+    """Dimensions of a fitted key: 256 (or ``n_mem * d / 8`` if less). On real memories of the SmolLM2
+    compressor (benchmarks/bench_keys.py) a 256-d fitted key holds the exact top-10 within 100 candidates,
+    a 128-d one 0.99 of it, the 1024-d random key 0.98."""
+    return max(1, min(256, n_mem * d // 8))
 
 
 def _fit_key_basis(s: IndexSettings, settings, source, total: int, say: Progress) -> KeyBasis:

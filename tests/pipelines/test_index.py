@@ -116,6 +116,19 @@ def test_two_step_search_recall_against_brute_force(scp_index, make_model, scp_r
     np.testing.assert_allclose(ann[0].scores[:3], exact[0].scores[:3], atol=1e-5)
 
 
+def test_a_new_table_gets_a_fitted_key_at_scale_unless_told():
+    from pipelines.index import default_fitted_key_dim, new_table_key
+
+    s = IndexSettings(corpus="c.jsonl", model="m", table_uri="db")
+    assert s.key_basis is None and s.key_fit_rows == 4096
+    assert new_table_key(s, 40_959) == "random" and new_table_key(s, 40_960) == "pca"  # 10 x the fit sample
+    assert new_table_key(IndexSettings(**{**s.__dict__, "key_basis": "random"}), 10**9) == "random"
+    assert new_table_key(IndexSettings(**{**s.__dict__, "key_basis": "pca"}), 500) == "pca"
+    assert default_fitted_key_dim(16, 576) == 256 and default_fitted_key_dim(4, 16) == 8
+    with pytest.raises(ValueError, match="key_basis must be random or pca"):
+        IndexSettings(corpus="c.jsonl", model="m", table_uri="db", key_basis="learned")
+
+
 def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ray_session, model_dir, make_model,
                                                                                scp_sample_path, scp_records, tmp_path):
     """``--key-basis pca``: the job compresses a sample, fits the key on it, stores the basis beside the table;
