@@ -402,7 +402,8 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     check_deletions(plan, table_rows, s.max_delete_fraction)
     if store is None:
         basis = None
-        if new_table_key(s, plan.new + plan.changed) == "pca":
+        if new_table_key(s, plan.new + plan.changed, s.key_dim or default_fitted_key_dim(settings.n_mem,
+                                                                                         settings.d)) == "pca":
             if s.key_dim is None:
                 settings = replace(settings, key_dim=default_fitted_key_dim(settings.n_mem, settings.d))
             basis = _fit_key_basis(s, settings, source, plan.new + plan.changed, say)
@@ -729,13 +730,14 @@ def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=ChunkC
 AUTO_PCA_FACTOR = 10
 
 
-def new_table_key(s: IndexSettings, total: int) -> str:
+def new_table_key(s: IndexSettings, total: int, key_dim: int) -> str:
     """The key of a new table whose first run compresses ``total`` chunks: ``--key-basis`` if given, else
     ``pca`` for a corpus of at least ``AUTO_PCA_FACTOR x --key-fit-rows`` chunks (the scale where the ANN
-    index matters and the fit is cheap beside the run), else ``random``."""
+    index matters and the fit is cheap beside the run) when the sample can fit a ``key_dim``-d key, else
+    ``random``. Each shard of a sharded index decides (and fits) on its own; its searches use its own key."""
     if s.key_basis:
         return s.key_basis
-    return "pca" if total >= AUTO_PCA_FACTOR * s.key_fit_rows else "random"
+    return "pca" if total >= AUTO_PCA_FACTOR * s.key_fit_rows and s.key_fit_rows >= key_dim else "random"
 
 
 def default_fitted_key_dim(n_mem: int, d: int) -> int:

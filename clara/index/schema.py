@@ -42,6 +42,9 @@ DEFAULT_TABLE = "chunks"
 
 # Fields whose difference makes an existing table unusable with the requested settings.
 _IDENTITY_FIELDS = ("n_mem", "d", "compressor_version", "dtype", "key_dim", "key_seed", "key_basis")
+# What the shards of one index must share: their memories are scored and merged together; each shard projects a
+# query with its own key (random or fitted), so the key fields may differ between shards.
+MEMORY_FIELDS = ("n_mem", "d", "compressor_version", "dtype")
 _EPS = 1e-12
 
 _ID_BATCH = 4096  # ids per IN-list when reading rows by id
@@ -180,9 +183,9 @@ class StoreSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in payload.items() if k in names})
 
-    def differences(self, other: StoreSettings) -> list[str]:
-        """Identity fields (shape, compressor, dtype, key) on which the two settings differ."""
-        return [name for name in _IDENTITY_FIELDS if getattr(self, name) != getattr(other, name)]
+    def differences(self, other: StoreSettings, fields: tuple[str, ...] = _IDENTITY_FIELDS) -> list[str]:
+        """Identity fields (shape, compressor, dtype, key; or only ``fields``) on which the two settings differ."""
+        return [name for name in fields if getattr(self, name) != getattr(other, name)]
 
 
 def key_basis_table(table: str) -> str:

@@ -44,6 +44,7 @@ import pyarrow as pa
 from clara.index.schema import (
     DEFAULT_TABLE,
     MANIFEST_SCHEMA,
+    MEMORY_FIELDS,
     IndexMismatchError,
     manifest_table,
     shard_table,
@@ -240,8 +241,8 @@ class ShardedStore:
         if not shards:
             raise ValueError("a sharded index needs at least one shard")
         first = shards[0].settings
-        for shard in shards[1:]:
-            diff = first.differences(shard.settings)
+        for shard in shards[1:]:  # the key may differ: each shard's search projects the query with its own
+            diff = first.differences(shard.settings, MEMORY_FIELDS)
             if diff:
                 raise IndexMismatchError(f"shard {shard.name!r} was built with other settings than {shards[0].name!r} "
                                          f"({', '.join(diff)}): rebuild it with the same compressor and storage")

@@ -299,8 +299,9 @@ class ChunkStore:
         if actual.names != expected.names or any(not actual.field(f.name).type.equals(f.type) for f in expected):
             raise IndexMismatchError(f"chunk table {table!r} has schema {actual}, expected {expected}")
         basis = cls._read_key_basis(db, table, stored) if stored.key_basis else None
-        if key_basis is not None and basis is None:
-            raise IndexMismatchError(f"chunk table {table!r} in {uri} has random keys, not key basis "
+        if key_basis is not None and (basis is None or basis.digest != key_basis.digest):
+            raise IndexMismatchError(f"chunk table {table!r} in {uri} has "
+                                     f"{'key basis ' + basis.digest if basis else 'random keys'}, not key basis "
                                      f"{key_basis.digest}")
         return cls(db, tbl, stored, uri, table, basis)
 

@@ -170,6 +170,27 @@ def test_shards_of_other_settings_are_refused(tmp_path):
         ShardedStore.open(tmp_path / "db", "chunks", 2)
 
 
+def test_shards_with_their_own_keys_search_as_one_table(tmp_path):
+    """Each shard fits (or not) its own key: a random-key shard and a fitted-key shard open together, and the
+    merged search equals one table's exact search (each shard projects the query with its own key)."""
+    from clara.index.codec import fit_key_basis
+
+    data = worded_rows(80, seed=5)
+    mem = np.stack([r["memory"] for r in data])
+    parts = [[r for r in data if shard_of(r["doc_id"], 2) == s] for s in range(2)]
+    ChunkStore.open(tmp_path / "db", settings(), table=shard_table("chunks", 0, 2)).upsert(parts[0])
+    basis = fit_key_basis(np.stack([r["memory"] for r in parts[1]]), 8)
+    fitted = dataclasses.replace(settings(), key_dim=8, key_basis=basis.digest)
+    ChunkStore.open(tmp_path / "db", fitted, table=shard_table("chunks", 1, 2), key_basis=basis).upsert(parts[1])
+    single = ChunkStore.open(tmp_path / "db", settings(), table="chunks")
+    single.upsert(data)
+    sharded = ShardedStore.open(tmp_path / "db", "chunks", 2)
+    assert sharded.shards[1].key_basis.digest == basis.digest and sharded.shards[0].key_basis is None
+    q = mem[:6] + 0.1 * memories(6, seed=9)
+    got, want = sharded.search(q, k=5, candidates=80), single.exact_search(q, k=5)
+    assert [g.chunk_ids for g in got] == [w.chunk_ids for w in want]
+
+
 def test_a_manifest_pins_every_shard_until_the_next_is_published(one_and_sharded, tmp_path):
     """Readers see the shard versions of the newest manifest: a shard written after it stays invisible
     (count, search, memory) until a new manifest is published; a rollback manifest serves the old versions

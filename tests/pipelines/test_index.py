@@ -121,9 +121,10 @@ def test_a_new_table_gets_a_fitted_key_at_scale_unless_told():
 
     s = IndexSettings(corpus="c.jsonl", model="m", table_uri="db")
     assert s.key_basis is None and s.key_fit_rows == 4096
-    assert new_table_key(s, 40_959) == "random" and new_table_key(s, 40_960) == "pca"  # 10 x the fit sample
-    assert new_table_key(IndexSettings(**{**s.__dict__, "key_basis": "random"}), 10**9) == "random"
-    assert new_table_key(IndexSettings(**{**s.__dict__, "key_basis": "pca"}), 500) == "pca"
+    assert new_table_key(s, 40_959, 256) == "random" and new_table_key(s, 40_960, 256) == "pca"  # 10 x the sample
+    assert new_table_key(s, 10**9, 8192) == "random"  # a sample too small for the key: no automatic fit
+    assert new_table_key(IndexSettings(**{**s.__dict__, "key_basis": "random"}), 10**9, 256) == "random"
+    assert new_table_key(IndexSettings(**{**s.__dict__, "key_basis": "pca"}), 500, 256) == "pca"
     assert default_fitted_key_dim(16, 576) == 256 and default_fitted_key_dim(4, 16) == 8
     with pytest.raises(ValueError, match="key_basis must be random or pca"):
         IndexSettings(corpus="c.jsonl", model="m", table_uri="db", key_basis="learned")
