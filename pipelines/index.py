@@ -28,7 +28,10 @@ The table may be a local directory or an object-store URI; so may the corpus wit
    field, before anything is compressed or written; so does a run that would delete more than
    --max-delete-fraction of the table (a truncated corpus with --delete-missing).
 2. Ray Data: the chunks to compress go through ``map_batches`` on a pool of actors, each of which
-   loads the model once and returns encoded index rows (memory in the storage dtype, ``key``).
+   loads the model once and returns encoded index rows (memory in the storage dtype, ``key``). A new
+   table with a fitted key (``--key-basis pca``, automatic for a first run of >= 10 x --key-fit-rows
+   chunks) first compresses a seeded sample of them and fits the key's basis on their memories; it is
+   kept beside the table (``<table>-keybasis``) and every later run and search uses it.
 3. driver: rows stream back (``iter_batches``) and are upserted on ``chunk_id`` a few thousand per
    commit; then stale rows are deleted, the B-tree indices on ``chunk_id`` / ``doc_id``, the ANN index
    and the full-text index are built or refreshed, and the version the run ended on is tagged
