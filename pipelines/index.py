@@ -213,8 +213,9 @@ class IndexSettings:
     #: so that their versions go too and storage stays bounded; tags made by hand are kept (default: keep
     #: every tag).
     keep_tags: int | None = None
-    #: Build or refresh an ANN index of this kind on the key at the end (IVF_PQ, IVF_HNSW_SQ, ... in any
-    #: case; ``none``: none; skipped below ``--ann-min-rows``).
+    #: Build or refresh an ANN index of this kind on the key at the end (IVF_SQ, IVF_HNSW_SQ, IVF_PQ, ... in
+    #: any case; ``none``: none; skipped below ``--ann-min-rows``). With a fitted key, IVF_SQ: an int8 scan of
+    #: every key, recall@10 0.98-1.00 at ~10x below brute force at 10^6 rows, built in seconds.
     ann_index: str | None = field(default=None, metadata={"metavar": "KIND"})
     #: Fewer rows than this: no ANN index is built (searches scan, exact).
     ann_min_rows: int = 256

@@ -19,7 +19,7 @@ from clara.index.codec import (
     quantize_int8,
 )
 from clara.index.schema import IndexMismatchError, IndexNotFoundError, StoreSettings, index_schema, key_basis_table
-from clara.index.store import ChunkStore
+from clara.index.store import SCAN_MAX_PARTITIONS, ChunkStore, default_partitions
 
 N_MEM, D, KEY_DIM = 4, 16, 16
 
@@ -195,6 +195,32 @@ def test_a_fitted_key_basis_ranks_candidates_as_the_exact_score_does():
         fit_key_basis(mem[:10], 32)
     with pytest.raises(ValueError, match="the keys need \\[256, 16\\]"):
         project_keys(mem, 16, basis=basis)
+
+
+def test_ivf_sq_on_a_fitted_key_is_a_scan_of_every_key_that_finds_the_exact_top_10(tmp_path):
+    """The search design of bench_search.py: a fitted key, an int8 IVF_SQ index whose default probes reach
+    every partition, and few candidates re-scored on the memory give the exact top-10."""
+    assert default_partitions("IVF_SQ", 2_000) == 1 and default_partitions("IVF_SQ", 1_000_000) == 4
+    assert default_partitions("IVF_SQ", 10**9) == SCAN_MAX_PARTITIONS == 20  # LanceDB's default probes
+    assert default_partitions("IVF_PQ", 1_000_000) == 1000 and default_partitions("IVF_HNSW_SQ", 2_500_000) == 3
+    mem = low_rank_memories(3000)
+    queries = low_rank_memories(3030)[3000:]
+    basis = fit_key_basis(mem[:1000], 32)
+    st = ChunkStore.open(tmp_path / "db", StoreSettings(n_mem=8, d=32, compressor_version="comp-v1", key_dim=32,
+                                                       key_basis=basis.digest), key_basis=basis)
+    st.upsert([{"chunk_id": f"c{i}", "doc_id": f"c{i}", "position": 0, "text": "", "memory": m}
+               for i, m in enumerate(mem)])
+    report = st.create_ann_index("IVF_SQ", scalar=False)
+    assert report.created and report.num_partitions == 1
+    assert any(list(i.columns) == ["key"] and "Sq" in str(i.index_type) for i in st.list_indices())
+    exact = st.exact_search(queries, k=10)
+    found = st.search(queries, k=10, candidates=40)
+    recall = np.mean([len(set(a.chunk_ids) & set(e.chunk_ids)) / 10 for a, e in zip(found, exact)])
+    assert recall >= 0.97, recall
+    # several partitions, every one probed by default: the same results
+    assert st.create_ann_index("IVF_SQ", num_partitions=4, scalar=False).num_partitions == 4
+    again = st.search(queries, k=10, candidates=40)
+    assert [r.chunk_ids for r in again] == [r.chunk_ids for r in found]
 
 
 def test_a_table_keeps_its_key_basis_and_refuses_another(tmp_path):

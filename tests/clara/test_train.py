@@ -52,11 +52,15 @@ def test_wrong_memory_negatives_pair_questions_with_other_chunks(scp_records):
     assert kinds[:2] == [{"reconstruction"}] * 2 and all("negative" in k for k in kinds[2:])
 
 
+@pytest.mark.slow
 def test_information_flows_through_the_memory_tokens(tiny_base, scp_records):
     """A tiny model trained on 16 chunks reads its memory: own memory beats another chunk's.
 
     Reconstruction prompts are identical for every chunk, so only the memory can tell the
     generator which chunk to write; QA from a wrong chunk's memory shows how much is memorised.
+    Slow (~4 min on 2 cores: 300 steps from random weights); the default run checks the same flow on
+    the pretrained base (tests/clara/test_real_base.py: reconstruction from own vs wrong memory, and the
+    packaged QA model answering from memory).
     """
     torch.manual_seed(0)
     chunks = list(dict.fromkeys(ex.chunks[0] for ex in scp_records))[:16]

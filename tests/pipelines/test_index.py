@@ -137,14 +137,14 @@ def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ra
     rerun keeps the basis, and a table of random keys is not silently switched."""
     lines: list[str] = []
     s = _settings(scp_sample_path, model_dir, tmp_path / "db", format="scp", commit_rows=512, key_basis="pca",
-                  key_dim=32, key_fit_rows=200, limit=400)
+                  key_dim=32, key_fit_rows=120, limit=240)
     summary = run_index(s, progress=lines.append)
-    assert summary.compressed == summary.rows == 400
+    assert summary.compressed == summary.rows == 240
     store = ChunkStore.open(s.table_uri, None, create=False)
     basis = store.key_basis
-    assert basis is not None and basis.digest == store.settings.key_basis and basis.fitted_rows == 200
+    assert basis is not None and basis.digest == store.settings.key_basis and basis.fitted_rows == 120
     assert basis.matrix.shape == (16 * 128, 32) and store.settings.key_dim == 32
-    assert any(f"key basis {basis.digest}: 32 dimensions fitted on 200 chunks" in line for line in lines)
+    assert any(f"key basis {basis.digest}: 32 dimensions fitted on 120 chunks" in line for line in lines)
     t = store.table.to_arrow()
     keys = np.stack(t.column("key").to_numpy(zero_copy_only=False))
     memory = store.get_memory(t.column("chunk_id").to_pylist())
@@ -606,17 +606,17 @@ def test_ray_data_reader_updates_exactly_the_changed_rows(ray_session, model_dir
     """Edited, shortened and removed documents through the streamed plan: only their rows are touched, stale
     positions go, --delete-missing removes the gone documents (behind the deletion guard), scp duplicates
     are compressed once."""
-    texts = load_scp_chunks(scp_sample_path)[:300]
+    texts = load_scp_chunks(scp_sample_path)[:150]
     docs = {f"doc-{i:03d}": t for i, t in enumerate(texts)}
     corpus = tmp_path / "corpus.jsonl"
     _write_corpus(corpus, docs, "jsonl")
     s = _settings(corpus, model_dir, tmp_path / "db", chunk_tokens=32, reader="ray-data", commit_rows=512)
     first = run_index(s)
     before = _rows(s.table_uri)
-    assert first.rows == first.compressed == len(before) > 300 and first.docs == 300
+    assert first.rows == first.compressed == len(before) > 150 and first.docs == 150
 
     ids = sorted(docs)
-    edited, shortened, deleted = ids[10:13], ids[20:23], ids[280:]  # the deleted ones: 20 of 300, in a later batch
+    edited, shortened, deleted = ids[10:13], ids[20:23], ids[142:]  # the deleted ones: 8 of 150, in a later batch
     new_docs = {k: v for k, v in docs.items() if k not in deleted}
     for k in edited:
         new_docs[k] = "A new first sentence. " + docs[k]
