@@ -22,6 +22,7 @@ at ~2 chunks/s while other jobs shared the 2 cores. Fraction of the exact top-10
     key            fit rows    C=10    C=50   C=100   C=200   C=500  p99 C(all 10)
     random 128            -   0.143   0.376   0.520   0.669   0.834           3085
     random 1024           -   0.536   0.904   0.977   0.994   1.000            346
+    mean-pool 576         -   0.319   0.702   0.854   0.949   0.993            810   (added later, same rows)
     pca 64 all         2000   0.369   0.814   0.947   0.990   1.000            390
     pca 128 all        2000   0.522   0.946   0.991   0.999   1.000            193
     pca 256 all        2000   0.658   0.994   0.999   1.000   1.000             89
@@ -32,6 +33,8 @@ at ~2 chunks/s while other jobs shared the 2 cores. Fraction of the exact top-10
 So on real memories a 128-d PCA key holds 0.99 of the exact top-10 at C = 100 (0.987 fitted on
 Wikipedia only) and >= 0.997 at C = 200, better than the 1024-d random projection (0.977 / 0.994; p99
 193 vs 346 candidates for all 10); 64-d reaches 0.98-0.99 only at C = 200; 256-d is safe at C = 100.
+The memory tokens averaged (a 576-d key with nothing fitted; results/bench_keys_real_meanpool_*) hold 0.854
+at C = 100: averaging discards what tells chunks apart, token by token.
 A basis fitted on Wikipedia only loses <= 0.025 coverage (<= 0.004 at C >= 100 for 128-256 dims) on
 scp rows and questions. The "all" fit sees 2,000 of the 3,648 rows; fitted on all of them
 (``--fit-rows 5000``, results/bench_keys_real_fit5000_2026-12-04.txt) PCA-128 reads 0.960 / 0.994 / 0.999
@@ -182,6 +185,8 @@ def main(argv=None) -> None:
 
     for k in a.random_dims:
         row(f"random {k}", "-", project_keys(mem, k, a.seed), project_keys(qmem, k, a.seed))
+    # the memory tokens averaged: a d-wide key with no projection to choose (the "mean-pooled" candidate)
+    row(f"mean-pool {mem.shape[-1]}", "-", unit(mem.mean(axis=1)), unit(qmem.mean(axis=1)))
     for fit, idx in samples.items():
         for k in a.pca_dims:
             t = time.perf_counter()

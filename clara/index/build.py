@@ -676,6 +676,24 @@ class IndexWriter:
 # the ANN index
 
 
+#: ``--ann-index auto`` builds an index from this many rows on: LanceDB's scan of float keys without one took
+#: 242 ms a query at 10^6 rows (128-d, benchmarks/bench_search.py), ~25 ms a 10^5; IVF_SQ took 25-31 ms at 10^6.
+AUTO_ANN_ROWS = 100_000
+#: ... and of this kind: a scan of every key in int8 (``ChunkStore.create_ann_index``), built in seconds.
+AUTO_ANN_KIND = "IVF_SQ"
+
+
+def auto_ann_kind(store: ChunkStore, min_rows: int = AUTO_ANN_ROWS) -> str | None:
+    """The ANN index ``--ann-index auto`` keeps on ``store``: the kind already built on ``key`` if any (a
+    user's choice stands), else :data:`AUTO_ANN_KIND` once the table holds ``min_rows`` rows, else none."""
+    key_index = next((i for i in store.list_indices() if list(i.columns) == ["key"]), None)
+    if key_index is not None:
+        built = str(getattr(store.table.index_stats(key_index.name), "index_type", "") or "").upper()
+        if built in ANN_KINDS:
+            return built
+    return AUTO_ANN_KIND if store.count() >= min_rows else None
+
+
 def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebuild_factor: float = 2.0,
                       metric: str = "cosine") -> str:
     """Build the ANN index on ``key`` if there is none, else fold new rows into it; returns what was done.

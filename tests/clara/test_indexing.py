@@ -14,6 +14,7 @@ from clara.index.build import (
     ChunkingSettings,
     DeletionGuardError,
     IndexWriter,
+    auto_ann_kind,
     check_deletions,
     chunking_salt,
     cleanup_index,
@@ -254,6 +255,24 @@ def test_refresh_ann_index_builds_folds_and_retrains(tmp_path):
     assert refresh_ann_index(store, "IVF_HNSW_SQ").startswith("retrained")
     with pytest.raises(ValueError, match="ANN index kind"):
         refresh_ann_index(store, "KDTREE")
+    assert auto_ann_kind(store) == "IVF_HNSW_SQ"  # --ann-index auto keeps the kind a table has
+
+
+def test_ann_index_auto_builds_the_int8_scan_once_the_table_is_large(tmp_path):
+    settings = StoreSettings(n_mem=4, d=16, compressor_version="v", key_dim=8)
+    store = ChunkStore.open(tmp_path / "db", settings)
+    ids = [f"d{i}::0" for i in range(600)]
+    meta = {"chunk_id": ids, "doc_id": [i[:-3] for i in ids], "position": [0] * 600, "text": ids}
+    mem = np.random.default_rng(1).standard_normal((600, 4, 16)).astype(np.float32)
+    store.upsert(encode_batch(meta, mem, settings))
+    assert auto_ann_kind(store) is None  # 600 rows: a query scans the float keys, exact
+    assert auto_ann_kind(store, min_rows=500) == "IVF_SQ"
+    built = refresh_ann_index(store, auto_ann_kind(store, min_rows=500))
+    assert built.startswith("built IVF_SQ (cosine, 1 partitions)"), built
+    assert auto_ann_kind(store) == "IVF_SQ"  # built: kept whatever the rows
+    # a scan of every int8 key: each row's own memory finds it first among 10 candidates
+    found = store.search(mem[::60], k=1, candidates=10)
+    assert [r.chunk_ids[0] for r in found] == ids[::60]
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])

@@ -79,6 +79,11 @@ def test_index_scp_sample_one_row_per_chunk(scp_index, scp_sample_path, make_mod
     assert {r["text"] for r in rows.values()} == set(texts)
     store = ChunkStore.open(s.table_uri, None, create=False)
     assert summary.version == store.version and store.count() == 900
+    # --ann-index auto (the default): no ANN index below 100,000 rows, queries scan the keys
+    assert s.ann_index == "AUTO" and summary.ann == "" and not any(list(i.columns) == ["key"]
+                                                                   for i in store.list_indices())
+    with pytest.raises(ValueError, match="auto or none, got 'HNSW'"):
+        IndexSettings(**{**s.__dict__, "ann_index": "hnsw"})
     st = store.settings
     assert (st.n_mem, st.d, st.dtype, st.key_dim) == (16, 128, "float16", 256)
     assert any("compressed and written" in line for line in lines) and "900 compressed" in lines[-1]
