@@ -119,18 +119,21 @@ and at 10^5 rows: IVF_SQ (1 partition) 1.000 at 11.1 ms (50 candidates) vs 29.8 
 0.989 at 11.7 / 23.4 ms (rf 5; 50 / 200 candidates). So at 10^6 rows recall@10 is 0.98-1.00 at 8.7-10.5x
 below the in-RAM brute force (the two runs straddle 10x at 30-50 candidates; 20 candidates: 0.982 at 10.5x)
 and ~500x below the LanceDB scan, with an index built in ~10 s instead of the HNSW graph's 1,137 s. Where the
-time goes (a profile of one query on the same table): ~8 ms fixed (the query, LanceDB's planning), ~2 ms a
-10^5 keys scanned, ~0.15 ms a candidate's memory read and re-scored. Probing a fraction of IVF partitions
+time goes (queries timed on the same table, results/bench_search_1e6_pca128_profile_*): ~6-8 ms fixed (the
+query, LanceDB's planning), ~2 ms a 10^5 keys scanned, ~0.15 ms a candidate's memory read and re-scored; the
+same query with no index on the key (LanceDB scanning the float keys) takes 242 ms; the default 4 partitions
+(``default_partitions``), all probed, 23-25 ms. Probing a fraction of IVF partitions
 loses recall on these rows (0.95 with half probed): their meaning is a 64-d Gaussian, the worst case for
 k-means cells. The scan is linear in the rows: ~20 ms of one core a 10^6 rows, which sets the rows a
 searcher's shard should hold (cluster/SCALE.md); beyond that, partitions probed in part or graphs, whose
 recall must be measured on real memories (they cluster; these rows do not). PQ codes (``IVF_PQ``, 16-32
-sub-vectors, refine 10) were no faster than the int8 scan here (20-33 ms).
+sub-vectors, refine 10; latency only, recall not measured) were no faster than the int8 scan (20-33 ms).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -187,9 +190,10 @@ def main() -> None:
                    help="HNSW search beam(s) (default: LanceDB's); each is measured on the same index")
     p.add_argument("--refine-factor", type=int, nargs="+", default=[None],
                    help="re-rank refine_factor x candidates on the raw key (each measured on the same index)")
-    p.add_argument("--num-bits", type=int, help="IVF_RQ: bits a key dimension (LanceDB's default: 1)")
-    p.add_argument("--m", type=int, help="HNSW build: neighbours a node (LanceDB's default: 20)")
-    p.add_argument("--ef-construction", type=int, help="HNSW build: beam while inserting (LanceDB's default: 300)")
+    p.add_argument("--num-bits", type=int, help="IVF_RQ build: bits a key dimension (LanceDB's default: 1)")
+    p.add_argument("--m", type=int, help="HNSW kinds' build: neighbours a node (LanceDB's default: 20)")
+    p.add_argument("--ef-construction", type=int,
+                   help="HNSW kinds' build: beam while inserting (LanceDB's default: 300)")
     p.add_argument("--candidates", type=int, nargs="+", default=[100, 200, 500], help="ANN candidates to re-score")
     p.add_argument("--ram-gib", type=float, default=4.0,
                    help="also time a brute force over all memories held in RAM (float32) if they fit in this")
@@ -228,11 +232,19 @@ def main() -> None:
             settings = StoreSettings(**{**settings.to_dict(), "key_basis": basis.digest})
             print(f"  fitted {basis} in {fit_s:.1f}s ({100 * basis.energy:.1f}% of the energy)", flush=True)
         store = ChunkStore.open(work / "db", settings, key_basis=basis)
+        # what the rows (and the queries' probes) are drawn from: a reused table must come from the same
+        made_by = {name: getattr(a, name) for name in ("rows", "n_mem", "d", "key_dim", "key_basis", "key_fit_rows",
+                                                       "dtype", "queries", "weights", "latent_dim", "write_batch",
+                                                       "seed")}
         reuse = a.reuse and store.count() == a.rows
         if a.reuse and not reuse:
             if store.count():
                 raise SystemExit(f"--reuse: {work / 'db'} holds {store.count()} rows, not --rows {a.rows}")
             print("  --reuse: no table yet, writing it", flush=True)
+        if reuse:
+            written = json.loads((work / "rows.json").read_text()) if (work / "rows.json").exists() else None
+            if written != made_by:
+                raise SystemExit(f"--reuse: the table in {work} was written with {written}, not {made_by}")
         t = time.perf_counter()
         probe_ids = np.sort(rng.choice(a.rows, a.queries, replace=False))
         probes = np.zeros((a.queries, a.latent_dim), np.float32)
@@ -259,6 +271,8 @@ def main() -> None:
             done = "generated" if reuse else "wrote"
             print(f"  {done} {hi}/{a.rows} rows ({time.perf_counter() - t:.0f}s)", flush=True)
         write_s = time.perf_counter() - t
+        if not reuse:
+            (work / "rows.json").write_text(json.dumps(made_by))
         disk = sum(f.stat().st_size for f in (work / "db").rglob("*") if f.is_file())
 
         # queries: a row's latent, shifted, with fresh noise (a question about that chunk)
@@ -300,8 +314,10 @@ def main() -> None:
                 print("  no index on the key: a flat scan of the float keys", flush=True)
             else:
                 t = time.perf_counter()
-                build = {name: v for name, v in (("m", a.m), ("ef_construction", a.ef_construction),
-                                                 ("num_bits", a.num_bits)) if v is not None}
+                build = {"m": a.m, "ef_construction": a.ef_construction} if "HNSW" in kind.upper() else {}
+                if kind.upper() == "IVF_RQ":
+                    build["num_bits"] = a.num_bits
+                build = {name: v for name, v in build.items() if v is not None}
                 report = store.create_ann_index(kind, num_partitions=a.num_partitions, scalar=False, **build)
                 index_s = time.perf_counter() - t
                 print(f"  {report.message} in {index_s:.0f}s ({1e6 * index_s / a.rows:.0f} us a row)", flush=True)

@@ -58,7 +58,7 @@ from clara.data.corpus import (
 from clara.data.jsonl import jsonl_lines, parse_jsonl
 from clara.index.codec import KeyBasis, check_key_basis, encode_batch
 from clara.index.schema import ANN_KINDS, IndexMismatchError, IndexNotFoundError, StoreSettings
-from clara.index.store import ChunkStore, CleanupReport
+from clara.index.store import SCAN_MAX_PARTITIONS, ChunkStore, CleanupReport
 
 logger = logging.getLogger(__name__)
 
@@ -677,7 +677,8 @@ class IndexWriter:
 
 
 #: ``--ann-index auto`` builds an index from this many rows on: LanceDB's scan of float keys without one took
-#: 242 ms a query at 10^6 rows (128-d, benchmarks/bench_search.py), ~25 ms a 10^5; IVF_SQ took 25-31 ms at 10^6.
+#: 242 ms a query at 10^6 rows (128-d; benchmarks/results/bench_search_1e6_pca128_profile_*), so ~24 ms at 10^5
+#: if linear; IVF_SQ took 25-31 ms at 10^6.
 AUTO_ANN_ROWS = 100_000
 #: ... and of this kind: a scan of every key in int8 (``ChunkStore.create_ann_index``), built in seconds.
 AUTO_ANN_KIND = "IVF_SQ"
@@ -700,8 +701,8 @@ def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebu
 
     The index is rebuilt when it is of another kind than ``kind``, or when the table has grown
     ``rebuild_factor`` times past the rows it was trained on (its partitions were sized for the old
-    table). With fewer than ``min_rows`` rows nothing is built: searches scan, which is exact and fast
-    at that size.
+    table), or when it is an IVF_SQ index of more partitions than a search probes by default. With fewer
+    than ``min_rows`` rows nothing is built: searches scan, which is exact and fast at that size.
     """
     kind = kind.upper()
     if kind not in ANN_KINDS:
@@ -720,8 +721,22 @@ def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebu
     if indexed and n > rebuild_factor * indexed:
         report = store.create_ann_index(kind, metric, min_rows=min_rows)
         return f"retrained: {report.message}"
+    parts = _partitions(store, key_index.name)
+    if kind == "IVF_SQ" and parts is not None and parts > SCAN_MAX_PARTITIONS:
+        # built before IVF_SQ was a scan (sqrt(rows) partitions): a search's default probes would miss keys
+        report = store.create_ann_index(kind, metric, min_rows=min_rows)
+        return f"retrained ({parts} partitions, more than a search probes): {report.message}"
     store.optimize()
     return f"folded new rows into {key_index.name} ({n} rows) in {time.perf_counter() - t0:.1f}s"
+
+
+def _partitions(store: ChunkStore, index_name: str) -> int | None:
+    """IVF partitions of the index ``index_name`` (None where Lance does not say)."""
+    try:
+        return int(store.table.to_lance().stats.index_stats(index_name)["indices"][0]["num_partitions"])
+    except Exception as exc:  # a statistic, never fatal
+        logger.debug("could not read the partitions of %s: %s", index_name, exc)
+        return None
 
 
 def refresh_text_index(store: ChunkStore) -> str:

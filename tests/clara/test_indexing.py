@@ -273,6 +273,11 @@ def test_ann_index_auto_builds_the_int8_scan_once_the_table_is_large(tmp_path):
     # a scan of every int8 key: each row's own memory finds it first among 10 candidates
     found = store.search(mem[::60], k=1, candidates=10)
     assert [r.chunk_ids[0] for r in found] == ids[::60]
+    assert refresh_ann_index(store, "IVF_SQ").startswith("folded")
+    # an IVF_SQ index of more partitions than a search probes by default (the old sqrt(rows) rule) is retrained
+    store.create_ann_index("IVF_SQ", num_partitions=24, scalar=False)
+    assert refresh_ann_index(store, "IVF_SQ").startswith("retrained (24 partitions, more than a search probes)")
+    assert refresh_ann_index(store, "IVF_SQ").startswith("folded")
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
