@@ -721,8 +721,8 @@ def refresh_ann_index(store: ChunkStore, kind: str, *, min_rows: int = 256, rebu
     if indexed and n > rebuild_factor * indexed:
         report = store.create_ann_index(kind, metric, min_rows=min_rows)
         return f"retrained: {report.message}"
-    parts = _partitions(store, key_index.name)
-    if kind == "IVF_SQ" and parts is not None and parts > SCAN_MAX_PARTITIONS:
+    parts = _partitions(store, key_index.name) if kind == "IVF_SQ" else None
+    if parts is not None and parts > SCAN_MAX_PARTITIONS:
         # built before IVF_SQ was a scan (sqrt(rows) partitions): a search's default probes would miss keys
         report = store.create_ann_index(kind, metric, min_rows=min_rows)
         return f"retrained ({parts} partitions, more than a search probes): {report.message}"
