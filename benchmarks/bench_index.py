@@ -143,6 +143,37 @@ def bare_loop(model_dir: Path, texts: list[str], batch_size: int, procs: int, th
     return end - t0
 
 
+def worker_memory(model_dir: Path, texts: list[str], a) -> None:
+    """RSS of one :class:`~clara.index.build.ChunkCompressor` (what a compressor actor runs) as it compresses
+    the corpus ``a.worker_passes`` times in the job's calls (``16 x batch`` chunks, in corpus order): whether
+    a worker's memory grows with the chunks it has compressed or settles."""
+    import psutil
+    import pyarrow as pa
+
+    from clara.index.build import ChunkCompressor, read_compressor_info, store_settings_for
+
+    settings = store_settings_for(read_compressor_info(model_dir), None, dtype=a.dtype)
+    threads = a.threads_per_actor or max(1, int(a.cpus_per_actor))
+    worker = ChunkCompressor(model_dir, settings, batch_size=a.batch_size, threads=threads)
+    proc, call = psutil.Process(), 16 * a.batch_size
+    n_calls = -(-len(texts) // call)
+    ids = [f"c{i}" for i in range(len(texts))]
+    print(f"one compressor, {len(texts)} chunks a pass in {n_calls} calls of {call}; RSS MiB after call:", flush=True)
+    marks = sorted({1, 2, 5, 10, 20, 50, 100, 200, 500, 1000} & set(range(1, n_calls + 1)) | {n_calls})
+    for k in range(a.worker_passes):
+        t, seen = time.perf_counter(), []
+        for j, start in enumerate(range(0, len(texts), call), 1):
+            rows = slice(start, start + call)
+            n = len(texts[rows])
+            batch = pa.table({"chunk_id": ids[rows], "doc_id": ids[rows], "position": pa.array([0] * n, pa.int32()),
+                              "text": texts[rows], "content_hash": ids[rows]})
+            worker(batch)
+            if k == 0 and j in marks:
+                seen.append(f"{j}: {proc.memory_info().rss >> 20}")
+        print(f"  pass {k + 1}: {'; '.join(seen) if seen else ''}{'; ' if seen else ''}"
+              f"end of pass {proc.memory_info().rss >> 20} MiB ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
 def _ray_processes() -> tuple[list, list]:
     """``(workers, others)``: Ray's worker processes (``ray::...``: tasks and actors) and its daemons (raylet,
     GCS, monitors). RSS counts the object store's shared pages in each process that maps them."""
@@ -177,11 +208,14 @@ def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[
                str(a.commit_rows), "--reader", a.reader, "--no-text-index", "--json"]
         if a.threads_per_actor:
             cmd += ["--threads-per-actor", str(a.threads_per_actor)]
+        if a.key_basis:
+            cmd += ["--key-basis", a.key_basis]
         t0 = time.perf_counter()
         out_file = tempfile.TemporaryFile("w+")  # a file: a pipe left unread while stderr is read could fill
         job = subprocess.Popen(cmd, stdout=out_file, stderr=subprocess.PIPE, text=True, env=env,
                                cwd=Path(__file__).resolve().parents[1])
         peak = dict.fromkeys(("driver", "worker", "total", "driver_private", "worker_private"), 0)
+        peak["worker_name"] = ""
         done = threading.Event()
 
         def sample() -> None:
@@ -196,7 +230,9 @@ def run_job(a, corpus: Path, model_dir: Path, table: Path, cores: int) -> tuple[
                     done.wait(0.2)
                     continue
                 peak["driver"] = max(peak["driver"], d.rss)
-                peak["worker"] = max(peak["worker"], max((m.rss for m in w), default=0))
+                for proc, m in zip(workers, w):  # which worker: its Ray name (task or actor class, method)
+                    if m.rss > peak["worker"]:
+                        peak["worker"], peak["worker_name"] = m.rss, " ".join(proc.info["cmdline"] or [])[:60]
                 peak["total"] = max(peak["total"], d.rss + sum(m.rss for m in w) + sum(rest))
                 # private: resident pages not shared with other processes (the object store's are shared)
                 peak["driver_private"] = max(peak["driver_private"], d.rss - d.shared)
@@ -242,6 +278,11 @@ def main() -> None:
     p.add_argument("--docs-per-file", type=int, default=1000, help="the corpus is JSONL files of this many documents")
     p.add_argument("--reader", choices=("driver", "ray-data"), default="driver", help="the job's --reader")
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
+    p.add_argument("--key-basis", choices=("random", "pca"), default=None,
+                   help="the job's --key-basis (default: the job's own choice, a fitted key from 40,960 chunks)")
+    p.add_argument("--worker-passes", type=int, default=0, metavar="K",
+                   help="instead of the job: one compressor (the job's actor class, in this process) compresses "
+                        "the corpus K times in the job's calls; prints its RSS along the way")
     a = p.parse_args()
     cores = os.cpu_count() or 1
     a.bare = [] if a.bare == ["none"] else a.bare or sorted({f"{cores}x1", f"1x{cores}"})
@@ -277,9 +318,12 @@ def main() -> None:
         texts = [c.text for c in source_chunks(f"{corpus}/*.jsonl", tok, chunking,
                                                  chunking_salt(chunking, "bench", tok))]
         n_chunks = len(texts)
-        if not a.bare:
+        if not a.bare and not a.worker_passes:
             del texts
 
+        if a.worker_passes:
+            worker_memory(model_dir, texts, a)
+            return
         bare: dict[str, float] = {}
 
         def time_bare() -> None:  # before and after the job, best kept: other load on the machine drifts
@@ -323,7 +367,8 @@ def main() -> None:
             print(f"steady state (commit 1 -> {len(commits)}): {steady:.1f} chunks/s"
                   + (f", {steady / bare_rate:.2f} of the bare loop" if bare else ""))
         print(f"peak RSS: driver {peak['driver'] / 2**20:.0f} MiB, largest Ray worker (task or actor) "
-              f"{peak['worker'] / 2**20:.0f} MiB, driver and all Ray processes {peak['total'] / 2**20:.0f} MiB "
+              f"{peak['worker'] / 2**20:.0f} MiB ({peak['worker_name'].strip()}), "
+              f"driver and all Ray processes {peak['total'] / 2**20:.0f} MiB "
               "(sampled every 0.2 s)")
         print(f"peak private memory (RSS less pages shared with other processes, such as the object store's): "
               f"driver {peak['driver_private'] / 2**20:.0f} MiB, largest Ray worker "

@@ -33,9 +33,11 @@ The table may be a local directory or an object-store URI; so may the corpus wit
    chunks) first compresses a seeded sample of them and fits the key's basis on their memories; it is
    kept beside the table (``<table>-keybasis``) and every later run and search uses it.
 3. driver: rows stream back (``iter_batches``) and are upserted on ``chunk_id`` a few thousand per
-   commit; then stale rows are deleted, the B-tree indices on ``chunk_id`` / ``doc_id``, the ANN index
-   and the full-text index are built or refreshed, and the version the run ended on is tagged
-   ``index-v<N>``.
+   commit (appended, when the plan has new chunks and no changed ones: an upsert joins each commit
+   against the table and the writer's memory grew with the rows written; the writer checks between
+   commits that no other writer has touched the table, and upserts if one has); then stale rows are
+   deleted, the B-tree indices on ``chunk_id`` / ``doc_id``, the ANN index and the full-text index are
+   built or refreshed, and the version the run ended on is tagged ``index-v<N>``.
 
 Rerunning is always safe: a run that crashes part-way leaves only whole commits, whose chunks the
 rerun skips, so the table ends with exactly one row per chunk. The summary reports the table version
@@ -433,7 +435,8 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
         say(f"[index] {w.rows}/{total} compressed and written ({100 * w.rows / total:.0f}%), {rate:.1f} chunks/s, "
             f"eta {eta:.0f}s, version {w.version}")
 
-    writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit)
+    # a plan without changed chunks writes only ids the table lacks: appended, not joined against the table
+    writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit, new_only=plan.changed == 0)
     if total:
         _compress_and_write(s, settings, source, total, writer, store.key_basis)
 

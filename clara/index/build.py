@@ -632,15 +632,23 @@ class IndexWriter:
 
     Each commit is one ``merge_insert`` keyed on ``chunk_id`` (atomic, one table version). ``on_commit``
     is called with the running :class:`WriteStats` after each commit.
+
+    ``new_only``: every row given is a chunk the table did not hold when the run was planned (a plan with
+    new chunks and no changed ones: a first run, or a corpus that only grew). Commits then append
+    (:meth:`~clara.index.store.ChunkStore.append`) instead of joining each against the table, whose memory
+    grows with the rows written. That holds while this writer is the table's only writer: before each
+    append it compares the table's latest version with the one it last saw, and after it checks that its
+    commit came next; at the first sign of another writer it upserts from then on (and says so).
     """
 
     def __init__(self, store: ChunkStore, commit_rows: int = 8192,
-                 on_commit: Callable[[WriteStats], None] | None = None) -> None:
+                 on_commit: Callable[[WriteStats], None] | None = None, *, new_only: bool = False) -> None:
         if commit_rows <= 0:
             raise ValueError(f"commit_rows must be positive, got {commit_rows}")
         self.store = store
         self.commit_rows = commit_rows
         self.on_commit = on_commit
+        self.new_only = new_only
         self.stats = WriteStats(version=store.version)
         self._buffer: list[pa.Table] = []
         self._buffered = 0
@@ -659,7 +667,15 @@ class IndexWriter:
         if not self._buffer:
             return
         data = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        result = self.store.upsert(data)
+        if self.new_only and self.store.latest_version() != self.stats.version:
+            self._another_writer(f"the table moved from version {self.stats.version} to {self.store.version}")
+        if self.new_only:
+            seen = self.stats.version
+            result = self.store.append(data)
+            if result.version != seen + 1:
+                self._another_writer(f"this commit made version {result.version} after {seen}")
+        else:
+            result = self.store.upsert(data)
         self._buffer, self._buffered = [], 0
         s = self.stats
         s.rows += data.num_rows
@@ -670,6 +686,11 @@ class IndexWriter:
         s.version = result.version
         if self.on_commit is not None:
             self.on_commit(s)
+
+    def _another_writer(self, why: str) -> None:
+        logger.warning("index writer: another writer is writing to the table (%s); upserting from now on "
+                       "(runs at once on one table are not supported: a chunk id may have been written twice)", why)
+        self.new_only = False
 
 
 # --------------------------------------------------------------------------------------------

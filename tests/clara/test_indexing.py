@@ -6,6 +6,7 @@ import datetime as dt
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from clara.data.corpus import Chunk, load_scp_chunks
@@ -225,6 +226,38 @@ def test_compress_and_write_round_trip_per_dtype(model_dir, scp_sample_path, tmp
     # retrieval is unaffected at this precision: every chunk's memory finds itself first
     hits = store.exact_search(ref[:8], k=1)
     assert [h.chunk_ids[0] for h in hits] == ids[:8]
+
+
+def _rows(settings, lo: int, hi: int, seed: int = 0):
+    ids = [f"d{i}::0" for i in range(lo, hi)]
+    meta = {"chunk_id": ids, "doc_id": [i[:-3] for i in ids], "position": [0] * len(ids), "text": ids}
+    memory = np.random.default_rng(seed).standard_normal((hi - lo, 4, 16)).astype(np.float32)
+    return encode_batch(meta, memory, settings)
+
+
+def test_a_writer_of_new_chunks_appends_until_another_writer_shows_up(tmp_path, caplog):
+    settings = StoreSettings(n_mem=4, d=16, compressor_version="v", key_dim=8)
+    store = ChunkStore.open(tmp_path / "db", settings)
+    with pytest.raises(ValueError, match="duplicate chunk_id"):  # append never writes a duplicate it is given
+        store.append(pa.concat_tables([_rows(settings, 0, 3), _rows(settings, 2, 4)]))
+    assert store.count() == 0
+    start = store.version
+    writer = IndexWriter(store, commit_rows=40, new_only=True)
+    writer.add(_rows(settings, 0, 40))
+    writer.add(_rows(settings, 40, 80))
+    assert writer.new_only and writer.stats.commits == 2 and writer.stats.inserted == 80
+    assert store.version == start + 2 and store.count() == 80  # one version a commit, as upserts
+    # another handle writes a row this writer is about to write: it notices before its next commit
+    other = ChunkStore.open(tmp_path / "db", settings)
+    other.upsert(_rows(settings, 85, 86, seed=1))
+    with caplog.at_level("WARNING", logger="clara.index.build"):
+        writer.add(_rows(settings, 80, 120, seed=2))
+    assert not writer.new_only and "another writer" in caplog.text
+    ids = [i for b in store.scan(["chunk_id"]) for i in b.column("chunk_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 120  # d85 once: the commit upserted
+    got = store.get_memory(["d85::0"])
+    want = np.random.default_rng(2).standard_normal((40, 4, 16)).astype(np.float32)[5]
+    assert np.allclose(got[0], want, atol=1e-2 * np.abs(want).max())  # this writer's row replaced the other's
 
 
 def test_compressor_refuses_an_index_of_another_compressor(model_dir):

@@ -311,6 +311,7 @@ def test_changed_and_deleted_documents_touch_exactly_their_rows(ray_session, mod
 
     second = run_index(s)  # without delete_missing: the deleted documents' rows stay
     after = _rows(s.table_uri)
+    assert second.rows == len(after)  # one row an id: a plan with changed chunks upserts
     untouched = [c for c in before if before[c]["doc_id"] not in set(appended) | set(shortened)]
     assert all(after[c] == before[c] for c in untouched)  # not rewritten: same hash, same indexed_at
     changed = {c for c in after if c not in before or after[c]["content_hash"] != before[c]["content_hash"]}
@@ -629,6 +630,7 @@ def test_ray_data_reader_updates_exactly_the_changed_rows(ray_session, model_dir
     _write_corpus(corpus, new_docs, "jsonl")
     second = run_index(s)
     after = _rows(s.table_uri)
+    assert second.rows == len(after)  # one row an id: a plan with changed chunks upserts
     changed = {c for c in after if c not in before or after[c]["content_hash"] != before[c]["content_hash"]}
     assert {after[c]["doc_id"] for c in changed} == set(edited) | set(shortened)
     assert second.compressed == len(changed) and second.skipped == second.chunks_read - len(changed)
