@@ -694,6 +694,16 @@ def _missing_documents(store: ChunkStore, doc_keys, plan: IndexPlan) -> None:
     plan.missing_docs = len(missing_docs)
 
 
+def _sample_rows(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    """The rows whose chunk id, hashed with ``seed``, falls below ``fraction``: a seeded sample of about
+    ``fraction`` of the rows that does not depend on how they are split into blocks."""
+    import zlib
+
+    ids = batch.column("chunk_id").to_pylist()
+    hashes = np.fromiter((zlib.crc32(f"{seed}:{c}".encode()) for c in ids), np.uint64, len(ids))
+    return batch.filter(pa.array(hashes < int(fraction * 2**32)))
+
+
 def _pending_rows(batch: pa.Table, drop_keys) -> pa.Table:
     """The planned rows to compress: new or changed, but not of the documents of ``drop_keys`` (an int64
     array; those are planned once by :func:`_records_seen_twice`)."""
@@ -774,17 +784,19 @@ def _fit_key_basis(s: IndexSettings, settings, source, total: int, say: Progress
     t = time.perf_counter()
     if isinstance(source, list):
         sample = [source[i] for i in sorted(random.Random(s.key_seed or 0).sample(range(len(source)), n))]
-    else:  # one pass over the planned rows (text only), each kept with probability ~n/total
-        import ray
-
-        rng, parts = np.random.default_rng(s.key_seed or 0), []
-        for batch in source.iter_batches(batch_size=None, batch_format="pyarrow"):
-            parts.append(batch.filter(pa.array(rng.random(batch.num_rows) < min(1.0, 1.2 * n / total))))
-        sample = ray.data.from_arrow(pa.concat_tables(parts).slice(0, n)) if parts else []
+    else:  # on the workers, CPU-less as the pending-rows filter: the plan's text never passes the driver
+        # (a hash sample: n plus four standard deviations, then the first n by id)
+        fraction = min(1.0, (n + 4 * math.sqrt(n) + 16) / total)
+        sample = source.map_batches(_sample_rows, fn_kwargs={"fraction": fraction, "seed": s.key_seed or 0},
+                                    batch_format="pyarrow", num_cpus=0, concurrency=max(1, s.actors))
     fit_settings = replace(settings, dtype="float32", key_basis="")
-    memory = [_decode_memory(batch, fit_settings) for batch in
-              _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow")]
-    memory = np.concatenate(memory) if memory else np.zeros((0, settings.n_mem, settings.d), np.float32)
+    ids, memory = [], []
+    for batch in _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow"):
+        ids += batch.column("chunk_id").to_pylist()
+        memory.append(_decode_memory(batch, fit_settings))
+    # in chunk-id order (the pool returns batches in any order, and the fit should not depend on it), n of them
+    memory = (np.concatenate(memory)[np.argsort(np.array(ids), kind="stable")[:n]] if memory
+              else np.zeros((0, settings.n_mem, settings.d), np.float32))
     basis = fit_key_basis(memory, settings.key_dim, seed=s.key_seed or 0)
     say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {len(memory)} chunks "
         f"({100 * basis.energy:.1f}% of their memories' energy) in {time.perf_counter() - t:.1f}s")
