@@ -436,7 +436,9 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
             f"eta {eta:.0f}s, version {w.version}")
 
     # a plan without changed chunks writes only ids the table lacks: appended, not joined against the table
-    writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit, new_only=plan.changed == 0)
+    # (a table that did not exist when the run was planned must still be empty: another run may have filled it)
+    new_only = plan.changed == 0 and (existing_settings is not None or store.count() == 0)
+    writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit, new_only=new_only)
     if total:
         _compress_and_write(s, settings, source, total, writer, store.key_basis)
 
@@ -588,7 +590,7 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
     import numpy as np
     import pyarrow.compute as pc
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
     from ray.data.expressions import col
 
     from pipelines import compat
@@ -646,7 +648,7 @@ def _plan_on_workers(s: IndexSettings, store: ChunkStore | None, chunking: Chunk
     # a light filter: no CPU asked, so that it never waits behind the compressor actors
     # (and few at once: with no CPU asked, Ray would start a worker process for every planned block)
     pending = planned.map_batches(_pending_rows, fn_kwargs={"drop_keys": twice}, batch_format="pyarrow", num_cpus=0,
-                                  concurrency=max(1, s.actors))
+                                  compute=TaskPoolStrategy(size=max(1, s.actors)))
     if once is not None:
         pending = pending.union(ray.data.from_arrow(_pending_rows(once, twice[:0])))
     return plan, pending
@@ -694,14 +696,26 @@ def _missing_documents(store: ChunkStore, doc_keys, plan: IndexPlan) -> None:
     plan.missing_docs = len(missing_docs)
 
 
+def _id_hashes(ids: Sequence[str], seed: int) -> np.ndarray:
+    """``crc32("<seed>:<id>")`` of each id, as uint64."""
+    import zlib
+
+    return np.fromiter((zlib.crc32(f"{seed}:{c}".encode()) for c in ids), np.uint64, len(ids))
+
+
 def _sample_rows(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
     """The rows whose chunk id, hashed with ``seed``, falls below ``fraction``: a seeded sample of about
     ``fraction`` of the rows that does not depend on how they are split into blocks."""
-    import zlib
-
-    ids = batch.column("chunk_id").to_pylist()
-    hashes = np.fromiter((zlib.crc32(f"{seed}:{c}".encode()) for c in ids), np.uint64, len(ids))
+    hashes = _id_hashes(batch.column("chunk_id").to_pylist(), seed)
     return batch.filter(pa.array(hashes < int(fraction * 2**32)))
+
+
+def hash_sample(ids: Sequence[str], n: int, seed: int) -> np.ndarray:
+    """Positions of the ``n`` ids of smallest seeded hash (ties by id), in id order: with :func:`_sample_rows`
+    a bottom-n sample, uniform over the ids and the same however they were split and ordered."""
+    hashes = _id_hashes(ids, seed).tolist()
+    kept = sorted(range(len(ids)), key=lambda i: (hashes[i], ids[i]))[:n]
+    return np.array(sorted(kept, key=lambda i: ids[i]), dtype=np.int64)
 
 
 def _pending_rows(batch: pa.Table, drop_keys) -> pa.Table:
@@ -786,16 +800,20 @@ def _fit_key_basis(s: IndexSettings, settings, source, total: int, say: Progress
         sample = [source[i] for i in sorted(random.Random(s.key_seed or 0).sample(range(len(source)), n))]
     else:  # on the workers, CPU-less as the pending-rows filter: the plan's text never passes the driver
         # (a hash sample: n plus four standard deviations, then the first n by id)
+        from ray.data import TaskPoolStrategy
+
         fraction = min(1.0, (n + 4 * math.sqrt(n) + 16) / total)
         sample = source.map_batches(_sample_rows, fn_kwargs={"fraction": fraction, "seed": s.key_seed or 0},
-                                    batch_format="pyarrow", num_cpus=0, concurrency=max(1, s.actors))
+                                    batch_format="pyarrow", num_cpus=0,
+                                    compute=TaskPoolStrategy(size=max(1, s.actors)))
     fit_settings = replace(settings, dtype="float32", key_basis="")
     ids, memory = [], []
     for batch in _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow"):
         ids += batch.column("chunk_id").to_pylist()
         memory.append(_decode_memory(batch, fit_settings))
-    # in chunk-id order (the pool returns batches in any order, and the fit should not depend on it), n of them
-    memory = (np.concatenate(memory)[np.argsort(np.array(ids), kind="stable")[:n]] if memory
+    # the n of smallest hash (a uniform sample of exactly n, whatever the blocks), in chunk-id order (the pool
+    # returns batches in any order, and the fit should not depend on it)
+    memory = (np.concatenate(memory)[hash_sample(ids, n, s.key_seed or 0)] if memory
               else np.zeros((0, settings.n_mem, settings.d), np.float32))
     basis = fit_key_basis(memory, settings.key_dim, seed=s.key_seed or 0)
     say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {len(memory)} chunks "

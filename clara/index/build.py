@@ -306,7 +306,7 @@ def plan_index(chunks: Iterable[Chunk], existing: Mapping[str, str], *, delete_m
             plan.skipped += 1
             continue
         plan.to_compress.append(c)
-        if old is None:
+        if c.chunk_id not in existing:  # (a row of the table without a hash is changed, not new)
             plan.new += 1
         else:
             plan.changed += 1

@@ -426,8 +426,8 @@ class ChunkStore:
         data = self._prepare(rows)
         if data.num_rows == 0:
             return UpsertResult(0, 0, self.version)
-        self._table.add(data)
-        return UpsertResult(data.num_rows, 0, self.version)
+        result = self._table.add(data)
+        return UpsertResult(data.num_rows, 0, int(getattr(result, "version", 0) or self.version))
 
     def latest_version(self) -> int:
         """The table's latest version, whoever wrote it (this handle moves to it)."""

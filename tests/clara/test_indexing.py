@@ -235,7 +235,7 @@ def _rows(settings, lo: int, hi: int, seed: int = 0):
     return encode_batch(meta, memory, settings)
 
 
-def test_a_writer_of_new_chunks_appends_until_another_writer_shows_up(tmp_path, caplog):
+def test_a_writer_of_new_chunks_appends_until_another_writer_shows_up(tmp_path, caplog, monkeypatch):
     settings = StoreSettings(n_mem=4, d=16, compressor_version="v", key_dim=8)
     store = ChunkStore.open(tmp_path / "db", settings)
     with pytest.raises(ValueError, match="duplicate chunk_id"):  # append never writes a duplicate it is given
@@ -243,10 +243,12 @@ def test_a_writer_of_new_chunks_appends_until_another_writer_shows_up(tmp_path, 
     assert store.count() == 0
     start = store.version
     writer = IndexWriter(store, commit_rows=40, new_only=True)
-    writer.add(_rows(settings, 0, 40))
-    writer.add(_rows(settings, 40, 80))
+    with monkeypatch.context() as m:  # appended: not one upsert
+        m.setattr(ChunkStore, "upsert", lambda self, rows: pytest.fail("upserted"))
+        writer.add(_rows(settings, 0, 40))
+        writer.add(_rows(settings, 40, 80))
     assert writer.new_only and writer.stats.commits == 2 and writer.stats.inserted == 80
-    assert store.version == start + 2 and store.count() == 80  # one version a commit, as upserts
+    assert store.version == start + 2 == writer.stats.version and store.count() == 80  # a version a commit
     # another handle writes a row this writer is about to write: it notices before its next commit
     other = ChunkStore.open(tmp_path / "db", settings)
     other.upsert(_rows(settings, 85, 86, seed=1))
@@ -258,6 +260,20 @@ def test_a_writer_of_new_chunks_appends_until_another_writer_shows_up(tmp_path, 
     got = store.get_memory(["d85::0"])
     want = np.random.default_rng(2).standard_normal((40, 4, 16)).astype(np.float32)[5]
     assert np.allclose(got[0], want, atol=1e-2 * np.abs(want).max())  # this writer's row replaced the other's
+
+
+def test_a_writer_that_finds_its_append_was_not_next_upserts_from_then_on(tmp_path, caplog, monkeypatch):
+    settings = StoreSettings(n_mem=4, d=16, compressor_version="v", key_dim=8)
+    store = ChunkStore.open(tmp_path / "db", settings)
+    writer = IndexWriter(store, commit_rows=10, new_only=True)
+    writer.add(_rows(settings, 0, 10))
+    # another writer commits between this writer's check and its append (the check is made to miss it)
+    ChunkStore.open(tmp_path / "db", settings).upsert(_rows(settings, 50, 51))
+    monkeypatch.setattr(store, "latest_version", lambda: writer.stats.version)
+    with caplog.at_level("WARNING", logger="clara.index.build"):
+        writer.add(_rows(settings, 10, 20))
+    assert not writer.new_only and "after" in caplog.text and "another writer" in caplog.text
+    assert store.count() == 21 and writer.stats.version == store.latest_version()
 
 
 def test_compressor_refuses_an_index_of_another_compressor(model_dir):

@@ -345,6 +345,11 @@ def test_crash_part_way_then_rerun_gives_one_row_per_chunk(ray_session, model_di
     from pipelines.faults import ENV
 
     s = _settings(scp_sample_path, model_dir, tmp_path / "db", format="scp", commit_rows=64)
+
+    def no_upsert(self, rows):  # every plan below has only new chunks: the writer appends them, never upserts
+        raise AssertionError("a plan of new chunks upserted")
+
+    monkeypatch.setattr(ChunkStore, "upsert", no_upsert)
     # the driver dies right after its third commit: exactly those rows are in the table
     monkeypatch.setenv(ENV, "index.crash_after_commits=3")
     with pytest.raises(IndexJobError, match="injected crash after 3 commits") as crash:
@@ -367,6 +372,26 @@ def test_crash_part_way_then_rerun_gives_one_row_per_chunk(ray_session, model_di
     store.refresh()
     ids = store.table.to_arrow().column("chunk_id").to_pylist()
     assert len(ids) == len(set(ids)) == 900 and store.version == resumed.version
+
+
+def test_the_key_sample_is_the_same_bottom_n_however_the_rows_are_split():
+    from pipelines.index import _sample_rows, hash_sample
+
+    ids = [f"doc{i}::{i % 3}" for i in range(5000)]
+    kept = hash_sample(ids, 300, seed=7)
+    assert len(kept) == len(set(kept.tolist())) == 300
+    assert [ids[i] for i in kept] == sorted(ids[i] for i in kept)  # in id order
+    shuffled = list(reversed(ids))
+    assert {shuffled[i] for i in hash_sample(shuffled, 300, seed=7)} == {ids[i] for i in kept}
+    assert {ids[i] for i in hash_sample(ids, 300, seed=8)} != {ids[i] for i in kept}  # the seed matters
+    # the workers' filter keeps a superset, however the rows are split into blocks
+    table = pa.table({"chunk_id": ids, "text": ids})
+    fraction = (300 + 4 * 300**0.5 + 16) / 5000
+    whole = set(_sample_rows(table, fraction, 7).column("chunk_id").to_pylist())
+    parts = {c for k in range(0, 5000, 700) for c in _sample_rows(table.slice(k, 700), fraction, 7)
+             .column("chunk_id").to_pylist()}
+    assert whole == parts and {ids[i] for i in kept} <= whole and 300 < len(whole) < 420
+    assert _sample_rows(table.slice(0, 0), fraction, 7).num_rows == 0
 
 
 def test_int8_index_round_trip_within_bound(ray_session, model_dir, scp_sample_path, tmp_path, make_model):
