@@ -69,6 +69,7 @@ import pyarrow as pa
 from clara.checkpoint import CheckpointError
 from clara.data.corpus import DocumentError
 from clara.index.build import (
+    CHUNK_COLUMNS,
     SOURCE_FORMATS,
     STATUS_FIELDS,
     ChunkCompressor,
@@ -82,6 +83,7 @@ from clara.index.build import (
     auto_ann_kind,
     check_deletions,
     chunking_salt,
+    chunks_table,
     cleanup_index,
     doc_key,
     load_tokenizer,
@@ -95,7 +97,7 @@ from clara.index.build import (
     tag_version,
     work_blocks,
 )
-from clara.index.codec import KeyBasis, _decode_memory, fit_key_basis
+from clara.index.codec import KeyBasis, _decode_memory, encode_batch, fit_key_basis
 from clara.index.schema import (
     ANN_KINDS,
     DEFAULT_TABLE,
@@ -195,8 +197,8 @@ class IndexSettings:
     #: Seed of the key projection (default: the table's, or 0).
     key_seed: int | None = None
     #: The ANN key of a new table: ``random``, a seeded random projection of the memory, or ``pca``, a
-    #: basis fitted on the memories of ``--key-fit-rows`` chunks of the corpus (compressed once more for
-    #: it, before the run) and stored beside the table: the exact top-10 lies within far fewer ANN
+    #: basis fitted on the memories of ``--key-fit-rows`` chunks of the corpus (compressed first, then
+    #: written with the run's rows) and stored beside the table: the exact top-10 lies within far fewer ANN
     #: candidates (benchmarks/bench_search.py). Default: the table's; for a new table ``pca`` when its first
     #: run compresses at least 10 x --key-fit-rows chunks (then the key has 256 dimensions unless
     #: --key-dim says), else ``random``.
@@ -410,13 +412,14 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
         plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
         source, table_rows = plan.to_compress, len(existing)
     check_deletions(plan, table_rows, s.max_delete_fraction)
+    fitted = None  # the key's sample, compressed for the fit: written with the run's rows, not compressed again
     if store is None:
         basis = None
         if new_table_key(s, plan.new + plan.changed, s.key_dim or default_fitted_key_dim(settings.n_mem,
                                                                                          settings.d)) == "pca":
             if s.key_dim is None:
                 settings = replace(settings, key_dim=default_fitted_key_dim(settings.n_mem, settings.d))
-            basis = _fit_key_basis(s, settings, source, plan.new + plan.changed, say)
+            basis, fitted, source = _fit_key_basis(s, settings, source, plan.new + plan.changed, say)
             settings = replace(settings, key_basis=basis.digest)
         store = _open_store(s, settings, create=True, key_basis=basis)
     start_version = store.version
@@ -440,7 +443,7 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     new_only = plan.changed == 0 and (existing_settings is not None or store.count() == 0)
     writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit, new_only=new_only)
     if total:
-        _compress_and_write(s, settings, source, total, writer, store.key_basis)
+        _compress_and_write(s, settings, source, total, writer, store.key_basis, fitted)
 
     deleted = store.delete_chunks(plan.stale_chunk_ids) if plan.stale_chunk_ids else 0
     if deleted:
@@ -703,11 +706,12 @@ def _id_hashes(ids: Sequence[str], seed: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(f"{seed}:{c}".encode()) for c in ids), np.uint64, len(ids))
 
 
-def _sample_rows(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+def _sample_rows(batch: pa.Table, fraction: float, seed: int, keep: bool = True) -> pa.Table:
     """The rows whose chunk id, hashed with ``seed``, falls below ``fraction``: a seeded sample of about
-    ``fraction`` of the rows that does not depend on how they are split into blocks."""
+    ``fraction`` of the rows that does not depend on how they are split into blocks (``keep=False``: the
+    other rows, the sample's complement)."""
     hashes = _id_hashes(batch.column("chunk_id").to_pylist(), seed)
-    return batch.filter(pa.array(hashes < int(fraction * 2**32)))
+    return batch.filter(pa.array((hashes < int(fraction * 2**32)) == keep))
 
 
 def hash_sample(ids: Sequence[str], n: int, seed: int) -> np.ndarray:
@@ -729,7 +733,7 @@ def _pending_rows(batch: pa.Table, drop_keys) -> pa.Table:
     return batch.filter(keep)
 
 
-def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=ChunkCompressor):
+def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=None):
     """The Ray Dataset of ``source`` (the driver plan's chunks, or the streamed plan's Dataset) compressed
     and encoded on the actor pool."""
     import ray
@@ -747,7 +751,7 @@ def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=ChunkC
     ds.context.target_max_block_size = compressed_block_bytes(settings, batch_size, s.batch_size, s.commit_rows)
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
     return ds.map_batches(
-        actor,
+        actor or ChunkCompressor,
         batch_size=batch_size,
         batch_format="pyarrow",
         fn_constructor_args=(s.model, settings),
@@ -762,7 +766,8 @@ def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=ChunkC
 
 
 #: ``--key-basis`` unset: a new table's first run fits a pca key when it compresses at least this many times
-#: ``--key-fit-rows`` chunks (the sample is compressed twice, so the fit then costs at most a tenth more).
+#: ``--key-fit-rows`` chunks (the sample's memories are written too, so the fit costs the SVD and a second actor
+#: pool's start, not a second compression).
 AUTO_PCA_FACTOR = 10
 
 
@@ -783,9 +788,17 @@ def default_fitted_key_dim(n_mem: int, d: int) -> int:
     return max(1, min(256, n_mem * d // 8))
 
 
-def _fit_key_basis(s: IndexSettings, settings, source, total: int, say: Progress) -> KeyBasis:
+def _fit_key_basis(s: IndexSettings, settings, source, total: int,
+                   say: Progress) -> tuple[KeyBasis, tuple[pa.Table, np.ndarray], object]:
     """Compress a seeded random sample of ``key_fit_rows`` of the chunks to index (float32, no key needed)
-    and fit the table's key basis on their memories (:func:`~clara.index.codec.fit_key_basis`)."""
+    and fit the table's key basis on their memories (:func:`~clara.index.codec.fit_key_basis`).
+
+    Returns ``(basis, (rows, memory), rest)``: every chunk compressed for the fit (the sample, and in a
+    streamed plan the few more that its hash filter let through) with its float32 memory, to be written
+    with the run's rows, and ``source`` without them, so that no chunk is compressed twice. The memory is
+    the compressor's own output (float32 holds a float32 or bfloat16 model's values exactly), so the rows
+    encoded from it are the ones a second compression would make.
+    """
     import random
 
     from pipelines import compat
@@ -796,35 +809,43 @@ def _fit_key_basis(s: IndexSettings, settings, source, total: int, say: Progress
                          f"{total} (--key-fit-rows {s.key_fit_rows}); use --key-basis random or a smaller --key-dim")
     compat.ensure_ray(s.ray_address)
     t = time.perf_counter()
+    seed = s.key_seed or 0
     if isinstance(source, list):
-        sample = [source[i] for i in sorted(random.Random(s.key_seed or 0).sample(range(len(source)), n))]
+        picked = set(random.Random(seed).sample(range(len(source)), n))
+        sample = [source[i] for i in sorted(picked)]
+        rest = [c for i, c in enumerate(source) if i not in picked]
     else:  # on the workers, CPU-less as the pending-rows filter: the plan's text never passes the driver
-        # (a hash sample: n plus four standard deviations, then the first n by id)
+        # (a hash sample: n plus four standard deviations, then the n of smallest hash; the rest is the same
+        # filter's complement)
         from ray.data import TaskPoolStrategy
 
         fraction = min(1.0, (n + 4 * math.sqrt(n) + 16) / total)
-        sample = source.map_batches(_sample_rows, fn_kwargs={"fraction": fraction, "seed": s.key_seed or 0},
-                                    batch_format="pyarrow", num_cpus=0,
-                                    compute=TaskPoolStrategy(size=max(1, s.actors)))
+        sample, rest = (source.map_batches(_sample_rows, fn_kwargs={"fraction": fraction, "seed": seed, "keep": keep},
+                                           batch_format="pyarrow", num_cpus=0,
+                                           compute=TaskPoolStrategy(size=max(1, s.actors)))
+                        for keep in (True, False))
     fit_settings = replace(settings, dtype="float32", key_basis="")
-    ids, memory = [], []
+    rows, memory = [], []
     for batch in _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow"):
-        ids += batch.column("chunk_id").to_pylist()
+        rows.append(batch.select(list(CHUNK_COLUMNS)))
         memory.append(_decode_memory(batch, fit_settings))
+    table = pa.concat_tables(rows) if rows else chunks_table([])
+    memory = np.concatenate(memory) if memory else np.zeros((0, settings.n_mem, settings.d), np.float32)
     # the n of smallest hash (a uniform sample of exactly n, whatever the blocks), in chunk-id order (the pool
     # returns batches in any order, and the fit should not depend on it)
-    memory = (np.concatenate(memory)[hash_sample(ids, n, s.key_seed or 0)] if memory
-              else np.zeros((0, settings.n_mem, settings.d), np.float32))
-    basis = fit_key_basis(memory, settings.key_dim, seed=s.key_seed or 0)
-    say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {len(memory)} chunks "
-        f"({100 * basis.energy:.1f}% of their memories' energy) in {time.perf_counter() - t:.1f}s")
-    return basis
+    basis = fit_key_basis(memory[hash_sample(table.column("chunk_id").to_pylist(), n, seed)], settings.key_dim,
+                          seed=seed)
+    say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {n} chunks "
+        f"({100 * basis.energy:.1f}% of their memories' energy) in {time.perf_counter() - t:.1f}s; "
+        f"the {table.num_rows} chunks compressed for it are written with the run")
+    return basis, (table, memory), rest
 
 
 def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: IndexWriter,
-                        key_basis=None) -> None:
+                        key_basis=None, fitted: tuple[pa.Table, np.ndarray] | None = None) -> None:
     """Compress ``source`` (the chunks of the driver's plan, or the streamed plan's Ray Dataset) on the actor
-    pool and write the rows as they come back."""
+    pool and write the rows as they come back; first, ``fitted``'s rows (chunks already compressed, with
+    their float32 memory), encoded here."""
     from pipelines import compat, faults
 
     compat.ensure_ray(s.ray_address)
@@ -833,8 +854,16 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
     if "fail_after_batches" in fault:
         actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
     ds = _compressed(s, settings, source, key_basis, actor)
+
+    def batches():
+        if fitted is not None and fitted[0].num_rows:
+            step = max(s.batch_size, s.commit_rows)
+            for i in range(0, fitted[0].num_rows, step):
+                yield encode_batch(fitted[0].slice(i, step), fitted[1][i:i + step], settings, key_basis=key_basis)
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        for batch in batches():
             writer.add(batch)
             if writer.stats.commits >= fault.get("crash_after_commits", 1 << 62):
                 raise faults.InjectedFault(

@@ -135,15 +135,33 @@ def test_a_new_table_gets_a_fitted_key_at_scale_unless_told():
 
 
 def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ray_session, model_dir, make_model,
-                                                                               scp_sample_path, scp_records, tmp_path):
+                                                                               scp_sample_path, scp_records, tmp_path,
+                                                                               monkeypatch):
     """``--key-basis pca``: the job compresses a sample, fits the key on it, stores the basis beside the table;
     the keys are the stored memory projected on it, a query finds the exact top-10 among few candidates, a
     rerun keeps the basis, and a table of random keys is not silently switched."""
+    import pipelines.index as job
+
+    calls = tmp_path / "compressed.txt"
+
+    class Counting(job.ChunkCompressor):  # defined here: Ray ships it to the actors by value
+        def __call__(self, batch):
+            with open(calls, "a") as f:
+                f.write(f"{batch.num_rows}\n")
+            return super().__call__(batch)
+
+    def compressed() -> int:
+        n = sum(int(x) for x in calls.read_text().split())
+        calls.unlink()
+        return n
+
+    monkeypatch.setattr(job, "ChunkCompressor", Counting)
     lines: list[str] = []
     s = _settings(scp_sample_path, model_dir, tmp_path / "db", format="scp", commit_rows=512, key_basis="pca",
                   key_dim=32, key_fit_rows=120, limit=240)
     summary = run_index(s, progress=lines.append)
     assert summary.compressed == summary.rows == 240
+    assert compressed() == 240  # the 120 compressed for the fit are written, not compressed again
     store = ChunkStore.open(s.table_uri, None, create=False)
     basis = store.key_basis
     assert basis is not None and basis.digest == store.settings.key_basis and basis.fitted_rows == 120
@@ -155,6 +173,10 @@ def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ra
     from clara.index.codec import project_keys
 
     np.testing.assert_allclose(keys, project_keys(memory, 32, basis=basis), atol=2e-3)  # of the float16 memory
+    # the fit's chunks hold the memory the compressor makes of them, like the others
+    ref = make_model().compress(t.column("text").to_pylist()).numpy()
+    tok_max = np.abs(ref).max(-1, keepdims=True)
+    assert np.all(np.abs(memory - ref) <= F16_REL * np.abs(ref) + BATCH_NOISE * tok_max + 2.0**-24)
     questions = [ex.question for ex in scp_records][::73][:60]
     query = make_model().encode_query(questions).numpy()
     exact = store.exact_search(query, k=10)
@@ -175,6 +197,8 @@ def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ra
                                    key_dim=16, key_fit_rows=64))
     st = ChunkStore.open(tmp_path / "db2", None, create=False)
     assert streamed.rows >= 100 and st.key_basis is not None and st.key_basis.fitted_rows == 64
+    assert compressed() == streamed.compressed == streamed.rows  # the sample's complement, then the sample
+    assert st.count() == len(set(st.table.to_arrow().column("chunk_id").to_pylist()))
     with pytest.raises(ValueError, match="--key-basis pca fits a 64-d key .* there are [0-9]+ "):
         run_index(_settings(corpus, model_dir, tmp_path / "db3", key_basis="pca", key_dim=64, limit=10))
     with pytest.raises(IndexNotFoundError):  # refused before the table was created
