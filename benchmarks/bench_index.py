@@ -113,6 +113,33 @@ and third passes. A job's actor makes ~9 calls at 9,414 chunks and ~93 at 94,945
 the way up (allocator and kernel caches for the batch shapes met so far). Tried and not kept: returning freed
 memory after each call (``malloc_trim``) lowers the plateau by ~50 MB but made compression 10-25% slower;
 padding sequences to a multiple of 8 (fewer shapes) was 17% slower.
+
+What the worker's plateau is made of (2026-12-04 evening, ``--layers 1 --hidden 64 --worker-passes 2``, RSS
+after the 1st / 38th call): as is, 609-613 / 737-754 MiB (+128-141); ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=4``
+610 / 674 (+64): half of the growth is oneDNN's cache of kernels compiled for each batch shape (bf16 matmuls on
+this CPU go through oneDNN); the Python heap grows by 1 MB over those calls (tracemalloc). glibc settings did
+not help (``MALLOC_ARENA_MAX=2``: +128; ``MALLOC_MMAP_THRESHOLD_=262144``: +112 and compression 2x slower),
+nor did Arrow's system allocator or ``TOKENIZERS_PARALLELISM=false`` (within noise). A 4-entry cache made the
+4-layer model's compression 20-45% slower (71-88 s against 54-60 s a pass over 5,674 chunks), so the job keeps
+oneDNN's default: the worker's memory is bounded by that cache, not by the corpus.
+
+**Throughput at 10^5 chunks, the key's sample written once (2026-12-04 evening;
+results/bench_index_throughput_1e5_fitreuse_2026-12-04.txt).** ``--reader ray-data --bare 2x1 --repeat 5`` (94,945
+chunks, the 4-layer model): a new table of this size gets a fitted key, and the job compressed the key's sample
+(4,096 chunks and the hash filter's margin) for the fit and then again with the run, after a second actor pool's
+start. Now the sample's rows are encoded from the memories the fit already has and written first; the run
+compresses the rest (``_fit_key_basis``):
+
+    run                       job s   plan + fit s   first commit s   steady state         bare loop s (before / after)
+    before (39fcbd3)          675.7   87.4           157.6            167.7/s, 0.83        506.6 / 469.6   ratio 0.69
+    after, job only           552.2   77.4           119.0            200.8/s              -
+    after                     570.6   78.5           115.0            191.0/s, 0.91        509.3 / 453.0   ratio 0.79
+
+End to end 0.79 of the faster bare timing (0.89 of the slower one taken in the same run: the bare loop's own
+spread, 453-509 s, is as large as the gap to 0.85); the target is not met as measured. What remains is
+fixed: planning the 94,945 chunks on the workers ~26 s (a planner call is 0.6 s for a 1,000-document file in
+one process; Ray Data's start-up, the planner actors' start and the plan's materialisation are the rest), the
+fit's own actor pool start and compression ~50 s, then the run's actor pool start.
 """
 
 from __future__ import annotations
