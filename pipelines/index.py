@@ -30,8 +30,9 @@ The table may be a local directory or an object-store URI; so may the corpus wit
 2. Ray Data: the chunks to compress go through ``map_batches`` on a pool of actors, each of which
    loads the model once and returns encoded index rows (memory in the storage dtype, ``key``). A new
    table with a fitted key (``--key-basis pca``, automatic for a first run of >= 10 x --key-fit-rows
-   chunks) first compresses a seeded sample of them and fits the key's basis on their memories; it is
-   kept beside the table (``<table>-keybasis``) and every later run and search uses it.
+   chunks) first compresses a seeded sample of them and fits the key's basis on their memories (the
+   sample's rows are written with the others, not compressed again); the basis is kept beside the table
+   (``<table>-keybasis``) and every later run and search uses it.
 3. driver: rows stream back (``iter_batches``) and are upserted on ``chunk_id`` a few thousand per
    commit (appended, when the plan has new chunks and no changed ones: an upsert joins each commit
    against the table and the writer's memory grew with the rows written; the writer checks between
@@ -83,7 +84,6 @@ from clara.index.build import (
     auto_ann_kind,
     check_deletions,
     chunking_salt,
-    chunks_table,
     cleanup_index,
     doc_key,
     load_tokenizer,
@@ -431,9 +431,11 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     t_compress = time.perf_counter()
     total = plan.new + plan.changed
 
+    already = sum(rows.num_rows for rows, _ in fitted or [])  # compressed for the fit: written, not timed here
+
     def on_commit(w: WriteStats) -> None:
         sec = time.perf_counter() - t_compress
-        rate = w.rows / sec if sec > 0 else 0.0
+        rate = max(0, w.rows - already) / sec if sec > 0 else 0.0
         eta = (total - w.rows) / rate if rate > 0 else float("nan")
         say(f"[index] {w.rows}/{total} compressed and written ({100 * w.rows / total:.0f}%), {rate:.1f} chunks/s, "
             f"eta {eta:.0f}s, version {w.version}")
@@ -789,15 +791,16 @@ def default_fitted_key_dim(n_mem: int, d: int) -> int:
 
 
 def _fit_key_basis(s: IndexSettings, settings, source, total: int,
-                   say: Progress) -> tuple[KeyBasis, tuple[pa.Table, np.ndarray], object]:
+                   say: Progress) -> tuple[KeyBasis, list[tuple[pa.Table, np.ndarray]], object]:
     """Compress a seeded random sample of ``key_fit_rows`` of the chunks to index (float32, no key needed)
     and fit the table's key basis on their memories (:func:`~clara.index.codec.fit_key_basis`).
 
-    Returns ``(basis, (rows, memory), rest)``: every chunk compressed for the fit (the sample, and in a
-    streamed plan the few more that its hash filter let through) with its float32 memory, to be written
-    with the run's rows, and ``source`` without them, so that no chunk is compressed twice. The memory is
-    the compressor's own output (float32 holds a float32 or bfloat16 model's values exactly), so the rows
-    encoded from it are the ones a second compression would make.
+    Returns ``(basis, fitted, rest)``: ``fitted``, every chunk compressed for the fit (the sample, and in a
+    streamed plan the few more that its hash filter let through) as ``(rows, float32 memory)`` batches, to be
+    written with the run's rows, and ``rest``, ``source`` without them (``None`` if nothing is left), so that
+    no chunk is compressed twice. The memory is the compressor's own output (float32 holds a float32 or
+    bfloat16 model's values exactly): the rows encoded from it are those a second compression would make, up
+    to the few-ulp noise of another batch composition.
     """
     import random
 
@@ -813,7 +816,7 @@ def _fit_key_basis(s: IndexSettings, settings, source, total: int,
     if isinstance(source, list):
         picked = set(random.Random(seed).sample(range(len(source)), n))
         sample = [source[i] for i in sorted(picked)]
-        rest = [c for i, c in enumerate(source) if i not in picked]
+        rest = [c for i, c in enumerate(source) if i not in picked] or None
     else:  # on the workers, CPU-less as the pending-rows filter: the plan's text never passes the driver
         # (a hash sample: n plus four standard deviations, then the n of smallest hash; the rest is the same
         # filter's complement)
@@ -824,28 +827,29 @@ def _fit_key_basis(s: IndexSettings, settings, source, total: int,
                                            batch_format="pyarrow", num_cpus=0,
                                            compute=TaskPoolStrategy(size=max(1, s.actors)))
                         for keep in (True, False))
+        if fraction >= 1.0:  # every chunk is in the sample
+            rest = None
     fit_settings = replace(settings, dtype="float32", key_basis="")
-    rows, memory = [], []
-    for batch in _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows.append(batch.select(list(CHUNK_COLUMNS)))
-        memory.append(_decode_memory(batch, fit_settings))
-    table = pa.concat_tables(rows) if rows else chunks_table([])
-    memory = np.concatenate(memory) if memory else np.zeros((0, settings.n_mem, settings.d), np.float32)
+    fitted: list[tuple[pa.Table, np.ndarray]] = [
+        (batch.select(list(CHUNK_COLUMNS)), _decode_memory(batch, fit_settings))
+        for batch in _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow")]
+    ids = [c for rows, _ in fitted for c in rows.column("chunk_id").to_pylist()]
     # the n of smallest hash (a uniform sample of exactly n, whatever the blocks), in chunk-id order (the pool
     # returns batches in any order, and the fit should not depend on it)
-    basis = fit_key_basis(memory[hash_sample(table.column("chunk_id").to_pylist(), n, seed)], settings.key_dim,
-                          seed=seed)
-    say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {n} chunks "
+    memory = (np.concatenate([m for _, m in fitted])[hash_sample(ids, n, seed)] if fitted
+              else np.zeros((0, settings.n_mem, settings.d), np.float32))
+    basis = fit_key_basis(memory, settings.key_dim, seed=seed)
+    say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {len(memory)} chunks "
         f"({100 * basis.energy:.1f}% of their memories' energy) in {time.perf_counter() - t:.1f}s; "
-        f"the {table.num_rows} chunks compressed for it are written with the run")
-    return basis, (table, memory), rest
+        f"the {len(ids)} chunks compressed for it are written with the run")
+    return basis, fitted, rest
 
 
 def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: IndexWriter,
-                        key_basis=None, fitted: tuple[pa.Table, np.ndarray] | None = None) -> None:
-    """Compress ``source`` (the chunks of the driver's plan, or the streamed plan's Ray Dataset) on the actor
-    pool and write the rows as they come back; first, ``fitted``'s rows (chunks already compressed, with
-    their float32 memory), encoded here."""
+                        key_basis=None, fitted: list[tuple[pa.Table, np.ndarray]] | None = None) -> None:
+    """Compress ``source`` (the chunks of the driver's plan, or the streamed plan's Ray Dataset; ``None``:
+    nothing) on the actor pool and write the rows as they come back; first, ``fitted``'s rows (chunks already
+    compressed, with their float32 memory), encoded here and taken off the list as they are written."""
     from pipelines import compat, faults
 
     compat.ensure_ray(s.ray_address)
@@ -853,14 +857,14 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
     actor = ChunkCompressor
     if "fail_after_batches" in fault:
         actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
-    ds = _compressed(s, settings, source, key_basis, actor)
+    ds = _compressed(s, settings, source, key_basis, actor) if source is not None else None
 
     def batches():
-        if fitted is not None and fitted[0].num_rows:
-            step = max(s.batch_size, s.commit_rows)
-            for i in range(0, fitted[0].num_rows, step):
-                yield encode_batch(fitted[0].slice(i, step), fitted[1][i:i + step], settings, key_basis=key_basis)
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+        while fitted:
+            rows, memory = fitted.pop(0)
+            yield encode_batch(rows, memory, settings, key_basis=key_basis)
+        if ds is not None:
+            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
 
     try:
         for batch in batches():

@@ -197,7 +197,10 @@ def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ra
                                    key_dim=16, key_fit_rows=64))
     st = ChunkStore.open(tmp_path / "db2", None, create=False)
     assert streamed.rows >= 100 and st.key_basis is not None and st.key_basis.fitted_rows == 64
-    assert compressed() == streamed.compressed == streamed.rows  # the sample's complement, then the sample
+    assert compressed() == streamed.compressed == streamed.rows == streamed.new == streamed.chunks_read
+    # a sample of every chunk: nothing left to compress after the fit, every chunk written once
+    small = run_index(_settings(corpus, model_dir, tmp_path / "db4", key_basis="pca", key_dim=16, key_fit_rows=1000))
+    assert compressed() == small.rows == small.chunks_read >= 100
     assert st.count() == len(set(st.table.to_arrow().column("chunk_id").to_pylist()))
     with pytest.raises(ValueError, match="--key-basis pca fits a 64-d key .* there are [0-9]+ "):
         run_index(_settings(corpus, model_dir, tmp_path / "db3", key_basis="pca", key_dim=64, limit=10))
