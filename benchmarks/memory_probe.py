@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=150, help="training steps (0: probe the --init model as it is)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rate", type=int, default=4)
+    p.add_argument("--rate", type=int, default=4, help="chunk tokens per memory vector; with an --init model of a "
+                   "lower rate, training starts from its first doc-max-tokens/rate memory slots")
     p.add_argument("--doc-max-tokens", type=int, default=64)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--memory-norm", default="center", choices=["center", "none"])
@@ -139,8 +140,15 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if a.init:
         model = ClaraModel.from_pretrained(a.init)
-        if model.config.doc_max_tokens != a.doc_max_tokens or model.config.compression_rate != a.rate:
-            p.error(f"--init {a.init}: rate / doc-max-tokens differ from the saved model's")
+        if model.config.doc_max_tokens != a.doc_max_tokens:
+            p.error(f"--init {a.init}: --doc-max-tokens {a.doc_max_tokens} differs from the saved model's "
+                    f"{model.config.doc_max_tokens}")
+        if model.config.compression_rate != a.rate:  # a higher rate starts from the model's first memory slots
+            try:
+                model.keep_memory_slots(a.rate)
+            except ValueError as e:
+                p.error(f"--init {a.init} --rate {a.rate}: {e}")
+            print(f"--init {a.init}: rate {a.rate} from its first {model.config.n_mem} memory slots", flush=True)
     else:
         model = ClaraModel.from_base(config, seed=a.seed)
     if a.answerable_in_window:  # with the loaded model's tokenizer (an --init model may have another base)

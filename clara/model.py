@@ -144,6 +144,30 @@ class ClaraModel(nn.Module):
 
         return save_model(self, path)
 
+    @torch.no_grad()
+    def keep_memory_slots(self, compression_rate: int) -> ClaraModel:
+        """Make this model a higher-rate one in place (fewer memory slots), keeping its first slots.
+
+        The memory slots follow the chunk and attention is causal, so the first ``n`` slots' states
+        do not depend on the slots after them: the model at ``compression_rate`` starts out producing
+        exactly the first ``n`` memory vectors the trained lower-rate model produced (their running
+        centre included), a warm start for training a rate-16 compressor from a rate-4 one.
+        Everything else (adapters, base, tokenizer) is kept; the compressor version changes.
+        """
+        from dataclasses import replace
+
+        new = replace(self.config, compression_rate=compression_rate)
+        if new.n_mem > self.config.n_mem:
+            raise ValueError(f"compression_rate {compression_rate} needs {new.n_mem} memory slots; this model has "
+                             f"{self.config.n_mem} (rate {self.config.compression_rate}): slots can only be dropped")
+        m = new.n_mem
+        self.memory = MemorySlots(self.memory.weight.detach()[:m].clone()).to(self.device)
+        self.memory_center = self.memory_center[:m].clone()
+        self.config = new
+        self.prompt = GeneratorPrompt(self.tokenizer, m, new.doc_max_tokens, new.query_max_tokens)
+        self._apply_trainable()
+        return self
+
     # -- plumbing -------------------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:

@@ -169,6 +169,45 @@ def test_memory_normalisation_tracks_the_compressor_and_is_saved(make_model, chu
     assert old.config.memory_norm == "none" and torch.allclose(old.compress(chunks[:4]), raw, atol=1e-6)
 
 
+def test_a_higher_rate_model_starts_from_the_first_memory_slots(make_model, chunks, tmp_path):
+    """keep_memory_slots: rate 4 -> 16 keeps the first slots, whose memory (centre included) is unchanged,
+    trains, saves and loads at the new rate; more slots than the model has is an error."""
+    from clara.data.records import reconstruction_example
+    from clara.losses import compression_loss
+    from clara.model import ClaraModel
+
+    model = make_model(dtype="float32")
+    model.set_trainable(("compressor", "generator"), memory_embeddings=True)
+    model.train()
+    compression_loss(model, [reconstruction_example(c) for c in chunks[:4]])  # a non-zero running centre
+    model.eval()
+    before, version = model.compress(chunks[:3]), model.compressor_version()
+    assert before.shape[1] == 16 and torch.count_nonzero(model.memory_center) > 0
+
+    assert model.keep_memory_slots(16) is model
+    after = model.compress(chunks[:3])
+    assert model.config.compression_rate == 16 and model.config.n_mem == 4 and after.shape == (3, 4, 128)
+    assert torch.allclose(after, before[:, :4], atol=1e-5)  # causal: later slots never reached the first four
+    assert model.compressor_version() != version
+    answers = model.generate(["Who?"], after[:1].unsqueeze(1), max_new_tokens=3)  # the prompt has 4 slots a chunk
+    assert len(answers) == 1
+    # one chunk takes 4 placeholder slots in the prompt now, 16 before
+    assert make_model(dtype="float32").build_generator_batch(["Who?"], 1).input_ids.shape[1] - \
+        model.build_generator_batch(["Who?"], 1).input_ids.shape[1] == 12
+
+    model.set_trainable(("compressor",), memory_embeddings=True)  # the new slots train (and are the ones saved)
+    model.train()
+    loss = compression_loss(model, [reconstruction_example(c) for c in chunks[:2]])
+    loss.loss.backward()
+    assert model.memory_embeddings.grad.shape == (4, 128)
+    model.eval()
+    loaded = ClaraModel.from_pretrained(model.save_pretrained(tmp_path / "r16"))
+    assert loaded.config.compression_rate == 16 and loaded.compressor_version() == model.compressor_version()
+    assert torch.allclose(loaded.compress(chunks[:3]), model.compress(chunks[:3]), atol=1e-5)
+    with pytest.raises(ValueError, match="slots can only be dropped"):
+        loaded.keep_memory_slots(4)
+
+
 def test_generation_is_capped_by_the_context(make_model, chunks):
     """A caller asking for more tokens than the context holds (a served /v1/decode with 4096) gets what
     fits, never positions the base model was not trained for."""
