@@ -18,7 +18,9 @@
    actor pool; or the rule-based cloze engine) -> parse and verify each reply (a map stage) -> back to
    the driver. Tasks that fell short (unparseable output, unsupported answers, facts not yet covered)
    are asked again with a new seed and the list of uncovered sentences, up to ``--max-rounds`` rounds.
-   An optional LLM-judge pass (``--judge``) re-checks each accepted item.
+   An optional LLM-judge pass (``--judge``) re-checks each accepted item; an optional round trip
+   (``--roundtrip``) has the engine answer each accepted question from its chunk and keeps the pair only if
+   that answer is the pair's.
 3. driver: each unit's records, rejects and counts go to ``<out>/units/<key>.jsonl``, written atomically;
    then the units of this corpus are merged into ``records.jsonl`` (or ``.parquet``: stage-1 records),
    ``multihop.jsonl`` (stage-2 records with both chunks gold), ``rejects.jsonl`` (each with a reason)
@@ -51,6 +53,7 @@ from clara.synth import (
     JUDGE_KIND,
     PROMPT_VERSION,
     QA_STYLES,
+    ROUNDTRIP_KIND,
     TASK_KINDS,
     ClozeEngine,
     Generation,
@@ -75,6 +78,7 @@ from clara.synth import (
     read_unit_file,
     render_prompt,
     request_for,
+    roundtrip_prompt,
     task_messages,
     unit_path,
     validate_record,
@@ -145,6 +149,11 @@ class SynthSettings:
     min_coverage: float = 0.8
     #: Ask the LLM to re-check every lexically verified item (one more engine pass per round).
     judge: bool = False
+    #: Round trip: the engine answers every accepted question from its chunk(s) alone (worked examples, one
+    #: short line), and the pair is kept only if that answer contains the pair's answer or reaches token F1
+    #: 0.5 with it (one more short engine pass per round). Drops questions that do not lead back to their
+    #: answer: ambiguous, off the chunk, or asking for something else. For small question writers.
+    roundtrip: bool = False
     #: Sampling temperature of the generator.
     temperature: float = 0.2
     #: Nucleus sampling threshold.
@@ -207,8 +216,13 @@ class SynthSettings:
             raise ConfigError(f"min_coverage must be in [0, 1], got {self.min_coverage}")
         if self.qa_style not in QA_STYLES:
             raise ConfigError(f"qa_style must be one of {QA_STYLES}, got {self.qa_style!r}")
-        if self.qa_style == "answer_first" and self.engine == "cloze":
-            raise ConfigError("qa_style answer_first needs an LLM engine (vllm or transformers), not cloze")
+        cloze = self.engine == "cloze" or (self.engine == "auto" and not self.model)  # auto without a model: cloze
+        if self.roundtrip and cloze:
+            raise ConfigError("roundtrip needs an LLM engine (vllm or transformers, and --model) to answer the "
+                              "questions, not cloze")
+        if self.qa_style == "answer_first" and cloze:
+            raise ConfigError("qa_style answer_first needs an LLM engine (vllm or transformers, and --model), "
+                              "not cloze")
         if self.min_qa > self.max_qa:
             raise ConfigError(f"min_qa ({self.min_qa}) must not exceed max_qa ({self.max_qa})")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -315,6 +329,8 @@ def fingerprint(s: SynthSettings, engine: str) -> str:
     keep = {k: getattr(s, k) for k in ("model", "kinds", "min_qa", "max_qa", "paraphrases", "multihop_questions",
                                        "max_rounds", "min_coverage", "judge", "temperature", "top_p", "max_tokens",
                                        "seed", "structured_output", "qa_style")}
+    if s.roundtrip:  # only when on: the units of runs before the round trip existed keep their keys
+        keep["roundtrip"] = True
     return json.dumps({"engine": engine, "prompts": PROMPT_VERSION, **keep}, sort_keys=True, default=str)
 
 
@@ -409,9 +425,9 @@ class _Runner:
         s = self.s
         rows = []
         for t in tasks:
-            few_shot = t.kind == "qa" and t.style == "answer_first"
+            few_shot = (t.kind == "qa" and t.style == "answer_first") or t.kind == ROUNDTRIP_KIND
             if few_shot:  # a plain completion prompt; the reply is one line
-                prompt = answer_first_prompt(t)
+                prompt = roundtrip_prompt(t) if t.kind == ROUNDTRIP_KIND else answer_first_prompt(t)
             else:
                 prompt = render_prompt(task_messages(t, s.min_qa, s.max_qa), self.tokenizer) if self.tokenizer else ""
             r = request_for(t, prompt, max_tokens=min(s.max_tokens, 40) if few_shot else
@@ -518,28 +534,38 @@ class _Runner:
                     fresh[o.task_key] = st.items[before:]
             if self.s.judge and fresh:
                 self._judge(states, fresh, f"{wave_label} round {r + 1} judge")
+            if self.s.roundtrip and fresh:  # the QA pairs still accepted (the judge may have dropped some)
+                fresh = {k: [it for it in items if "question" in it and it in states[k].items]
+                         for k, items in fresh.items()}
+                self._judge(states, {k: v for k, v in fresh.items() if v}, f"{wave_label} round {r + 1} round trip",
+                            ROUNDTRIP_KIND)
             pending = [st.next_task(self.rs) for st in states.values() if st.needs_round(self.rs)] \
                 if regenerates else []
             if pending and r + 1 < self.rs.max_rounds:
                 self.progress(f"{wave_label}: {len(pending)} task(s) fell short; regenerating")
         return states
 
-    def _judge(self, states: dict[str, TaskState], fresh: dict[str, list[dict[str, Any]]], label: str) -> None:
+    def _judge(self, states: dict[str, TaskState], fresh: dict[str, list[dict[str, Any]]], label: str,
+               kind: str = JUDGE_KIND) -> None:
+        """Check ``fresh`` items with ``kind`` tasks (the LLM judge, or the round trip); move those that fail to
+        the rejects: ``judge_*`` or ``roundtrip_*`` (``failed``: engine error, ``unparseable``: no verdict,
+        ``rejected``: the check says no, with what it said as the detail)."""
         jobs: dict[str, tuple[str, dict[str, Any]]] = {}
         tasks = []
         for key, items in fresh.items():
-            for jt, item in zip(judge_tasks(states[key], items), items):
+            for jt, item in zip(judge_tasks(states[key], items, kind), items):
                 jobs[jt.key] = (key, item)
                 tasks.append(jt)
+        prefix = "judge" if kind == JUDGE_KIND else "roundtrip"
         for o in self.execute(tasks, label):
             parent, item = jobs[o.task_key]
             verdict = (o.judge or {}).get("supported")
-            if o.rejects:  # the judge itself failed (engine error)
-                states[parent].reject_item(item, "judge_failed", o.rejects[0].get("detail"))
+            if o.rejects:  # the check itself failed (engine error)
+                states[parent].reject_item(item, f"{prefix}_failed", o.rejects[0].get("detail"))
             elif verdict is None:
-                states[parent].reject_item(item, "judge_unparseable")
+                states[parent].reject_item(item, f"{prefix}_unparseable", (o.judge or {}).get("reason"))
             elif not verdict:
-                states[parent].reject_item(item, "judge_rejected", (o.judge or {}).get("reason"))
+                states[parent].reject_item(item, f"{prefix}_rejected", (o.judge or {}).get("reason"))
 
     # -- one unit's output ------------------------------------------------------------------------
     def unit_lines(self, unit: WorkUnit, states: dict[str, TaskState]) -> list[dict[str, Any]]:

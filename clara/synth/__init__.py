@@ -46,13 +46,24 @@ from clara.synth.prompts import (
     qa_counts,
     question_fits_answer,
     render_prompt,
+    roundtrip_prompt,
     task_messages,
 )
-from clara.synth.rounds import Outcome, RoundSettings, TaskState, judge_tasks, process_generation, request_for
+from clara.synth.rounds import (
+    Outcome,
+    RoundSettings,
+    TaskState,
+    judge_tasks,
+    process_generation,
+    request_for,
+    roundtrip_verdict,
+)
 from clara.synth.tasks import (
+    CHECK_KINDS,
     JUDGE_KIND,
     PROMPT_VERSION,
     QA_STYLES,
+    ROUNDTRIP_KIND,
     TASK_KINDS,
     Generation,
     GenerationRequest,
@@ -93,6 +104,7 @@ from clara.synth.verify import (
 )
 
 __all__ = [
+    "CHECK_KINDS",
     "ClozeEngine",
     "DEFAULT_VERIFY",
     "Generation",
@@ -101,6 +113,7 @@ __all__ = [
     "Outcome",
     "PROMPT_VERSION",
     "QA_STYLES",
+    "ROUNDTRIP_KIND",
     "RoundSettings",
     "SYSTEM_PROMPT",
     "SynthEngine",
@@ -137,6 +150,8 @@ __all__ = [
     "render_prompt",
     "repair_truncated_json",
     "request_for",
+    "roundtrip_prompt",
+    "roundtrip_verdict",
     "sentence_covered",
     "split_sentences",
     "stems",

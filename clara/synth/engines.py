@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from clara.synth.tasks import JUDGE_KIND, TASK_KINDS, Generation, GenerationRequest
+from clara.synth.tasks import CHECK_KINDS, TASK_KINDS, Generation, GenerationRequest
 from clara.synth.text import _BLANK, _DATE_RES, _NUMBER_RE, entity_spans, split_sentences
 
 # =============================================================================================
@@ -86,7 +86,7 @@ class TransformersEngine:
     """
 
     name = "transformers"
-    kinds = frozenset(TASK_KINDS + (JUDGE_KIND,))
+    kinds = frozenset(TASK_KINDS + CHECK_KINDS)
     regenerates = True
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "float32", batch_size: int = 4):

@@ -170,6 +170,16 @@ def answer_first_prompt(task: Task) -> str:
     return shots + f"Text: {target[0]}\nAnswer: {target[1]}\nQuestion:"
 
 
+def roundtrip_prompt(task: Task) -> str:
+    """The round-trip check's plain completion prompt: the same worked examples read the other way (a text, a
+    question, its answer), then the item's passage(s) and question, ending in ``Answer:``. The reply's first
+    line is the engine's answer, which :func:`clara.synth.rounds.roundtrip_verdict` compares with the item's."""
+    item = task.item or {}
+    shots = "".join(f"Text: {t}\nQuestion: {q}\nAnswer: {a}\n\n" for t, a, q in _ANSWER_FIRST_SHOTS)
+    text = " ".join(" ".join(c.split()) for c in task.chunks)
+    return shots + f"Text: {text}\nQuestion: {' '.join(str(item.get('question', '')).split())}\nAnswer:"
+
+
 _TEMPORAL_WORDS = frozenset("when year years date century decade month day period era age".split())
 _QUANTITY_WORDS = frozenset(
     """how many much number numbers percent percentage population size area length height long tall high far

@@ -10,7 +10,7 @@ from typing import Any
 
 from clara.synth.parse import _scalar_text, coerce_paraphrases, coerce_qa_items, extract_json
 from clara.synth.prompts import answer_first_target, json_schema, question_fits_answer
-from clara.synth.tasks import JUDGE_KIND, Generation, GenerationRequest, Task
+from clara.synth.tasks import JUDGE_KIND, ROUNDTRIP_KIND, Generation, GenerationRequest, Task
 from clara.synth.text import fact_sentences
 from clara.synth.verify import (
     DEFAULT_VERIFY,
@@ -66,6 +66,10 @@ def process_generation(task: Task, gen: Generation, v: VerifySettings = DEFAULT_
         return out
     if task.kind == "qa" and task.style == "answer_first":
         return _answer_first_outcome(task, gen, out, v)
+    if task.kind == ROUNDTRIP_KIND:
+        out.parsed = "plain_text"
+        out.judge = roundtrip_verdict(gen.text, str((task.item or {}).get("answer", "")))
+        return out
     expect = {"qa": ("qa",), "multihop": ("qa",), "paraphrase": ("paraphrases",), JUDGE_KIND: ("supported",)}
     value, how = extract_json(gen.text, expect[task.kind])
     out.parsed = how
@@ -110,6 +114,20 @@ def process_generation(task: Task, gen: Generation, v: VerifySettings = DEFAULT_
         else:
             out.items.append(it)
     return out
+
+
+def roundtrip_verdict(reply: str, answer: str, min_f1: float = 0.5) -> dict[str, Any]:
+    """Does the engine's answer (the first line of ``reply``) give the pair's ``answer`` back? ``supported``
+    when it contains the answer (normalised as for cover-EM) or reaches token F1 >= ``min_f1`` with it: a
+    question that does not lead back to its answer from the passage is ambiguous, off the passage, or asks
+    for something else ("What is the polar vortex?" for the answer "Earth's")."""
+    from clara.eval.metrics import cover_em, token_f1
+
+    line = next((ln.strip() for ln in (reply or "").splitlines() if ln.strip()), "")
+    if not line:
+        return {"supported": None, "reason": "no answer read back"}
+    ok = bool(cover_em(line, answer)) or token_f1(line, answer) >= min_f1
+    return {"supported": ok, "reason": f"read back {_excerpt(line, 120)!r}"}
 
 
 def _answer_first_outcome(task: Task, gen: Generation, out: Outcome, v: VerifySettings) -> Outcome:
@@ -244,10 +262,10 @@ def request_for(task: Task, prompt: str, *, max_tokens: int, temperature: float,
     return GenerationRequest(task, prompt, max_tokens, temp, top_p, digest & 0x7FFFFFFF, schema)
 
 
-def judge_tasks(state: TaskState, items: Sequence[Mapping[str, Any]]) -> list[Task]:
-    """One judge task per newly accepted item of ``state``."""
+def judge_tasks(state: TaskState, items: Sequence[Mapping[str, Any]], kind: str = JUDGE_KIND) -> list[Task]:
+    """One ``kind`` task (``judge``, or ``roundtrip`` for QA pairs) per newly accepted item of ``state``."""
     t = state.task
-    return [Task(JUDGE_KIND, t.chunk_ids, t.chunks, t.unit, state.rounds - 1, 1, item=dict(it), parent=t.key)
+    return [Task(kind, t.chunk_ids, t.chunks, t.unit, state.rounds - 1, 1, item=dict(it), parent=t.key)
             for it in items]
 
 

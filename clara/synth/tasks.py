@@ -14,6 +14,10 @@ TASK_KINDS: tuple[str, ...] = ("qa", "multihop", "paraphrase")
 #: (7B and up); ``answer_first`` suits small ones (SmolLM2-135M), which copy a few-shot pattern well.
 QA_STYLES: tuple[str, ...] = ("rules", "answer_first")
 JUDGE_KIND = "judge"
+#: A round-trip check of a QA pair: the engine answers the question from the passage(s) alone, and the pair is
+#: kept only if that answer is the pair's (:func:`clara.synth.rounds.roundtrip_verdict`).
+ROUNDTRIP_KIND = "roundtrip"
+CHECK_KINDS: tuple[str, ...] = (JUDGE_KIND, ROUNDTRIP_KIND)
 
 
 # =============================================================================================
@@ -25,8 +29,8 @@ class Task:
     """One request for generated items about one chunk (``qa``, ``paraphrase``) or a chunk pair (``multihop``).
 
     ``known`` are items accepted in earlier rounds (questions or paraphrases) that must not be repeated;
-    ``focus`` the sentences no accepted question covers yet. A ``judge`` task carries the ``item`` to judge
-    and the ``parent`` task key.
+    ``focus`` the sentences no accepted question covers yet. A ``judge`` or ``roundtrip`` task carries the
+    ``item`` to check and the ``parent`` task key.
     """
 
     kind: str
@@ -46,8 +50,8 @@ class Task:
     def __post_init__(self) -> None:
         if self.style not in QA_STYLES:
             raise ValueError(f"task style must be one of {QA_STYLES}, got {self.style!r}")
-        if self.kind not in TASK_KINDS + (JUDGE_KIND,):
-            raise ValueError(f"task kind must be one of {TASK_KINDS + (JUDGE_KIND,)}, got {self.kind!r}")
+        if self.kind not in TASK_KINDS + CHECK_KINDS:
+            raise ValueError(f"task kind must be one of {TASK_KINDS + CHECK_KINDS}, got {self.kind!r}")
         if len(self.chunk_ids) != len(self.chunks) or not self.chunks:
             raise ValueError("a task needs one chunk id per chunk text, and at least one chunk")
         if self.kind == "multihop" and len(self.chunks) != 2:
@@ -57,7 +61,7 @@ class Task:
     def key(self) -> str:
         """Identity across rounds: the kind and the chunks (plus the judged item for a judge task)."""
         base = f"{self.kind}:{'|'.join(self.chunk_ids)}"
-        if self.kind == JUDGE_KIND:
+        if self.kind in CHECK_KINDS:
             base += f"#{self.parent}#{json.dumps(self.item, sort_keys=True)}"
         return base
 

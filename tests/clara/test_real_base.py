@@ -112,3 +112,26 @@ def test_the_packaged_qa_model_answers_from_memory(scp_records):
     assert len(qa) == 24 and len(texts) >= 8
     assert f1["own"] >= 0.12 and f1["own"] >= 2 * f1["wrong"] and f1["own"] >= 1.5 * f1["closed"], (f1, answers["own"])
     assert abstain["wrong"] >= abstain["own"] + 0.2, abstain
+
+
+def test_the_round_trip_check_on_the_real_base():
+    """``--roundtrip`` with SmolLM2 as the reader (greedy): pairs whose question leads back to their answer pass;
+    a question with another answer, or about something the passage does not say, does not."""
+    from clara.bases import resolve_base
+    from clara.synth import ROUNDTRIP_KIND, GenerationRequest, Task, TransformersEngine, process_generation
+    from clara.synth import roundtrip_prompt as prompt
+
+    chunk = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+             "after the engineer Gustave Eiffel, whose company designed and built the tower. Construction began in "
+             "January 1887 and was completed on 31 March 1889. The tower is 330 metres tall and was the tallest "
+             "man-made structure in the world for 41 years.")
+    pairs = {("When was the Eiffel Tower completed?", "31 March 1889"): True,
+             ("Who is the Eiffel Tower named after?", "Gustave Eiffel"): True,
+             ("How tall is the Eiffel Tower?", "330 metres"): True,
+             ("What is the tower?", "41 years"): False,  # a loose question: its answer is not what it reads back
+             ("What was the 17th century Chinese emperor?", "1636"): False}  # off the passage
+    engine = TransformersEngine(resolve_base("smollm2-135m"), batch_size=8)
+    tasks = [Task(ROUNDTRIP_KIND, ("c",), (chunk,), item={"question": q, "answer": a}) for q, a in pairs]
+    gens = engine.generate([GenerationRequest(t, prompt(t), max_tokens=24, temperature=0.0) for t in tasks])
+    verdicts = {(t.item["question"], t.item["answer"]): process_generation(t, g).judge for t, g in zip(tasks, gens)}
+    assert {k: v["supported"] for k, v in verdicts.items()} == pairs, verdicts

@@ -468,6 +468,36 @@ def test_transformers_engine_on_the_tiny_model(tiny_base):
     assert out.items or out.rejects
 
 
+def test_roundtrip_prompt_and_verdict():
+    """The round trip asks the question of the item's passage(s) and keeps the pair only if the answer read
+    back is the pair's."""
+    from clara.synth import ROUNDTRIP_KIND, judge_tasks, roundtrip_prompt, roundtrip_verdict
+
+    st = TaskState(_qa_task())
+    st.absorb(process_generation(st.task, Generation(json.dumps({"qa": [
+        {"question": "How tall is the Eiffel Tower?", "answer": "330 metres"}]}))))
+    (rt,) = judge_tasks(st, st.items, ROUNDTRIP_KIND)
+    assert rt.kind == "roundtrip" and rt.parent == st.task.key and rt.item == st.items[0]
+    assert rt.key != judge_tasks(st, st.items)[0].key  # the judge and the round trip of one item are two tasks
+    prompt = roundtrip_prompt(rt)
+    assert prompt.endswith("Text: " + CHUNK + "\nQuestion: How tall is the Eiffel Tower?\nAnswer:")
+    assert prompt.count("Question:") == prompt.count("Answer:") == 5  # four worked examples, then the item
+    assert prompt.index("Question: When was the Eiffel Tower completed?\nAnswer: 1889\n") > 0
+
+    def verdict(reply):
+        return process_generation(rt, Generation(reply)).judge["supported"]
+
+    assert verdict(" 330 metres\nText: more") is True  # the first line only
+    assert verdict("The tower is 330 metres tall.") is True  # contains the answer
+    assert verdict("330") is True  # token F1 0.67
+    assert verdict("41 years") is False and verdict("Gustave Eiffel") is False
+    assert verdict("  \n ") is None
+    out = roundtrip_verdict("Paris", "Champ de Mars in Paris")  # F1 0.4: not the pair's answer
+    assert out == {"supported": False, "reason": "read back 'Paris'"}
+    multihop = Task(ROUNDTRIP_KIND, ("a", "b"), (CHUNK, OTHER), item={"question": "Q?", "answer": "A"})
+    assert " ".join(CHUNK.split()) + " " + " ".join(OTHER.split()) in roundtrip_prompt(multihop)
+
+
 def test_judge_replies():
     from clara.synth import judge_tasks
 

@@ -15,12 +15,14 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from clara.data.corpus import load_scp_chunks
 from clara.data.records import parse_record
+from clara.settings import ConfigError
 from pipelines.synth import SynthSettings, main, run_synth
 
 pytestmark = pytest.mark.ray
@@ -244,6 +246,49 @@ def test_judge_moves_rejected_items_to_the_rejects(tmp_path, scp_sample_path):
     assert reasons["judge_unparseable"] == 1 and reasons["judge_rejected"] >= 1
     assert {r["reason"] for r in rejects} <= {"judge_unparseable", "judge_rejected"}
     assert len(_initial_tasks(units[0], ("qa",), s)) == 2
+
+
+def test_roundtrip_keeps_the_pairs_whose_question_leads_back_to_the_answer(tmp_path, scp_sample_path, tiny_base):
+    """After the judge: the round trip of every pair still accepted (engine stubbed: it reads back the pair's
+    answer except for numbers, and nothing once); the pairs it fails become rejects with what it read."""
+    from clara.synth import ClozeEngine, Generation, GenerationRequest, plan_units, process_generation
+    from pipelines.synth import _Runner, fingerprint, load_chunks
+
+    s = _cloze(scp_sample_path, tmp_path / "out", limit=2, judge=True, roundtrip=True, engine="transformers",
+               max_rounds=1, model=str(tiny_base))
+    assert fingerprint(s, "transformers") != fingerprint(replace(s, roundtrip=False), "transformers")
+    assert '"roundtrip"' not in fingerprint(replace(s, roundtrip=False), "transformers")  # old units keep keys
+    runner = _Runner(s, "transformers", lambda m: None)
+    asked: dict[str, list[dict]] = {"judge": [], "roundtrip": []}
+    prompts: list[str] = []
+
+    def fake_execute(tasks, label):
+        rows = {r["task"]: r["prompt"] for r in runner._rows(tasks)}
+        for t in tasks:
+            if t.kind == "judge":  # the judge drops the first pair
+                asked["judge"].append(dict(t.item))
+                yield process_generation(t, Generation(json.dumps({"supported": len(asked["judge"]) > 1})))
+            elif t.kind == "roundtrip":
+                asked["roundtrip"].append(dict(t.item))
+                prompts.append(rows[t.to_json()])
+                reply = "" if len(asked["roundtrip"]) == 1 else (
+                    "no idea" if t.item["answer"][0].isdigit() else f"{t.item['answer']}\nText:")
+                yield process_generation(t, Generation(reply))
+            else:
+                yield process_generation(t, ClozeEngine().generate([GenerationRequest(t, "")])[0])
+
+    runner.execute = fake_execute
+    states = runner.run_wave(plan_units(load_chunks(s), [], "fp", 64), ("qa",), "test")
+    kept = [i for st in states.values() for i in st.items]
+    rejects = Counter(r["reason"] for st in states.values() for r in st.rejects)
+    assert asked["judge"] and asked["roundtrip"] == asked["judge"][1:]  # only what the judge kept
+    assert all(p.endswith(f"Question: {i['question']}\nAnswer:") for p, i in zip(prompts, asked["roundtrip"]))
+    numbers = sum(i["answer"][0].isdigit() for i in asked["roundtrip"][1:])
+    assert rejects == Counter({"judge_rejected": 1, "roundtrip_unparseable": 1, **(
+        {"roundtrip_rejected": numbers} if numbers else {})})
+    assert len(kept) == len(asked["roundtrip"]) - 1 - numbers and all(not i["answer"][0].isdigit() for i in kept)
+    with pytest.raises(ConfigError, match="roundtrip needs an LLM engine"):
+        _cloze(scp_sample_path, tmp_path / "x", roundtrip=True)
 
 
 def test_transformers_fallback_through_ray(ray_session, tmp_path, tiny_base, scp_sample_path):
