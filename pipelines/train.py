@@ -71,7 +71,9 @@ class TrainJobConfig:
     #: The previous stage's exported model directory (required for ``instruct`` and ``e2e``).
     init: str | None = None
     #: Without ``init``: :class:`~clara.config.ClaraConfig` fields of a fresh model (``base_model``,
-    #: ``compression_rate``, ``lora``, ...). With ``init``: only the fields in ``INIT_OVERRIDES``.
+    #: ``compression_rate``, ``lora``, ...). With ``init``: only the fields in ``INIT_OVERRIDES``, and in
+    #: stage 1 a higher ``compression_rate`` than init's (fewer memory slots: training starts from init's first
+    #: slots, :meth:`~clara.model.ClaraModel.keep_memory_slots`; e.g. a rate-16 compressor from a rate-4 one).
     model: dict[str, Any] = field(default_factory=dict)
     #: Run name; a run started again with the same name and storage_path resumes. Default ``clara-<stage>``.
     name: str | None = None
@@ -150,10 +152,11 @@ class TrainJobConfig:
         if self.stage != "scp" and not self.init:
             raise ConfigError(f"init: stage {self.stage!r} starts from the previous stage's exported model")
         if self.init:
-            bad = sorted(set(self.model) - set(INIT_OVERRIDES))
+            allowed = set(INIT_OVERRIDES) | ({"compression_rate"} if self.stage == "scp" else set())
+            bad = sorted(set(self.model) - allowed)
             if bad:
-                raise ConfigError(f"model: with init, only {', '.join(INIT_OVERRIDES)} may be set; "
-                                  f"got {', '.join(bad)}")
+                raise ConfigError(f"model: with init, only {', '.join(sorted(allowed))} may be set"
+                                  f"{' (in stage scp)' if self.stage == 'scp' else ''}; got {', '.join(bad)}")
             ClaraConfig(base_model="x", **self.model)  # validates the values
         else:
             if "base_model" not in self.model:
@@ -456,7 +459,14 @@ def _build_model(cfg: TrainJobConfig, device, tmp: str):
         path = _local_copy(cfg.init, tmp)
         saved_device = read_manifest(path)["config"]["device"]
         model = ClaraModel.from_pretrained(path, device=str(device))
-        for k, v in cfg.model.items():
+        overrides = dict(cfg.model)
+        rate = overrides.pop("compression_rate", None)
+        if rate is not None and rate != model.config.compression_rate:
+            try:
+                model.keep_memory_slots(rate)
+            except ValueError as e:
+                raise ConfigError(f"model.compression_rate: init {cfg.init}: {e}") from None
+        for k, v in overrides.items():
             setattr(model.config, k, v)
     else:
         config = ClaraConfig.from_dict({**cfg.model, "device": str(device)})

@@ -191,6 +191,25 @@ def stage2(stage1, workdir, scp_file):
 
 
 @pytest.mark.ray
+def test_stage1_at_a_higher_rate_starts_from_inits_first_memory_slots(tiny_base, tmp_path):
+    """``init`` + ``model.compression_rate`` in stage 1: the model built for the workers keeps init's first memory
+    slots (the same first memory vectors); a lower rate than init's is a clear error."""
+    from clara.config import ClaraConfig
+    from clara.model import ClaraModel
+    from pipelines.train import _build_model
+
+    init = ClaraModel.from_base(ClaraConfig(base_model=str(tiny_base), **TINY), seed=0).save_pretrained(tmp_path / "m")
+    chunks = ["Flip Skateboards is a skateboard company.", "Jake Phelps edited Thrasher magazine."]
+    cfg = TrainJobConfig(stage="scp", data=["x"], init=str(init), model={"compression_rate": 16})
+    model = _build_model(cfg, "cpu", str(tmp_path))
+    start = ClaraModel.from_pretrained(init, device="cpu")
+    assert model.config.compression_rate == 16 and model.config.n_mem == start.config.n_mem // 4
+    assert torch.allclose(model.compress(chunks), start.compress(chunks)[:, :model.config.n_mem], atol=1e-5)
+    with pytest.raises(ConfigError, match="slots can only be dropped"):
+        _build_model(TrainJobConfig(stage="scp", data=["x"], init=str(init), model={"compression_rate": 1}), "cpu",
+                     str(tmp_path))
+
+
 def test_stage2_starts_a_fresh_generator_and_learns(stage2, stage1):
     from clara.model import ClaraModel
     from clara.training.stages import get_stage
@@ -294,6 +313,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         (dict(stage="scp", data=["x"], model={"base_model": "b"}, precision="fp16"), "fp16"),
         (dict(stage="scp", data=["x"], model={"base_model": "b"}, steps=3, epochs=1.0), "one or the other"),
         (dict(stage="instruct", data=["x"], init="m", model={"compression_rate": 4}), "only"),
+        (dict(stage="scp", data=["x"], init="m", model={"doc_max_tokens": 32}), "in stage scp"),
         (dict(stage="instruct", data=["x"], init="m", reconstruction_warmup=0.5), "reconstruction_warmup"),
         (dict(stage="e2e", data=["x"], init="m", wrong_memory_negatives=0.25), "wrong_memory_negatives"),
         (dict(stage="scp", data=["x"], model={"base_model": "b"}, wrong_memory_negatives=1.5), "wrong_memory_neg"),
