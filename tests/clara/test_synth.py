@@ -494,6 +494,15 @@ def test_roundtrip_prompt_and_verdict():
     assert verdict("  \n ") is None
     out = roundtrip_verdict("Paris", "Champ de Mars in Paris")  # F1 0.4: not the pair's answer
     assert out == {"supported": False, "reason": "read back 'Paris'"}
+    from dataclasses import replace
+
+    from clara.synth import request_for
+
+    late = replace(rt, round=2)  # a later round samples hotter when it writes; a reading stays greedy
+    assert request_for(late, prompt, max_tokens=24, temperature=0.2, top_p=0.9, seed=0, structured=False).temperature \
+        == 0.0
+    assert request_for(replace(late, kind="judge"), "", max_tokens=24, temperature=0.2, top_p=0.9, seed=0,
+                       structured=False).temperature > 0.2
     multihop = Task(ROUNDTRIP_KIND, ("a", "b"), (CHUNK, OTHER), item={"question": "Q?", "answer": "A"})
     assert " ".join(CHUNK.split()) + " " + " ".join(OTHER.split()) in roundtrip_prompt(multihop)
 
