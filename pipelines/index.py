@@ -30,9 +30,10 @@ The table may be a local directory or an object-store URI; so may the corpus wit
 2. Ray Data: the chunks to compress go through ``map_batches`` on a pool of actors, each of which
    loads the model once and returns encoded index rows (memory in the storage dtype, ``key``). A new
    table with a fitted key (``--key-basis pca``, automatic for a first run of >= 10 x --key-fit-rows
-   chunks) first compresses a seeded sample of them and fits the key's basis on their memories (the
-   sample's rows are written with the others, not compressed again); the basis is kept beside the table
-   (``<table>-keybasis``) and every later run and search uses it.
+   chunks) first compresses a seeded sample of them and fits the key's basis on their memories, on the same
+   actors (the other chunks wait at a gate until the basis is posted to them; the sample's rows are written
+   with the others, not compressed again); the basis is kept beside the table (``<table>-keybasis``) and
+   every later run and search uses it.
 3. driver: rows stream back (``iter_batches``) and are upserted on ``chunk_id`` a few thousand per
    commit (appended, when the plan has new chunks and no changed ones: an upsert joins each commit
    against the table and the writer's memory grew with the rows written; the writer checks between
@@ -70,7 +71,6 @@ import pyarrow as pa
 from clara.checkpoint import CheckpointError
 from clara.data.corpus import DocumentError
 from clara.index.build import (
-    CHUNK_COLUMNS,
     SOURCE_FORMATS,
     STATUS_FIELDS,
     ChunkCompressor,
@@ -97,7 +97,7 @@ from clara.index.build import (
     tag_version,
     work_blocks,
 )
-from clara.index.codec import KeyBasis, _decode_memory, encode_batch, fit_key_basis
+from clara.index.codec import KeyBasis, encode_batch, fit_key_basis
 from clara.index.schema import (
     ANN_KINDS,
     DEFAULT_TABLE,
@@ -412,14 +412,19 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
         plan = plan_index(chunks, existing, delete_missing=s.delete_missing)
         source, table_rows = plan.to_compress, len(existing)
     check_deletions(plan, table_rows, s.max_delete_fraction)
-    fitted = None  # the key's sample, compressed for the fit: written with the run's rows, not compressed again
+    fit = None  # a new table's key, fitted by the run's actor pool on a sample that it then writes
     if store is None:
         basis = None
         if new_table_key(s, plan.new + plan.changed, s.key_dim or default_fitted_key_dim(settings.n_mem,
                                                                                          settings.d)) == "pca":
             if s.key_dim is None:
                 settings = replace(settings, key_dim=default_fitted_key_dim(settings.n_mem, settings.d))
-            basis, fitted, source = _fit_key_basis(s, settings, source, plan.new + plan.changed, say)
+            fit = _KeyFit(s, settings, source, plan.new + plan.changed)
+            try:
+                basis = fit.fit(_compressor_class(), say)
+            except BaseException:
+                fit.close()
+                raise
             settings = replace(settings, key_basis=basis.digest)
         store = _open_store(s, settings, create=True, key_basis=basis)
     start_version = store.version
@@ -431,7 +436,7 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     t_compress = time.perf_counter()
     total = plan.new + plan.changed
 
-    already = sum(rows.num_rows for rows, _ in fitted or [])  # compressed for the fit: written, not timed here
+    already = fit.rows if fit is not None else 0  # compressed for the fit: written, not timed here
 
     def on_commit(w: WriteStats) -> None:
         sec = time.perf_counter() - t_compress
@@ -445,7 +450,7 @@ def run_index(s: IndexSettings, progress: Progress | None = None) -> IndexSummar
     new_only = plan.changed == 0 and (existing_settings is not None or store.count() == 0)
     writer = IndexWriter(store, commit_rows=s.commit_rows, on_commit=on_commit, new_only=new_only)
     if total:
-        _compress_and_write(s, settings, source, total, writer, store.key_basis, fitted)
+        _compress_and_write(s, settings, source, total, writer, store.key_basis, fit)
 
     deleted = store.delete_chunks(plan.stale_chunk_ids) if plan.stale_chunk_ids else 0
     if deleted:
@@ -708,12 +713,17 @@ def _id_hashes(ids: Sequence[str], seed: int) -> np.ndarray:
     return np.fromiter((zlib.crc32(f"{seed}:{c}".encode()) for c in ids), np.uint64, len(ids))
 
 
-def _sample_rows(batch: pa.Table, fraction: float, seed: int, keep: bool = True) -> pa.Table:
+def _sample_rows(batch: pa.Table, fraction: float, seed: int, keep: bool = True, mark: bool = False,
+                 latch=None) -> pa.Table:
     """The rows whose chunk id, hashed with ``seed``, falls below ``fraction``: a seeded sample of about
     ``fraction`` of the rows that does not depend on how they are split into blocks (``keep=False``: the
-    other rows, the sample's complement)."""
+    other rows, the sample's complement). ``mark``: with a :data:`FIT_SAMPLE` column; ``latch``: once the key
+    has been fitted (the gate of :class:`_KeyFit`)."""
+    if latch is not None:
+        _after_fit(batch, latch)
     hashes = _id_hashes(batch.column("chunk_id").to_pylist(), seed)
-    return batch.filter(pa.array((hashes < int(fraction * 2**32)) == keep))
+    rows = batch.filter(pa.array((hashes < int(fraction * 2**32)) == keep))
+    return rows.append_column(FIT_SAMPLE, pa.array([True] * rows.num_rows)) if mark else rows
 
 
 def hash_sample(ids: Sequence[str], n: int, seed: int) -> np.ndarray:
@@ -735,9 +745,11 @@ def _pending_rows(batch: pa.Table, drop_keys) -> pa.Table:
     return batch.filter(keep)
 
 
-def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=None):
+def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=None, latch=None):
     """The Ray Dataset of ``source`` (the driver plan's chunks, or the streamed plan's Dataset) compressed
-    and encoded on the actor pool."""
+    and encoded on the actor pool. ``latch``: a :class:`_KeyFit` run (``actor`` from :func:`_key_fitting`),
+    whose calls are whole blocks: Ray Data would otherwise bundle the sample's last rows with rows that pass
+    the gate only after the fit, and wait for them."""
     import ray
 
     from pipelines import compat
@@ -746,15 +758,17 @@ def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=None):
         ds, batch_size = ray.data.from_arrow(work_blocks(source, s.batch_size, s.actors)), s.batch_size
     else:  # in source order: 16 forward passes a call, sorted by length inside (ChunkCompressor) to pad little
         ds, batch_size = source, s.batch_size * 16
+    call_size = None if latch is not None else batch_size
     # Ray Data merges a task's outputs into blocks of up to DataContext.target_max_block_size (128 MiB): at
     # ~20 KB a row, thousands of rows that reached the driver in one burst at the end of a task, and that it
     # then held. Blocks of about one call's rows (or half a commit, if smaller) stream to the writer instead.
     # (``ds.context`` is this pipeline's copy of the context, not the process's.)
     ds.context.target_max_block_size = compressed_block_bytes(settings, batch_size, s.batch_size, s.commit_rows)
     device = s.device or ("cuda" if s.num_gpus_per_actor > 0 else "cpu")
+    kwargs = {"latch": latch} if latch is not None else {}
     return ds.map_batches(
         actor or ChunkCompressor,
-        batch_size=batch_size,
+        batch_size=call_size,
         batch_format="pyarrow",
         fn_constructor_args=(s.model, settings),
         fn_constructor_kwargs={
@@ -762,6 +776,7 @@ def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=None):
             "batch_size": s.batch_size,
             "threads": s.threads_per_actor or max(1, int(s.num_cpus_per_actor)),
             "key_basis": key_basis,
+            **kwargs,
         },
         **compat.actor_pool(s.actors, num_cpus=s.num_cpus_per_actor, num_gpus=s.num_gpus_per_actor),
     )
@@ -790,84 +805,224 @@ def default_fitted_key_dim(n_mem: int, d: int) -> int:
     return max(1, min(256, n_mem * d // 8))
 
 
-def _fit_key_basis(s: IndexSettings, settings, source, total: int,
-                   say: Progress) -> tuple[KeyBasis, list[tuple[pa.Table, np.ndarray]], object]:
-    """Compress a seeded random sample of ``key_fit_rows`` of the chunks to index (float32, no key needed)
-    and fit the table's key basis on their memories (:func:`~clara.index.codec.fit_key_basis`).
+#: The column that carries a key-fit sample's float32 memory from the compressor actors to the driver (null in
+#: every other row; never written), and the one that marks the sample's rows on their way in.
+FIT_MEMORY = "fit_memory"
+FIT_SAMPLE = "fit_sample"
 
-    Returns ``(basis, fitted, rest)``: ``fitted``, every chunk compressed for the fit (the sample, and in a
-    streamed plan the few more that its hash filter let through) as ``(rows, float32 memory)`` batches, to be
-    written with the run's rows, and ``rest``, ``source`` without them (``None`` if nothing is left), so that
-    no chunk is compressed twice. The memory is the compressor's own output (float32 holds a float32 or
+
+class _KeyFit:
+    """A new table's key, fitted on the way by the actors that compress the run (one pool, one model load).
+
+    A seeded random sample of ``key_fit_rows`` of the chunks to index goes first: the actors return its
+    memory in float32 (:data:`FIT_MEMORY`) and the driver fits the basis on it
+    (:func:`~clara.index.codec.fit_key_basis`). The other chunks wait at a gate, a CPU-less step before the
+    actors that opens when the driver posts the basis to a small latch actor; the actors then encode them with
+    the fitted key, and the sample's rows are encoded on the driver from the float32 memory it already has:
+    no chunk is compressed twice, and the actor pool starts once (before, the fit ran on a pool of its own:
+    a second process start, torch import and model load, ~12 s a pool on 2 cores, more for a large model).
+    The sample's blocks pass the actors one at a time, never bundled with the gated rows, so the fit never
+    waits for rows that wait for it. The memory is the compressor's own output (float32 holds a float32 or
     bfloat16 model's values exactly): the rows encoded from it are those a second compression would make, up
     to the few-ulp noise of another batch composition.
     """
-    import random
 
-    from pipelines import compat
+    def __init__(self, s: IndexSettings, settings, source, total: int) -> None:
+        self.n = min(s.key_fit_rows, total)
+        if self.n < settings.key_dim:
+            raise ValueError(f"--key-basis pca fits a {settings.key_dim}-d key on the chunks to index, but there "
+                             f"are {total} (--key-fit-rows {s.key_fit_rows}); use --key-basis random or a smaller "
+                             "--key-dim")
+        self.s, self.settings, self.source, self.total = s, settings, source, total
+        self.fitted: list[tuple[pa.Table, np.ndarray]] = []
+        self.rows = 0  # chunks compressed for the fit (the sample, and the few more a hash filter let through)
+        self._latch = None
+        self._batches = None
 
-    n = min(s.key_fit_rows, total)
-    if n < settings.key_dim:
-        raise ValueError(f"--key-basis pca fits a {settings.key_dim}-d key on the chunks to index, but there are "
-                         f"{total} (--key-fit-rows {s.key_fit_rows}); use --key-basis random or a smaller --key-dim")
-    compat.ensure_ray(s.ray_address)
-    t = time.perf_counter()
-    seed = s.key_seed or 0
-    if isinstance(source, list):
-        picked = set(random.Random(seed).sample(range(len(source)), n))
-        sample = [source[i] for i in sorted(picked)]
-        rest = [c for i, c in enumerate(source) if i not in picked] or None
-    else:  # on the workers, CPU-less as the pending-rows filter: the plan's text never passes the driver
-        # (a hash sample: n plus four standard deviations, then the n of smallest hash; the rest is the same
-        # filter's complement)
-        from ray.data import TaskPoolStrategy
+    def fit(self, actor: type, say: Progress) -> KeyBasis:
+        """Start the actor pool on the sample, then the gated rest; return the basis fitted on the sample."""
+        import random
 
-        fraction = min(1.0, (n + 4 * math.sqrt(n) + 16) / total)
-        sample, rest = (source.map_batches(_sample_rows, fn_kwargs={"fraction": fraction, "seed": seed, "keep": keep},
-                                           batch_format="pyarrow", num_cpus=0,
-                                           compute=TaskPoolStrategy(size=max(1, s.actors)))
-                        for keep in (True, False))
-        if fraction >= 1.0:  # every chunk is in the sample
-            rest = None
-    fit_settings = replace(settings, dtype="float32", key_basis="")
-    fitted: list[tuple[pa.Table, np.ndarray]] = [
-        (batch.select(list(CHUNK_COLUMNS)), _decode_memory(batch, fit_settings))
-        for batch in _compressed(s, fit_settings, sample).iter_batches(batch_size=None, batch_format="pyarrow")]
-    ids = [c for rows, _ in fitted for c in rows.column("chunk_id").to_pylist()]
-    # the n of smallest hash (a uniform sample of exactly n, whatever the blocks), in chunk-id order (the pool
-    # returns batches in any order, and the fit should not depend on it)
-    memory = (np.concatenate([m for _, m in fitted])[hash_sample(ids, n, seed)] if fitted
-              else np.zeros((0, settings.n_mem, settings.d), np.float32))
-    basis = fit_key_basis(memory, settings.key_dim, seed=seed)
-    say(f"[index] key basis {basis.digest}: {settings.key_dim} dimensions fitted on {len(memory)} chunks "
-        f"({100 * basis.energy:.1f}% of their memories' energy) in {time.perf_counter() - t:.1f}s; "
-        f"the {len(ids)} chunks compressed for it are written with the run")
-    return basis, fitted, rest
+        import ray
+
+        from pipelines import compat
+
+        s, seed, t = self.s, self.s.key_seed or 0, time.perf_counter()
+        compat.ensure_ray(s.ray_address)
+        self._latch = _latch()
+        if isinstance(self.source, list):
+            picked = set(random.Random(seed).sample(range(len(self.source)), self.n))
+            sample = ray.data.from_arrow([b.append_column(FIT_SAMPLE, pa.array([True] * b.num_rows))
+                                          for b in work_blocks([self.source[i] for i in sorted(picked)],
+                                                               s.batch_size, s.actors)])
+            expected = self.n
+            rest = [c for i, c in enumerate(self.source) if i not in picked]
+            rest = ray.data.from_arrow(work_blocks(rest, s.batch_size, s.actors)) if rest else None
+            if rest is not None:  # the gate, a step of its own
+                from ray.data import TaskPoolStrategy
+
+                rest = rest.map_batches(_after_fit, fn_kwargs={"latch": self._latch}, batch_size=None,
+                                        batch_format="pyarrow", num_cpus=0,
+                                        compute=TaskPoolStrategy(size=max(1, s.actors)))
+        else:  # a hash sample on the workers (n plus four standard deviations, then the n of smallest hash); the
+            # rest is the same filter's complement. The sample's planned rows are materialised: a few thousand
+            # chunks' text, counted before the actors start.
+            from ray.data import TaskPoolStrategy
+
+            fraction = min(1.0, (self.n + 4 * math.sqrt(self.n) + 16) / self.total)
+            sample = self.source.map_batches(
+                _sample_rows, fn_kwargs={"fraction": fraction, "seed": seed, "keep": True, "mark": True},
+                batch_format="pyarrow", num_cpus=0, compute=TaskPoolStrategy(size=max(1, s.actors))).materialize()
+            expected = sample.count()
+            rest = None if fraction >= 1.0 else self.source.map_batches(
+                _sample_rows, fn_kwargs={"fraction": fraction, "seed": seed, "keep": False, "latch": self._latch},
+                batch_format="pyarrow", num_cpus=0, compute=TaskPoolStrategy(size=max(1, s.actors)))
+        ds = sample.union(rest) if rest is not None else sample
+        compressed = _compressed(self.s, self.settings, ds, actor=_key_fitting(actor), latch=self._latch)
+        # no prefetch: Ray Data's iterator yields a block once the next ones it prefetches have come, and the
+        # sample's last blocks would wait for rows that wait at the gate for the fit
+        self._batches = iter(compressed.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+        while self.rows < expected:
+            batch = next(self._batches, None)
+            if batch is None:
+                raise RuntimeError(f"the key fit's sample came back with {self.rows} of {expected} rows")
+            rows, memory = _split_fit_rows(batch, self.settings)
+            if memory is None:  # cannot happen (the rest waits for the fit); kept, not lost, if it did
+                self.fitted.append((rows, None))
+                continue
+            self.fitted.append((rows, memory))
+            self.rows += rows.num_rows
+        ids = [c for rows, m in self.fitted if m is not None for c in rows.column("chunk_id").to_pylist()]
+        # the n of smallest hash (a uniform sample of exactly n, whatever the blocks), in chunk-id order (the pool
+        # returns batches in any order, and the fit should not depend on it)
+        memory = np.concatenate([m for _, m in self.fitted if m is not None])[hash_sample(ids, self.n, seed)]
+        basis = fit_key_basis(memory, self.settings.key_dim, seed=seed)
+        ray.get(self._latch.post.remote(basis))  # the gate opens, the actors encode with the fitted key
+        say(f"[index] key basis {basis.digest}: {self.settings.key_dim} dimensions fitted on {len(memory)} chunks "
+            f"({100 * basis.energy:.1f}% of their memories' energy) in {time.perf_counter() - t:.1f}s; "
+            f"the {self.rows} chunks compressed for it are written with the run")
+        return basis
+
+    def batches(self, settings, key_basis: KeyBasis):
+        """The run's encoded rows: the sample's (encoded here), then the rest as the actors return them."""
+        try:
+            while self.fitted:
+                rows, memory = self.fitted.pop(0)
+                yield rows if memory is None else encode_batch(rows, memory, settings, key_basis=key_basis)
+            for batch in self._batches:
+                rows, memory = _split_fit_rows(batch, self.settings)
+                yield rows if memory is None else encode_batch(rows, memory, settings, key_basis=key_basis)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the latch (a gate still waiting fails, and with it the pipeline being torn down)."""
+        import ray
+
+        if self._latch is not None:
+            ray.kill(self._latch)
+            self._latch = None
+
+
+def _latch():
+    """A CPU-less actor that holds one value: ``wait()`` returns it once ``post(value)`` has been called."""
+    import asyncio
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Latch:
+        def __init__(self) -> None:
+            self.value, self.posted = None, None
+
+        async def post(self, value) -> None:
+            self.value = value
+            self._event().set()
+
+        async def wait(self):
+            await self._event().wait()
+            return self.value
+
+        def _event(self) -> asyncio.Event:  # made in the actor's event loop
+            if self.posted is None:
+                self.posted = asyncio.Event()
+            return self.posted
+
+    return Latch.remote()
+
+
+def _after_fit(batch: pa.Table, latch) -> pa.Table:
+    """The gate: ``batch``, once the key's basis has been fitted (posted to ``latch``)."""
+    import ray
+
+    ray.get(latch.wait.remote())
+    return batch
+
+
+def _split_fit_rows(batch: pa.Table, settings) -> tuple[pa.Table, np.ndarray | None]:
+    """``(index rows without FIT_MEMORY, the float32 memory of a fit sample's rows or None)``."""
+    column = batch.column(FIT_MEMORY)
+    rows = batch.drop_columns([FIT_MEMORY])
+    if column.null_count == batch.num_rows:
+        return rows, None
+    memory = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return rows, memory.reshape(batch.num_rows, settings.n_mem, settings.d).astype(np.float32, copy=False)
+
+
+def _key_fitting(cls: type) -> type:
+    """The compressor class ``cls`` (:class:`~clara.index.build.ChunkCompressor`, or a subclass a test or a
+    fault injects) as a :class:`_KeyFit` run's actor: a block of the sample (:data:`FIT_SAMPLE` rows) comes
+    back with its float32 memory in :data:`FIT_MEMORY` (the index columns provisional, with a random key: the
+    driver encodes these rows again once the basis is fitted); any other block, which passed the gate, with
+    the fitted key (the basis read from the latch once)."""
+    from dataclasses import replace as _replace
+
+    class KeyFitting(cls):
+        def __init__(self, model_dir, settings, *, latch, key_basis=None, **kwargs) -> None:
+            super().__init__(model_dir, _replace(settings, key_basis=""), key_basis=None, **kwargs)
+            self.latch, self.fitted_settings, self.fitted_basis = latch, None, None
+
+        def __call__(self, batch):
+            if isinstance(batch, pa.RecordBatch):
+                batch = pa.Table.from_batches([batch])
+            flat = pa.list_(pa.float32(), self.settings.flat_dim)
+            if FIT_SAMPLE in batch.column_names:
+                rows, memory = self.compress_rows(batch)
+                if hasattr(memory, "detach"):  # a torch tensor, on whichever device
+                    memory = memory.detach().float().cpu().numpy()
+                memory = np.asarray(memory, np.float32)
+                out = encode_batch(rows, memory, self.settings)
+                values = pa.array(memory.reshape(-1), pa.float32())
+                return out.append_column(FIT_MEMORY, pa.FixedSizeListArray.from_arrays(values, self.settings.flat_dim)
+                                         ).replace_schema_metadata(None)
+            if self.fitted_basis is None:
+                import ray
+
+                self.fitted_basis = ray.get(self.latch.wait.remote())
+                self.fitted_settings = _replace(self.settings, key_basis=self.fitted_basis.digest)
+            self.settings, self.key_basis = self.fitted_settings, self.fitted_basis
+            out = super().__call__(batch)
+            return out.append_column(FIT_MEMORY, pa.nulls(out.num_rows, flat)).replace_schema_metadata(None)
+
+    KeyFitting.__name__ = KeyFitting.__qualname__ = f"{cls.__name__}KeyFitting"
+    return KeyFitting
 
 
 def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: IndexWriter,
-                        key_basis=None, fitted: list[tuple[pa.Table, np.ndarray]] | None = None) -> None:
-    """Compress ``source`` (the chunks of the driver's plan, or the streamed plan's Ray Dataset; ``None``:
-    nothing) on the actor pool and write the rows as they come back; first, ``fitted``'s rows (chunks already
-    compressed, with their float32 memory), encoded here and taken off the list as they are written."""
-    from pipelines import compat, faults
+                        key_basis=None, fit: _KeyFit | None = None) -> None:
+    """Write the run's rows as they come back from the actor pool: ``fit``'s (a run that fitted the key on
+    its pool: the sample's rows, then the rest), else ``source`` compressed (the chunks of the driver's plan,
+    or the streamed plan's Ray Dataset)."""
+    from pipelines import faults
 
-    compat.ensure_ray(s.ray_address)
     fault = faults.injected("index")
-    actor = ChunkCompressor
-    if "fail_after_batches" in fault:
-        actor = faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
-    ds = _compressed(s, settings, source, key_basis, actor) if source is not None else None
-
-    def batches():
-        while fitted:
-            rows, memory = fitted.pop(0)
-            yield encode_batch(rows, memory, settings, key_basis=key_basis)
-        if ds is not None:
-            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
-
+    if fit is not None:
+        batches = fit.batches(settings, key_basis)
+    else:
+        ds = _compressed(s, settings, source, key_basis, _compressor_class())
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
     try:
-        for batch in batches():
+        for batch in batches:
             writer.add(batch)
             if writer.stats.commits >= fault.get("crash_after_commits", 1 << 62):
                 raise faults.InjectedFault(
@@ -880,6 +1035,20 @@ def _compress_and_write(s: IndexSettings, settings, source, total: int, writer: 
             f"(table version {writer.stats.version}); rerun the same command to resume: {exc}",
             written=writer.stats.rows, version=writer.stats.version,
         ) from exc
+    finally:
+        if fit is not None:
+            fit.close()
+
+
+def _compressor_class() -> type:
+    """The compressor actors' class: :class:`~clara.index.build.ChunkCompressor`, or one that fails after a
+    few batches when a test injects the fault."""
+    from pipelines import faults
+
+    fault = faults.injected("index")
+    if "fail_after_batches" in fault:
+        return faults.failing_after(ChunkCompressor, fault["fail_after_batches"])
+    return ChunkCompressor
 
 
 # --------------------------------------------------------------------------------------------

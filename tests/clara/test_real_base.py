@@ -135,3 +135,26 @@ def test_the_round_trip_check_on_the_real_base():
     gens = engine.generate([GenerationRequest(t, prompt(t), max_tokens=24, temperature=0.0) for t in tasks])
     verdicts = {(t.item["question"], t.item["answer"]): process_generation(t, g).judge for t, g in zip(tasks, gens)}
     assert {k: v["supported"] for k, v in verdicts.items()} == pairs, verdicts
+
+
+def test_the_planners_light_tokenizer_cuts_the_same_chunks_on_the_real_base(tmp_path):
+    """The index job's planner workers load the ``tokenizers`` backend from ``tokenizer.json`` instead of
+    transformers' tokenizer (seconds of imports a worker): on SmolLM2's tokenizer, the same chunks, ids and
+    offsets."""
+    from tokenizers import Tokenizer
+
+    from clara.bases import resolve_base
+    from clara.data.corpus import Document, chunk_document
+    from clara.index.build import load_chunk_tokenizer, load_tokenizer
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "tokenizer").symlink_to(resolve_base("smollm2-135m"))
+    light, full = load_chunk_tokenizer(model_dir), load_tokenizer(model_dir)
+    assert isinstance(light, Tokenizer) and light.to_str() == full.backend_tokenizer.to_str()
+    text = ("Austria-Hungary was a constitutional monarchy in Central Europe (1867-1918). Its capital, Vienna, "
+            "held 2,031,498 people in 1910; Budapest, the second city, 880,371. Über Straße naïve café — ok? ") * 3
+    for tokens, overlap in ((16, 0), (32, 8)):
+        a = chunk_document(Document("d", text), light, max_tokens=tokens, overlap=overlap, salt="s")
+        b = chunk_document(Document("d", text), full, max_tokens=tokens, overlap=overlap, salt="s")
+        assert len(a) > 3 and [(c.chunk_id, c.text) for c in a] == [(c.chunk_id, c.text) for c in b]

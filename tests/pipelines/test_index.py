@@ -144,15 +144,27 @@ def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ra
 
     calls = tmp_path / "compressed.txt"
 
+    made = tmp_path / "actors.txt"
+
     class Counting(job.ChunkCompressor):  # defined here: Ray ships it to the actors by value
-        def __call__(self, batch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            with open(made, "a") as f:
+                f.write("actor\n")
+
+        def compress_rows(self, batch):
             with open(calls, "a") as f:
                 f.write(f"{batch.num_rows}\n")
-            return super().__call__(batch)
+            return super().compress_rows(batch)
 
     def compressed() -> int:
         n = sum(int(x) for x in calls.read_text().split())
         calls.unlink()
+        return n
+
+    def actors() -> int:
+        n = made.read_text().count("actor")
+        made.unlink()
         return n
 
     monkeypatch.setattr(job, "ChunkCompressor", Counting)
@@ -162,6 +174,7 @@ def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ra
     summary = run_index(s, progress=lines.append)
     assert summary.compressed == summary.rows == 240
     assert compressed() == 240  # the 120 compressed for the fit are written, not compressed again
+    assert actors() == s.actors  # by the run's actors: one pool, started once
     store = ChunkStore.open(s.table_uri, None, create=False)
     basis = store.key_basis
     assert basis is not None and basis.digest == store.settings.key_basis and basis.fitted_rows == 120
@@ -198,6 +211,7 @@ def test_a_pca_key_basis_is_fitted_once_kept_with_the_table_and_searched_with(ra
     st = ChunkStore.open(tmp_path / "db2", None, create=False)
     assert streamed.rows >= 100 and st.key_basis is not None and st.key_basis.fitted_rows == 64
     assert compressed() == streamed.compressed == streamed.rows == streamed.new == streamed.chunks_read
+    assert actors() == 2
     # a sample of every chunk: nothing left to compress after the fit, every chunk written once
     small = run_index(_settings(corpus, model_dir, tmp_path / "db4", key_basis="pca", key_dim=16, key_fit_rows=1000))
     assert compressed() == small.rows == small.chunks_read >= 100
