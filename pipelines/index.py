@@ -783,8 +783,8 @@ def _compressed(s: IndexSettings, settings, source, key_basis=None, actor=None, 
 
 
 #: ``--key-basis`` unset: a new table's first run fits a pca key when it compresses at least this many times
-#: ``--key-fit-rows`` chunks (the sample's memories are written too, so the fit costs the SVD and a second actor
-#: pool's start, not a second compression).
+#: ``--key-fit-rows`` chunks (the sample is compressed by the run's own actors and written with the rest, so the
+#: fit costs the SVD and a pause of the pool while the driver fits, not a second compression nor a second pool).
 AUTO_PCA_FACTOR = 10
 
 
