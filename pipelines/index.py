@@ -820,7 +820,7 @@ class _KeyFit:
     actors that opens when the driver posts the basis to a small latch actor; the actors then encode them with
     the fitted key, and the sample's rows are encoded on the driver from the float32 memory it already has:
     no chunk is compressed twice, and the actor pool starts once (before, the fit ran on a pool of its own:
-    a second process start, torch import and model load, ~12 s a pool on 2 cores, more for a large model).
+    a second process start, torch import and model load: ~10 s on 2 cores with a small model, more with a large one).
     The sample's blocks pass the actors one at a time, never bundled with the gated rows, so the fit never
     waits for rows that wait for it. The memory is the compressor's own output (float32 holds a float32 or
     bfloat16 model's values exactly): the rows encoded from it are those a second compression would make, up
