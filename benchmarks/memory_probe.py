@@ -92,6 +92,8 @@ def main(argv=None) -> dict:
                    "lower rate, training starts from its first doc-max-tokens/rate memory slots")
     p.add_argument("--doc-max-tokens", type=int, default=64)
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--memory-layer", type=int, default=None,
+                   help="decoder layer (from 1) whose states become memory (default: the last)")
     p.add_argument("--memory-norm", default="center", choices=["center", "none"])
     p.add_argument("--autocast", default="off", choices=["auto", "bf16", "off"])
     p.add_argument("--dtype", default="auto", help="the base's weights: auto | float32 | bfloat16")
@@ -136,6 +138,7 @@ def main(argv=None) -> dict:
 
     config = ClaraConfig(base_model=a.base_model, compression_rate=a.rate, doc_max_tokens=a.doc_max_tokens,
                          lora=LoraSettings(r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0), memory_norm=a.memory_norm,
+                         memory_layer=a.memory_layer,
                          mse_weight=a.mse_weight, dtype=a.dtype)
     t0 = time.perf_counter()
     if a.init:

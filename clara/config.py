@@ -104,6 +104,11 @@ class ClaraConfig:
     #: against ~3 for token embeddings) that drowns what is specific to a chunk; without this the
     #: generator of SmolLM2 learns to ignore its memory. ``"none"``: the raw states (the paper's).
     memory_norm: str = "center"
+    #: The decoder layer whose output states (after the base's final norm) become memory, counted
+    #: from 1; ``None``: the last layer (the paper's). With ``k`` below the base's depth the
+    #: compressor and the query reasoner run only the first ``k`` layers, so compressing a chunk
+    #: costs about ``k / depth`` of a full forward pass. Part of the model's identity.
+    memory_layer: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -123,6 +128,9 @@ class ClaraConfig:
         _check(isinstance(self.device, str) and bool(self.device), "device", "must be a device string")
         _check(self.memory_norm in MEMORY_NORMS, "memory_norm",
                f"must be one of {MEMORY_NORMS}, got {self.memory_norm!r}")
+        k = self.memory_layer
+        _check(k is None or (isinstance(k, int) and not isinstance(k, bool) and k > 0), "memory_layer",
+               f"must be a positive int (a decoder layer, counted from 1) or null, got {k!r}")
 
     @property
     def n_mem(self) -> int:
@@ -141,7 +149,10 @@ class ClaraConfig:
 
     def model_dict(self) -> dict[str, Any]:
         """The fields that define the model (what ``compressor_version`` hashes), without runtime choices."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        if d.get("memory_layer") is None:  # the default: models saved before the field keep their version
+            d.pop("memory_layer", None)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> ClaraConfig:

@@ -16,6 +16,7 @@ Shapes use B (batch), T (tokens), N (candidate chunks), k (retrieved), M (= n_me
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from torch import nn
 
 from clara.config import ADAPTERS, ClaraConfig
 from clara.prompts import PARAPHRASE_INSTRUCTION, Background, GeneratorBatch, GeneratorPrompt, positions
+from clara.settings import ConfigError
 
 
 @dataclass
@@ -90,6 +92,11 @@ class ClaraModel(nn.Module):
             bias="none",
         )
         self.peft = get_peft_model(causal_lm, lora, adapter_name=ADAPTERS[0])
+        if config.memory_layer is not None:
+            depth = len(getattr(self._decoder(), "layers", ()))
+            if not 1 <= config.memory_layer <= depth:
+                raise ConfigError(f"memory_layer: {config.memory_layer} is not a layer of {config.base_model} "
+                                  f"(its decoder has {depth} layers{'' if depth else ' in no `layers` list'})")
         for name in ADAPTERS[1:]:
             self.peft.add_adapter(name, lora)
         emb = self.input_embeddings.weight
@@ -195,6 +202,23 @@ class ClaraModel(nn.Module):
         base = self.base_model
         return base.get_decoder() if hasattr(base, "get_decoder") else base.base_model
 
+    def _memory_decoder(self) -> nn.Module:
+        """The decoder the compressor and query reasoner run: the whole one, or its first
+        ``config.memory_layer`` layers (then its final norm).
+
+        A shallow copy sharing every weight, rotary table and adapter with the full decoder, with a
+        shorter list of layers; made per call (microseconds) so that it follows ``train()``/``eval()``
+        and never changes the full decoder under a concurrent caller.
+        """
+        decoder = self._decoder()
+        k = self.config.memory_layer
+        if k is None or k == len(decoder.layers):
+            return decoder
+        view = copy.copy(decoder)
+        view._modules = dict(decoder._modules)
+        view._modules["layers"] = nn.ModuleList(list(decoder.layers)[:k])
+        return view
+
     def set_trainable(self, adapters: Sequence[str], base: bool = False, memory_embeddings: bool = False) -> None:
         """Choose what receives gradients: some adapters, the base weights, the memory slots."""
         unknown = set(adapters) - set(ADAPTERS)
@@ -282,7 +306,7 @@ class ClaraModel(nn.Module):
             emb = self.input_embeddings(input_ids[:, :-m])  # (B, T-M, D)
             mem = self.memory(len(rows), emb.dtype)  # (B, M, D)
             embeds = torch.cat([emb, mem], dim=1)  # (B, T, D)
-            hidden = self._decoder()(
+            hidden = self._memory_decoder()(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False
             ).last_hidden_state  # (B, T, D)
         states = hidden[:, -m:]  # (B, M, D)

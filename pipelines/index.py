@@ -844,6 +844,7 @@ class _KeyFit:
         import random
 
         import ray
+        from ray.data import TaskPoolStrategy
 
         from pipelines import compat
 
@@ -859,16 +860,12 @@ class _KeyFit:
             rest = [c for i, c in enumerate(self.source) if i not in picked]
             rest = ray.data.from_arrow(work_blocks(rest, s.batch_size, s.actors)) if rest else None
             if rest is not None:  # the gate, a step of its own
-                from ray.data import TaskPoolStrategy
-
                 rest = rest.map_batches(_after_fit, fn_kwargs={"latch": self._latch}, batch_size=None,
                                         batch_format="pyarrow", num_cpus=0,
                                         compute=TaskPoolStrategy(size=max(1, s.actors)))
         else:  # a hash sample on the workers (n plus four standard deviations, then the n of smallest hash); the
             # rest is the same filter's complement. The sample's planned rows are materialised: a few thousand
             # chunks' text, counted before the actors start.
-            from ray.data import TaskPoolStrategy
-
             fraction = min(1.0, (self.n + 4 * math.sqrt(self.n) + 16) / self.total)
             sample = self.source.map_batches(
                 _sample_rows, fn_kwargs={"fraction": fraction, "seed": seed, "keep": True, "mark": True},
@@ -887,15 +884,14 @@ class _KeyFit:
             if batch is None:
                 raise RuntimeError(f"the key fit's sample came back with {self.rows} of {expected} rows")
             rows, memory = _split_fit_rows(batch, self.settings)
-            if memory is None:  # cannot happen (the rest waits for the fit); kept, not lost, if it did
-                self.fitted.append((rows, None))
-                continue
+            if memory is None:  # encoded with a key not yet fitted: the gate failed, write nothing
+                raise RuntimeError("a chunk outside the key's sample came back before the key was fitted")
             self.fitted.append((rows, memory))
             self.rows += rows.num_rows
-        ids = [c for rows, m in self.fitted if m is not None for c in rows.column("chunk_id").to_pylist()]
+        ids = [c for rows, _ in self.fitted for c in rows.column("chunk_id").to_pylist()]
         # the n of smallest hash (a uniform sample of exactly n, whatever the blocks), in chunk-id order (the pool
         # returns batches in any order, and the fit should not depend on it)
-        memory = np.concatenate([m for _, m in self.fitted if m is not None])[hash_sample(ids, self.n, seed)]
+        memory = np.concatenate([m for _, m in self.fitted])[hash_sample(ids, self.n, seed)]
         basis = fit_key_basis(memory, self.settings.key_dim, seed=seed)
         ray.get(self._latch.post.remote(basis))  # the gate opens, the actors encode with the fitted key
         say(f"[index] key basis {basis.digest}: {self.settings.key_dim} dimensions fitted on {len(memory)} chunks "
@@ -908,7 +904,7 @@ class _KeyFit:
         try:
             while self.fitted:
                 rows, memory = self.fitted.pop(0)
-                yield rows if memory is None else encode_batch(rows, memory, settings, key_basis=key_basis)
+                yield encode_batch(rows, memory, settings, key_basis=key_basis)
             for batch in self._batches:
                 rows, memory = _split_fit_rows(batch, self.settings)
                 yield rows if memory is None else encode_batch(rows, memory, settings, key_basis=key_basis)

@@ -208,6 +208,56 @@ def test_a_higher_rate_model_starts_from_the_first_memory_slots(make_model, chun
         loaded.keep_memory_slots(4)
 
 
+def test_memory_from_an_earlier_layer_runs_only_the_first_layers(make_model, chunks, tmp_path):
+    """memory_layer=k: the memory is the (normalised) output of the first k layers and the final norm,
+    the full decoder is untouched (the generator still runs every layer), the model saves and loads
+    with it, and a layer the base does not have is an error naming the field."""
+    from clara.config import ClaraConfig
+    from clara.model import ClaraModel
+    from clara.settings import ConfigError
+
+    first = make_model(memory_layer=1)
+    assert "memory_layer" not in make_model().config.model_dict()  # older models keep their version
+    assert first.config.model_dict()["memory_layer"] == 1
+
+    # the raw states the compressor sees: the first layer's output under the final norm
+    calls = []
+    layers = first._decoder().layers
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=n: calls.append(n)) for n, layer in enumerate(layers)]
+    captured = {}
+    norm_hook = first._decoder().norm.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    memory = first.compress(chunks[:2])
+    for h in [*hooks, norm_hook]:
+        h.remove()
+    assert calls == [0]  # one layer of two ran
+    assert len(first._decoder().layers) == 2  # the full decoder still has both
+    raw = captured["out"][:, -first.config.n_mem:]
+    assert torch.allclose(memory, first.normalise_memory(raw), atol=1e-5)
+    version = first.compressor_version()
+    first.config.memory_layer = None  # the same weights, memory from the last layer: other vectors, another version
+    assert not torch.allclose(first.compress(chunks[:2]), memory, atol=1e-3)
+    assert first.compressor_version() != version
+    first.config.memory_layer = 1
+    assert first.compressor_version() == version
+
+    first.set_trainable(("compressor",), memory_embeddings=True)  # gradients reach the adapter's first layer
+    first.train()
+    first.encode(chunks[:2], "compressor").memory.square().sum().backward()
+    grads = {n: p.grad for n, p in first.peft.named_parameters() if ".compressor." in n and "lora_B" in n}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".layers.0." in n)
+    assert all(g is None for n, g in grads.items() if ".layers.1." in n)
+    first.eval()
+
+    loaded = ClaraModel.from_pretrained(first.save_pretrained(tmp_path / "layer1"))
+    assert loaded.config.memory_layer == 1 and loaded.compressor_version() == first.compressor_version()
+    assert torch.allclose(loaded.compress(chunks[:2]), first.compress(chunks[:2]), atol=1e-5)
+
+    with pytest.raises(ConfigError, match="memory_layer: 3 is not a layer .* 2 layers"):
+        make_model(memory_layer=3)
+    with pytest.raises(ConfigError, match="memory_layer"):
+        ClaraConfig(base_model="x", memory_layer=0)
+
+
 def test_generation_is_capped_by_the_context(make_model, chunks):
     """A caller asking for more tokens than the context holds (a served /v1/decode with 4096) gets what
     fits, never positions the base model was not trained for."""
