@@ -181,7 +181,8 @@ def main(argv=None) -> dict:
                              autocast=a.autocast, wrong_memory_negatives=a.negatives)
 
     def progress(step, o, sec):
-        print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f} "
+        spread = f" spread {o.metrics['memory_spread']:.3f}" if "memory_spread" in o.metrics else ""
+        print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f}{spread} "
               f"{sec:.0f}s", flush=True)
 
     losses = train(model, "scp", pool, settings, progress=progress).losses if a.steps else []

@@ -40,7 +40,27 @@ def compression_loss(model, examples: Sequence[Example]) -> LossOutput:
                                         [ex.answer for ex in examples])
     ce, tokens = model.generator_loss(batch, memory)
     loss = ce + model.config.mse_weight * enc.mse
-    return LossOutput(loss, float(ce.detach()), float(enc.mse.detach()), tokens)
+    spread = memory_spread(enc.memory, chunks)
+    return LossOutput(loss, float(ce.detach()), float(enc.mse.detach()), tokens,
+                      {} if spread is None else {"memory_spread": spread})
+
+
+def memory_spread(memory: torch.Tensor, chunks: Sequence[str]) -> float | None:
+    """How different a batch's memories are: 1 - the mean pairwise cosine between the flattened memories
+    ``[C, M, D]`` of its distinct chunks (None with fewer than two).
+
+    Near 0 when the compressor writes the same memory for every chunk, a collapse the loss does not show
+    (the generator then answers from its own weights: measured on SmolLM2 with memory from layer 15,
+    where it fell to ~0.02); a compressor that carries its chunks keeps it well above that.
+    """
+    first: dict[str, int] = {}
+    for i, c in enumerate(chunks):
+        first.setdefault(c, i)
+    if len(first) < 2:
+        return None
+    x = torch.nn.functional.normalize(memory.detach()[list(first.values())].float().flatten(1), dim=-1)
+    n = x.shape[0]
+    return float(1 - ((x @ x.T).sum() - n) / (n * n - n))
 
 
 def text_rag_loss(model, examples: Sequence[Example]) -> LossOutput:

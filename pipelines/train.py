@@ -581,7 +581,8 @@ class StageRecipe:
         cfg, plan, state = self.cfg, self.plan, self.state
         warm_steps = int(plan.steps * cfg.reconstruction_warmup)
         shard = ray.train.get_dataset_shard("train")
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device)  # loss ce mse micro tokens samples recall
+        # loss ce mse micro tokens samples recall, memory spread and the micro-batches that measured it
+        sums = torch.zeros(9, dtype=torch.float64, device=self.device)
         self.recall_key = None
         self.first_step, self.t_start, self.cpu_start = state["step"], time.perf_counter(), time.process_time()
         self.t_last, self.step_last = self.t_start, state["step"]
@@ -610,8 +611,10 @@ class StageRecipe:
                 recall = next(((k, v) for k, v in out.metrics.items() if k.startswith("recall@")), None)
                 if recall:
                     self.recall_key = recall[0]
+                spread = out.metrics.get("memory_spread")
                 sums += torch.tensor([float(out.loss.detach()), out.ce, out.mse, 1, out.tokens, len(examples),
-                                      recall[1] if recall else 0.0], dtype=torch.float64, device=self.device)
+                                      recall[1] if recall else 0.0, spread or 0.0, spread is not None],
+                                     dtype=torch.float64, device=self.device)
                 if micro < plan.grad_accum:
                     continue
                 micro = 0
@@ -651,11 +654,14 @@ class StageRecipe:
         key = self.recall_key
         if key:
             metrics[key] = float(sums[6]) / n
+        if float(sums[8]):  # stages 1-2: whether the compressor still tells chunks apart (a collapse shows here)
+            metrics["memory_spread"] = float(sums[7]) / float(sums[8])
         sums.zero_()
         state["history"].append(metrics)
         eta = (now - self.t_start) / (step - self.first_step) * (plan.steps - step)
         self.say(f"step {step}/{plan.steps} loss {metrics['loss']:.4f} ce {metrics['ce']:.4f} "
                  f"mse {metrics['mse']:.4f}" + (f" {key} {metrics[key]:.2f}" if key else "")
+                 + (f" spread {metrics['memory_spread']:.3f}" if "memory_spread" in metrics else "")
                  + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s "
                  f"{metrics['tokens_per_s']:.0f} tok/s elapsed {_fmt_time(now - self.t_start)} eta {_fmt_time(eta)}")
         if checkpoint_now:

@@ -18,6 +18,18 @@ def test_lr_schedule_warms_up_then_decays_to_the_minimum():
     assert f[-1] == pytest.approx(0.1, abs=0.01)
 
 
+def test_memory_spread_tells_a_collapsed_compressor_from_one_that_separates_chunks():
+    from clara.losses import memory_spread
+
+    same = torch.ones(3, 2, 4)
+    assert memory_spread(same, ["a", "b", "c"]) == pytest.approx(0.0, abs=1e-6)  # one memory for every chunk
+    eye = torch.eye(4).reshape(4, 1, 4)  # four mutually orthogonal memories
+    assert memory_spread(eye, ["a", "b", "c", "d"]) == pytest.approx(1.0)
+    # a chunk repeated in the batch (several of its questions) counts once
+    assert memory_spread(torch.cat([eye[:2], eye[:1]]), ["a", "b", "a"]) == pytest.approx(1.0)
+    assert memory_spread(eye[:1], ["a"]) is None
+
+
 def test_curriculum_reconstructs_each_examples_chunk_first(scp_records):
     s = TrainSettings(steps=10, batch_size=4, reconstruction_warmup=0.5)
     drawn = list(batches(scp_records[:20], s, get_stage("scp")))

@@ -163,6 +163,7 @@ def test_stage1_loss_falls_and_the_export_loads_and_generates(stage1, tiny_base,
     from clara.model import ClaraModel
 
     assert all(x["tokens_per_s"] > 0 and x["mse"] >= 0 and x["lr"] > 0 for x in stage1.history)
+    assert all(0 < x["memory_spread"] <= 2 for x in stage1.history)  # reported, and the memories differ
     torch.manual_seed(0)  # as the workers do: the same initial weights
     start = ClaraModel.from_base(ClaraConfig(base_model=str(tiny_base), **TINY), seed=0)
     model = ClaraModel.from_pretrained(stage1.model_dir, device="cpu")
