@@ -146,6 +146,9 @@ def main(argv=None) -> dict:
         if model.config.doc_max_tokens != a.doc_max_tokens:
             p.error(f"--init {a.init}: --doc-max-tokens {a.doc_max_tokens} differs from the saved model's "
                     f"{model.config.doc_max_tokens}")
+        if a.memory_layer is not None and a.memory_layer != model.config.memory_layer:
+            p.error(f"--init {a.init}: --memory-layer {a.memory_layer} differs from the saved model's "
+                    f"{model.config.memory_layer or 'last'} layer")
         if model.config.compression_rate != a.rate:  # a higher rate starts from the model's first memory slots
             try:
                 model.keep_memory_slots(a.rate)
