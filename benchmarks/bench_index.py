@@ -123,6 +123,12 @@ nor did Arrow's system allocator or ``TOKENIZERS_PARALLELISM=false`` (within noi
 4-layer model's compression 20-45% slower (71-88 s against 54-60 s a pass over 5,674 chunks), so the job keeps
 oneDNN's default: the worker's memory is bounded by that cache, not by the corpus.
 
+On a CPU without bf16 (2026-12-05, AVX2 only, so ``dtype: auto`` compresses in fp32;
+results/bench_index_memory_fp32cpu_2026-12-05.txt, two runs a size) the same runs read: driver 761 -> 888 MiB RSS
+(1.17x; private 1.18x), largest worker 653 -> 741 MiB (1.13x; private 1.04x) for 10x the corpus, and one compressor
+stays at 605-617 MiB over 38 calls, with this code and with the code measured above: the growth above is the bf16
+kernels' cache, which this CPU never fills.
+
 **Throughput at 10^5 chunks, the key's sample written once (2026-12-04 evening;
 results/bench_index_throughput_1e5_fitreuse_2026-12-04.txt).** ``--reader ray-data --bare 2x1 --repeat 5`` (94,945
 chunks, the 4-layer model): a new table of this size gets a fitted key, and the job compressed the key's sample
