@@ -9,7 +9,8 @@ training texts), so this is the number a recipe is judged by.
     python benchmarks/memory_probe.py --base-model smollm2-135m --steps 150 --out probe.json
 
 Data: ``../shared/data/scp_sample.jsonl`` split by chunk (held-out chunks are never trained on);
-``--wiki N`` adds N chunks of the installed Wikipedia summaries to the training pool. Every run
+``--wiki N`` adds N chunks of the installed Wikipedia summaries to the training pool; ``--cloze N`` adds N
+fill-in-the-blank questions written by the cloze engine on the Wikipedia chunks after those. Every run
 appends one JSON line (settings + figures) to ``--out``.
 """
 
@@ -34,6 +35,34 @@ def probe_split(records, held_out: int, train_chunks: int, seed: int) -> tuple[l
 def truncate(tok, text: str, n: int) -> str:
     ids = tok(text, add_special_tokens=False)["input_ids"][:n]
     return tok.decode(ids, skip_special_tokens=True)
+
+
+def wiki_training_data(tokenizer, wiki: int, cloze: int, window: int) -> tuple[list[str], list]:
+    """``(chunks, questions)`` from the installed Wikipedia summaries, in title order: the chunks of the
+    first documents until there are at least ``wiki`` (whole documents), then ``cloze`` fill-in-the-blank
+    QA examples (:class:`clara.synth.engines.ClozeEngine`, at most 4 a chunk) on the chunks after those,
+    written only on the part of each chunk inside the compressor's ``window`` tokens, so every answer
+    is in what the memory carries."""
+    from clara.data.corpus import chunk_document, load_wiki_summaries
+    from clara.data.records import Example
+    from clara.synth.engines import ClozeEngine
+
+    chunks: list[str] = []
+    questions: list = []
+    if not wiki and not cloze:
+        return chunks, questions
+    engine = ClozeEngine(max_items=4)
+    for d in load_wiki_summaries(limit=(wiki + cloze) * 2):
+        if len(chunks) >= wiki and len(questions) >= cloze:
+            break
+        texts = [c.text for c in chunk_document(d, tokenizer, max_tokens=window)]
+        if len(chunks) < wiki:
+            chunks += texts
+            continue
+        for c in texts:
+            seen = truncate(tokenizer, c, window)
+            questions += [Example((c,), q["question"], q["answer"]) for q in engine.questions(seen)]
+    return chunks, questions[:cloze]
 
 
 def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
@@ -85,6 +114,10 @@ def main(argv=None) -> dict:
     p.add_argument("--held-out", type=int, default=48, help="held-out chunks to probe")
     p.add_argument("--train-chunks", type=int, default=800, help="training chunks of the sample (<= 900 - held-out)")
     p.add_argument("--wiki", type=int, default=0, help="extra Wikipedia-summary chunks in the training pool")
+    p.add_argument("--cloze", type=int, default=0,
+                   help="fill-in-the-blank QA examples (clara.synth.ClozeEngine) written on Wikipedia-summary chunks "
+                   "past the --wiki ones, only on the part of each chunk inside the --doc-max-tokens window; they "
+                   "join the QA part of the pool (needs --qa-mix)")
     p.add_argument("--steps", type=int, default=150, help="training steps (0: probe the --init model as it is)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -117,11 +150,14 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")
+    if a.cloze < 0 or a.wiki < 0:
+        p.error("--wiki and --cloze must be >= 0")
+    if a.cloze and not a.qa_mix > 0:
+        p.error("--cloze adds QA examples: give --qa-mix too")
 
     import torch
 
     from clara.config import ClaraConfig, LoraSettings
-    from clara.data.corpus import chunk_document, load_wiki_summaries
     from clara.data.records import read_records, reconstruction_example
     from clara.model import ClaraModel
     from clara.training.loop import TrainSettings, train
@@ -166,16 +202,15 @@ def main(argv=None) -> dict:
               "questions", flush=True)
     if a.qa_mix > 0 and not qa_train:
         p.error("--qa-mix: no training questions left (see --answerable-in-window)")
-    pool_chunks = list(train_chunks)
-    if a.wiki:
-        for d in load_wiki_summaries(limit=a.wiki * 2):
-            pool_chunks += [c.text for c in chunk_document(d, model.tokenizer, max_tokens=a.doc_max_tokens)]
-            if len(pool_chunks) >= len(train_chunks) + a.wiki:
-                break
+    wiki_chunks, cloze = wiki_training_data(model.tokenizer, a.wiki, a.cloze, a.doc_max_tokens)
+    if cloze:
+        print(f"cloze: {len(cloze)} fill-in-the-blank questions on fresh Wikipedia chunks, e.g. "
+              f"{cloze[0].question!r} -> {cloze[0].answer!r}", flush=True)
+    pool_chunks = list(train_chunks) + wiki_chunks
     recon = [reconstruction_example(c) for c in pool_chunks]
     if a.qa_mix > 0:
         n_qa = int(len(recon) * a.qa_mix / (1 - a.qa_mix)) if a.qa_mix < 1 else len(qa_train)
-        pool = recon + [qa_train[i % len(qa_train)] for i in range(n_qa)]
+        pool = recon + [qa_train[i % len(qa_train)] for i in range(n_qa)] + cloze
     else:
         pool = recon
     settings = TrainSettings(steps=max(a.steps, 1), batch_size=a.batch_size, lr=a.lr, warmup_ratio=0.05, seed=a.seed,
