@@ -115,9 +115,9 @@ def main(argv=None) -> dict:
     p.add_argument("--train-chunks", type=int, default=800, help="training chunks of the sample (<= 900 - held-out)")
     p.add_argument("--wiki", type=int, default=0, help="extra Wikipedia-summary chunks in the training pool")
     p.add_argument("--cloze", type=int, default=0,
-                   help="fill-in-the-blank QA examples (clara.synth.ClozeEngine) written on Wikipedia-summary chunks "
-                   "past the --wiki ones, only on the part of each chunk inside the --doc-max-tokens window; they "
-                   "join the QA part of the pool (needs --qa-mix)")
+                   help="fill-in-the-blank QA examples (clara.synth.engines.ClozeEngine) written on "
+                   "Wikipedia-summary chunks past the --wiki ones, only on the part of each chunk inside the "
+                   "--doc-max-tokens window; they join the QA part of the pool (needs --qa-mix)")
     p.add_argument("--steps", type=int, default=150, help="training steps (0: probe the --init model as it is)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
