@@ -17,6 +17,7 @@ appends one JSON line (settings + figures) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -148,6 +149,9 @@ def main(argv=None) -> dict:
                    "--doc-max-tokens tokens, every such held-out question probed (default: one question a "
                    "held-out chunk, wherever its answer lies)")
     p.add_argument("--mse-weight", type=float, default=0.1)
+    p.add_argument("--train-only", choices=["all", "generator"], default="all",
+                   help="what trains: stage 1's compressor, generator and memory slots (all), or the generator "
+                        "adapter alone, the compressor frozen (the memories of a chunk stay what they were)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: --seed); keep it when "
                    "continuing a run with --init so the held-out chunks stay unseen")
@@ -169,6 +173,7 @@ def main(argv=None) -> dict:
     from clara.data.records import read_records, reconstruction_example
     from clara.model import ClaraModel
     from clara.training.loop import TrainSettings, train
+    from clara.training.stages import get_stage
 
     torch.manual_seed(a.seed)
     records = read_records(a.data, "scp")
@@ -231,7 +236,10 @@ def main(argv=None) -> dict:
         print(f"  step {step + 1}/{a.steps} loss {float(o.loss.detach()):.3f} ce {o.ce:.3f} mse {o.mse:.4f}{spread} "
               f"{sec:.0f}s", flush=True)
 
-    losses = train(model, "scp", pool, settings, progress=progress).losses if a.steps else []
+    stage = get_stage("scp")
+    if a.train_only == "generator":
+        stage = dataclasses.replace(stage, adapters=("generator",), memory_embeddings=False, base=False)
+    losses = train(model, stage, pool, settings, progress=progress).losses if a.steps else []
     t_train = time.perf_counter() - t0
     res = {"label": a.label, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
            "loss_first": sum(losses[:5]) / 5 if losses else None, "loss_last": sum(losses[-5:]) / 5 if losses else None,

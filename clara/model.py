@@ -313,9 +313,15 @@ class ClaraModel(nn.Module):
         tm = text_mask.unsqueeze(-1).to(hidden.dtype)
         text_mean = (hidden * tm).sum(1) / tm.sum(1).clamp(min=1)  # (B, D)
         mse = F.mse_loss(states.float().mean(1), text_mean.float())
-        if adapter == "compressor" and self.training and torch.is_grad_enabled():
+        if adapter == "compressor" and self.training and torch.is_grad_enabled() and self._compressor_trains():
             self._track_memory_center(states)
         return EncoderOutput(memory=self.normalise_memory(states), mse=mse)
+
+    def _compressor_trains(self) -> bool:
+        """Whether what trains now changes the compressor's states (its adapter, the memory slots or the base):
+        only then does the running memory centre move, so a frozen compressor keeps its memories exactly."""
+        adapters, base, mem = self._trainable
+        return "compressor" in adapters or base or mem
 
     # -- memory normalisation ---------------------------------------------------------------
     @torch.no_grad()

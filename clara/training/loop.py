@@ -96,12 +96,18 @@ class TrainLog:
     tokens: int = 0
 
 
-def train(model, stage: str, examples: Sequence[Example], settings: TrainSettings,
+def train(model, stage: str | Stage, examples: Sequence[Example], settings: TrainSettings,
           progress: Callable[[int, LossOutput, float], None] | None = None) -> TrainLog:
-    """Train ``model`` in place for ``settings.steps`` steps of ``stage``; returns per-step losses."""
+    """Train ``model`` in place for ``settings.steps`` steps of ``stage``; returns per-step losses.
+
+    ``stage`` is a stage's name or a :class:`~clara.training.stages.Stage` (for example one of
+    :data:`~clara.training.stages.STAGES` with fewer adapters trainable, via ``dataclasses.replace``);
+    its ``name`` picks the loss.
+    """
     if not examples:
         raise ValueError("no training examples")
-    spec = get_stage(stage)
+    spec = stage if isinstance(stage, Stage) else get_stage(stage)
+    stage = spec.name
     if settings.reconstruction_warmup and not spec.reconstruction_warmup:
         raise ValueError(f"reconstruction_warmup: stage {stage!r} has no reconstruction warm-up (only scp)")
     if settings.wrong_memory_negatives and not spec.wrong_memory_negatives:

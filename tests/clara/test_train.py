@@ -1,5 +1,7 @@
 """Training: the schedule, and the test that information flows through the memory tokens."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,6 +64,27 @@ def test_wrong_memory_negatives_pair_questions_with_other_chunks(scp_records):
     s = TrainSettings(steps=4, batch_size=16, wrong_memory_negatives=0.5, reconstruction_warmup=0.5)
     kinds = [{ex.kind for ex in b} for b in batches(scp_records[:40], s, get_stage("scp"))]
     assert kinds[:2] == [{"reconstruction"}] * 2 and all("negative" in k for k in kinds[2:])
+
+
+def test_a_stage_with_the_compressor_frozen_trains_the_generator_alone(make_model, scp_records):
+    """``train`` takes a Stage as well as a name: stage 1 with only the generator adapter trainable
+    moves the generator's LoRA tensors and nothing else, so a chunk's memory (the running centre
+    included) is exactly what it was, while the loss falls."""
+    torch.manual_seed(0)
+    model = make_model(seed=0)
+    chunks = list(dict.fromkeys(ex.chunks[0] for ex in scp_records))[:4]
+    train(model, "scp", [reconstruction_example(c) for c in chunks],
+          TrainSettings(steps=2, batch_size=4, lr=1e-3))  # a compressor that has trained: a centre to keep
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    centre, memory = model.memory_center.clone(), model.compress(chunks)
+
+    stage = dataclasses.replace(get_stage("scp"), adapters=("generator",), memory_embeddings=False, base=False)
+    log = train(model, stage, [reconstruction_example(c) for c in chunks],
+                TrainSettings(steps=12, batch_size=4, lr=3e-3, warmup_ratio=0.0))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n and ".generator." in n for n in changed), sorted(changed)[:5]
+    assert torch.equal(model.memory_center, centre) and torch.equal(model.compress(chunks), memory)
+    assert sum(log.losses[-3:]) / 3 < sum(log.losses[:3]) / 3, log.losses
 
 
 @pytest.mark.slow
