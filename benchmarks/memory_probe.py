@@ -149,6 +149,9 @@ def main(argv=None) -> dict:
                    "--doc-max-tokens tokens, every such held-out question probed (default: one question a "
                    "held-out chunk, wherever its answer lies)")
     p.add_argument("--mse-weight", type=float, default=0.1)
+    p.add_argument("--content-weight", type=float, default=None,
+                   help="weight of the cross-entropy on content tokens (names, numbers, dates: ClaraConfig."
+                        "content_weight) against 1 for the rest (default: the --init model's, else 1)")
     p.add_argument("--train-only", choices=["all", "generator"], default="all",
                    help="what trains: stage 1's compressor, generator and memory slots (all), or the generator "
                         "adapter alone, the compressor frozen (the memories of a chunk stay what they were)")
@@ -188,7 +191,8 @@ def main(argv=None) -> dict:
     config = ClaraConfig(base_model=a.base_model, compression_rate=a.rate, doc_max_tokens=a.doc_max_tokens,
                          lora=LoraSettings(r=a.lora_r, alpha=2 * a.lora_r, dropout=0.0), memory_norm=a.memory_norm,
                          memory_layer=a.memory_layer,
-                         mse_weight=a.mse_weight, dtype=a.dtype)
+                         mse_weight=a.mse_weight, dtype=a.dtype,
+                         content_weight=1.0 if a.content_weight is None else a.content_weight)
     t0 = time.perf_counter()
     if a.init:
         model = ClaraModel.from_pretrained(a.init)
@@ -206,6 +210,8 @@ def main(argv=None) -> dict:
             print(f"--init {a.init}: rate {a.rate} from its first {model.config.n_mem} memory slots", flush=True)
     else:
         model = ClaraModel.from_base(config, seed=a.seed)
+    if a.content_weight is not None:
+        model.config.content_weight = a.content_weight
     if a.answerable_in_window:  # with the loaded model's tokenizer (an --init model may have another base)
         from clara.data.records import answerable_in_window
 

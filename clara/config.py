@@ -95,6 +95,11 @@ class ClaraConfig:
     topk_temperature: float = field(default=0.02, metadata=BEHAVIOUR)
     #: Weight of the MSE term between mean memory-token and mean chunk-token states (paper: 0.1).
     mse_weight: float = field(default=0.1, metadata=BEHAVIOUR)
+    #: Weight of the generator's cross-entropy on content tokens (a word with a capital letter or a
+    #: digit, continuation pieces included: names, numbers, dates), against 1 for every other answer
+    #: token; 1 (the paper's plain mean) by default. Above 1 the reconstruction loss spends its
+    #: weight on the facts an unseen chunk's memory most often loses (see ``benchmarks/memory_probe.py``).
+    content_weight: float = field(default=1.0, metadata=BEHAVIOUR)
     #: Default generation length.
     max_new_tokens: int = field(default=64, metadata=BEHAVIOUR)
     #: How the compressor's last-layer states become memory vectors. ``"center"``: subtract the
@@ -123,6 +128,8 @@ class ClaraConfig:
                f"must be > 0, got {self.topk_temperature!r}")
         _check(isinstance(self.mse_weight, (int, float)) and self.mse_weight >= 0, "mse_weight",
                f"must be >= 0, got {self.mse_weight!r}")
+        _check(isinstance(self.content_weight, (int, float)) and not isinstance(self.content_weight, bool)
+               and self.content_weight > 0, "content_weight", f"must be > 0, got {self.content_weight!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
                f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         _check(isinstance(self.device, str) and bool(self.device), "device", "must be a device string")

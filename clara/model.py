@@ -418,9 +418,39 @@ class ClaraModel(nn.Module):
         return logits, target[keep], keep
 
     def generator_loss(self, batch: GeneratorBatch, memory) -> tuple[torch.Tensor, int]:
-        """Mean next-token cross-entropy on the answer tokens; returns (loss, answer tokens)."""
-        logits, target, _ = self._answer_logits(batch.to(self.device), memory)
-        return F.cross_entropy(logits.float(), target), int(target.numel())
+        """Mean next-token cross-entropy on the answer tokens; returns (loss, answer tokens).
+
+        With ``config.content_weight`` other than 1, a weighted mean: content tokens
+        (:meth:`content_mask`) count that many times.
+        """
+        batch = batch.to(self.device)
+        logits, target, keep = self._answer_logits(batch, memory)
+        w = self.config.content_weight
+        if w == 1:
+            return F.cross_entropy(logits.float(), target), int(target.numel())
+        ce = F.cross_entropy(logits.float(), target, reduction="none")  # (n,)
+        weights = 1 + (w - 1) * self.content_mask(batch.labels[:, 1:])[keep].float()
+        return (ce * weights).sum() / weights.sum(), int(target.numel())
+
+    def content_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which of the token ids ``[B, T]`` belong to a content word: a token with a capital letter or a digit,
+        and the pieces that continue such a word (no leading space, letters or digits), e.g. "Ph" + "elps".
+        Ids outside the vocabulary (padding labels) are never content."""
+        if getattr(self, "_content_vocab", None) is None:
+            pieces = [self.tokenizer.convert_tokens_to_string([t]) for t in
+                      self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))]
+            self._content_vocab = (
+                torch.tensor([any(ch.isupper() or ch.isdigit() for ch in p) for p in pieces]),
+                torch.tensor([bool(p) and p[0].isalnum() for p in pieces]),  # continues the word before it
+            )
+        starts, cont = (t.to(ids.device) for t in self._content_vocab)
+        valid = (ids >= 0) & (ids < len(starts))
+        safe = ids.clamp(0, len(starts) - 1)
+        is_start, is_cont = starts[safe] & valid, cont[safe] & valid
+        out = is_start.clone()
+        for t in range(1, ids.shape[1]):
+            out[:, t] |= is_cont[:, t] & out[:, t - 1]
+        return out
 
     @property
     def context_length(self) -> int | None:

@@ -10,7 +10,8 @@ def test_n_mem_is_doc_max_tokens_over_rate(rate, n_mem):
 
 
 @pytest.mark.parametrize("field,value", [("compression_rate", 0), ("compression_rate", 512), ("doc_max_tokens", -1),
-                                         ("top_k", 1.5), ("topk_temperature", 0), ("dtype", "fp8"), ("base_model", "")])
+                                         ("top_k", 1.5), ("topk_temperature", 0), ("dtype", "fp8"), ("base_model", ""),
+                                         ("content_weight", 0), ("content_weight", True)])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         ClaraConfig(**{"base_model": "m", field: value})

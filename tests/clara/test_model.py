@@ -93,6 +93,38 @@ def test_reconstruction_prompt_is_the_same_for_every_chunk(make_model):
     assert torch.equal(a.input_ids[0, :prompt_len], b.input_ids[0, :prompt_len])
 
 
+def test_content_weight_counts_names_and_numbers_more_in_the_generator_loss(make_model, chunks):
+    """``content_weight`` w: the generator's loss is the mean cross-entropy with content tokens (a capital
+    letter or a digit, and the pieces continuing such a word) counted w times; 1 is the plain mean."""
+    model = make_model(seed=0)
+    tok = model.tokenizer
+    ids = tok(" the Zen of 1970 and more", add_special_tokens=False).input_ids
+    mask = model.content_mask(torch.tensor([ids + [-100]]))[0].tolist()
+    words = {}
+    for i, m in zip(ids, mask):
+        words.setdefault(tok.decode([i]).strip() or " ", []).append(m)
+    assert mask[-1] is False  # a padding label is never content
+    assert any(w.startswith("Z") and all(v) for w, v in words.items())
+    assert not any(any(v) for w, v in words.items() if w in ("the", "of", "and", "more"))
+    assert [m for i, m in zip(ids, mask) if any(ch.isdigit() for ch in tok.decode([i]))] and all(
+        m for i, m in zip(ids, mask) if any(ch.isdigit() for ch in tok.decode([i])))
+
+    memory = model.compress(chunks[:2]).unsqueeze(1)
+    batch = model.build_generator_batch(["q one", "q two"], 1, ["Jake Phelps in 1993", "the editor of the magazine"])
+    with torch.no_grad():
+        logits, target, keep = model._answer_logits(batch, memory)
+        ce = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")
+        content = model.content_mask(batch.labels[:, 1:])[keep]
+        assert 0 < int(content.sum()) < len(target)
+        plain, _ = model.generator_loss(batch, memory)
+        assert torch.allclose(plain, ce.mean())
+        model.config.content_weight = 4.0
+        weighted, n = model.generator_loss(batch, memory)
+    w = 1 + 3 * content.float()
+    assert n == len(target) and torch.allclose(weighted, (ce * w).sum() / w.sum())
+    assert not torch.allclose(weighted, plain)
+
+
 def test_trainable_selection_survives_adapter_switches(make_model, chunks):
     model = make_model()
     model.set_trainable(["generator"], base=False, memory_embeddings=True)

@@ -139,7 +139,8 @@ def test_runtime_choices_are_marked_once_and_left_out_of_the_model_identity():
     from clara.config import BEHAVIOUR_FIELDS, RUNTIME_FIELDS
     from pipelines.train import INIT_OVERRIDES
 
-    assert set(RUNTIME_FIELDS) == {"device", "dtype", "top_k", "topk_temperature", "mse_weight", "max_new_tokens"}
+    assert set(RUNTIME_FIELDS) == {"device", "dtype", "top_k", "topk_temperature", "mse_weight", "content_weight",
+                                 "max_new_tokens"}
     assert INIT_OVERRIDES == BEHAVIOUR_FIELDS == tuple(n for n in RUNTIME_FIELDS if n not in ("device", "dtype"))
     a = ClaraConfig(base_model="b", compression_rate=4, top_k=2, device="cpu")
     b = ClaraConfig(base_model="b", compression_rate=4, top_k=9, dtype="float32", max_new_tokens=3)
