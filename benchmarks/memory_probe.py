@@ -67,7 +67,9 @@ def wiki_training_data(tokenizer, wiki: int, cloze: int, window: int) -> tuple[l
 
 
 def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
-    """Reconstruction F1 own / wrong memory on ``chunks``; QA cover-EM / F1 own / wrong / closed-book."""
+    """Reconstruction F1 own / wrong memory on ``chunks``; QA cover-EM / F1 from own memory, another chunk's
+    memory, none (closed), the chunk's window as text (text) and its reconstruction from own memory as text
+    (recon)."""
     from clara.eval.metrics import cover_em, token_f1
 
     tok = model.tokenizer
@@ -91,12 +93,17 @@ def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
         own_mem = memory[[index[ex.chunks[0]] for ex in qa]].unsqueeze(1)
         wrong_mem = memory[[(index[ex.chunks[0]] + 1) % len(chunks) for ex in qa]].unsqueeze(1)
         texts = [[refs[index[ex.chunks[0]]]] for ex in qa]  # the window the compressor saw, as text
-        answers = {"own": [], "wrong": [], "closed": [], "text": []}
+        # what the generator wrote back from the chunk's own memory, given to it as text: "reconstruct, then
+        # read" bounds what reading the memory directly could reach with what the memory keeps
+        recon_texts = [[own_txt[index[ex.chunks[0]]]] for ex in qa]
+        answers = {"own": [], "wrong": [], "closed": [], "text": [], "recon": []}
         for s in range(0, len(qs), batch):
             answers["own"] += model.generate(qs[s:s + batch], own_mem[s:s + batch], max_new_tokens=32)
             answers["wrong"] += model.generate(qs[s:s + batch], wrong_mem[s:s + batch], max_new_tokens=32)
             answers["closed"] += model.generate_from_text(qs[s:s + batch], None, max_new_tokens=32)
             answers["text"] += model.generate_from_text(qs[s:s + batch], texts[s:s + batch], max_new_tokens=32)
+            answers["recon"] += model.generate_from_text(qs[s:s + batch], recon_texts[s:s + batch],
+                                                          max_new_tokens=32)
         from clara.prompts import NO_ANSWER
 
         for k, preds in answers.items():

@@ -64,8 +64,10 @@ class _ScriptedModel:
     def generate(self, questions, memory, max_new_tokens=32):
         return [self.answers.get((q, int(m[0, 0, 0])), "no idea") for q, m in zip(questions, memory)]
 
-    def generate_from_text(self, questions, texts, max_new_tokens=32):
-        return ["The background does not say."] * len(questions)
+    def generate_from_text(self, questions, texts, max_new_tokens=32):  # reads the first word of its text
+        if texts is None:
+            return ["The background does not say."] * len(questions)
+        return [t[0].split()[0] for t in texts]
 
 
 def test_probe_splits_qa_misses_by_whether_the_reconstruction_kept_the_answer(tokenizer):
@@ -80,3 +82,5 @@ def test_probe_splits_qa_misses_by_whether_the_reconstruction_kept_the_answer(to
     assert out["qa_cover_em_own_if_in_recon"] == pytest.approx(1 / 2)  # Paris right, Rome read as Milan
     assert out["qa_cover_em_own_if_not_in_recon"] == 1.0  # Berlin answered though the reconstruction lost it
     assert out["qa_no_answer_closed"] == 1.0 and out["qa_questions"] == 3
+    assert out["qa_cover_em_text"] == 1.0  # the chunks' first words
+    assert out["qa_cover_em_recon"] == pytest.approx(2 / 3)  # "Paris", "A", "Rome": read from the reconstructions
