@@ -113,11 +113,12 @@ def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
         # Is the answer in what the generator writes back from the chunk's own memory? Where it is not, the
         # memory (the compressor) lost it; where it is but the answer from memory misses, the reading did.
         in_recon = [cover_em(own_txt[index[ex.chunks[0]]], g) for ex, g in zip(qa, golds)]
-        hit = [cover_em(p, g) for p, g in zip(answers["own"], golds)]
         out["qa_answer_in_recon_own"] = sum(in_recon) / len(qs)
-        for key, side in (("qa_cover_em_own_if_in_recon", True), ("qa_cover_em_own_if_not_in_recon", False)):
-            sel = [h for h, r in zip(hit, in_recon) if bool(r) == side]
-            out[key] = sum(sel) / len(sel) if sel else None
+        for k in ("own", "text", "recon"):  # the same split for reading the window and the reconstruction as text
+            hit = [cover_em(p, g) for p, g in zip(answers[k], golds)]
+            for side, name in ((True, "if_in_recon"), (False, "if_not_in_recon")):
+                sel = [h for h, r in zip(hit, in_recon) if bool(r) == side]
+                out[f"qa_cover_em_{k}_{name}"] = sum(sel) / len(sel) if sel else None
         out["qa_questions"] = len(qs)
         out["example_q"], out["example_gold"], out["example_answer"] = qs[0], golds[0], answers["own"][0]
     return out

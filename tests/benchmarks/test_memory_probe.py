@@ -84,3 +84,5 @@ def test_probe_splits_qa_misses_by_whether_the_reconstruction_kept_the_answer(to
     assert out["qa_no_answer_closed"] == 1.0 and out["qa_questions"] == 3
     assert out["qa_cover_em_text"] == 1.0  # the chunks' first words
     assert out["qa_cover_em_recon"] == pytest.approx(2 / 3)  # "Paris", "A", "Rome": read from the reconstructions
+    assert out["qa_cover_em_text_if_in_recon"] == 1.0 and out["qa_cover_em_text_if_not_in_recon"] == 1.0
+    assert out["qa_cover_em_recon_if_in_recon"] == 1.0 and out["qa_cover_em_recon_if_not_in_recon"] == 0.0
