@@ -94,7 +94,7 @@ def probe(model, chunks: list[str], qa, batch: int = 16) -> dict[str, float]:
         wrong_mem = memory[[(index[ex.chunks[0]] + 1) % len(chunks) for ex in qa]].unsqueeze(1)
         texts = [[refs[index[ex.chunks[0]]]] for ex in qa]  # the window the compressor saw, as text
         # what the generator wrote back from the chunk's own memory, given to it as text: "reconstruct, then
-        # read" bounds what reading the memory directly could reach with what the memory keeps
+        # read", a second route from the memory alone (on the shipped model it reads less than the memory itself)
         recon_texts = [[own_txt[index[ex.chunks[0]]]] for ex in qa]
         answers = {"own": [], "wrong": [], "closed": [], "text": [], "recon": []}
         for s in range(0, len(qs), batch):
