@@ -66,7 +66,8 @@ def parse_only(command: str) -> str | None:
     elif words[:2] == ["python", "-m"]:
         main, argv = importlib.import_module(words[2]).main, words[3:]
     else:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
+        if str(ROOT / "benchmarks") not in sys.path:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
         main, argv = importlib.import_module(Path(words[1]).stem).main, words[2:]
     real = argparse.ArgumentParser.parse_args
 
